@@ -1,0 +1,268 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file guidance.hpp
+//! Turns a multimodal noise predictor into the sampler's `eps(x, t)` for a task, with
+//! classifier-free guidance "for free" (UNIDIFFUSER.md §5-§8).
+//!
+//! The network concept (any callable):
+//!   net(const std::array<TensorView<const T, B>, K>& x,      // x[g]: [B, D_g]
+//!       const std::array<std::span<const double>, K>& t_in,   // network time input per sample
+//!       const std::array<TensorView<T, B>, K>& out)           // noise prediction per group
+//! The solver state is the concatenation, per sample, of the generated groups' rows (ascending
+//! group index). Per NFE: marginalised groups get noise drawn before the main call (ascending
+//! group index, components in order); with guidance active, the groups replaced in reference
+//! calls get one draw each after the main call, shared by all reference calls (§8 draw rule).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/core/error.hpp"
+#include "unidiffuser/core/tensor.hpp"
+#include "unidiffuser/diffusion/groups.hpp"
+#include "unidiffuser/diffusion/task.hpp"
+
+namespace unidiffuser {
+
+//! Reference of conditional guidance.
+enum class CfgMode {
+  true_uncond,      //!< condition replaced by noise at time N (official default)
+  empty_condition,  //!< condition replaced by a user "null" value at time 0 (official
+                    //!< 'empty_token')
+};
+//! Where marginalisation / reference noise comes from.
+enum class MarginalNoise {
+  fresh,  //!< drawn from the noise source at every network call (official)
+  fixed,  //!< one user tensor per group, reused at every call (diffusers' img/text; golden runs)
+};
+
+//! Guidance settings. scale = 0 disables guidance (no reference calls, no noise drawn for them).
+struct GuidanceOptions {
+  double scale = 7.0;  //!< official convention: e + s (e - r) (diffusers' guidance_scale = s + 1)
+  CfgMode cfg_mode = CfgMode::true_uncond;
+  //! Keep conditions clean (time 0) inside reference calls; only meaningful with >= 2 generated
+  //! groups (with one generated group the condition is always replaced, as officially).
+  bool keep_condition_in_reference = false;
+  MarginalNoise marginal_noise = MarginalNoise::fresh;
+  int levels = 1000;  //!< N: time input of marginalised groups and the factor of N * tau
+  //! Form N * tau as the reference does: float32(float32(tau) * N). Off: double product.
+  bool float32_time_input = true;
+};
+
+//! The guided noise predictor of one task; a callable `(state, tau, eps_out)` for samplers.
+template <class T, std::size_t K, class Net, class Noise, class Backend = cpu>
+class GuidedPredictor {
+ public:
+  using View = TensorView<T, Backend>;
+  using CView = TensorView<const T, Backend>;
+
+  //! `conditions[g]`: [B, D_g] clean values for conditioned groups (others ignored).
+  //! `extra[g]`: null values (empty_condition) or fixed noise (MarginalNoise::fixed), as needed.
+  GuidedPredictor(Net& net, Noise& noise, GroupLayout<K> layout, Task<K> task, GuidanceOptions opt,
+                  std::int64_t batch, std::array<CView, K> conditions = {},
+                  std::array<CView, K> null_conditions = {}, std::array<CView, K> fixed_noise = {})
+      : net_(net),
+        noise_(noise),
+        layout_(std::move(layout)),
+        task_(task),
+        opt_(opt),
+        batch_(batch),
+        cond_(conditions),
+        null_(null_conditions),
+        fixed_(fixed_noise) {
+    const char* op = "GuidedPredictor";
+    task_.validate(op);
+    if (batch_ < 1) throw_mismatch(op, "batch", "batch size", ">= 1", batch_);
+    if (opt_.levels < 1) throw_mismatch(op, "levels", "number of levels", ">= 1", opt_.levels);
+    if (!std::isfinite(opt_.scale)) throw error(op, "scale", "guidance scale must be finite");
+    const std::size_t n_gen = task_.count(Role::generate), n_cond = task_.count(Role::condition);
+    keep_ = opt_.keep_condition_in_reference && n_gen >= 2;
+    if (opt_.scale != 0) {
+      if (opt_.cfg_mode == CfgMode::empty_condition)
+        active_ = n_cond > 0;
+      else
+        active_ = !(n_cond == 0 && n_gen == 1);
+    }
+    if (opt_.cfg_mode == CfgMode::empty_condition && opt_.scale != 0 && n_cond == 0)
+      throw error(op, "cfg_mode", "empty_condition guidance needs at least one conditioned group");
+    std::int64_t off = 0;
+    for (std::size_t g = 0; g < K; ++g) {
+      const std::int64_t d = layout_.size(g);
+      const std::string name = "group '" + layout_.group(g).name + "'";
+      const Shape want{batch_, d};
+      if (task_.roles[g] == Role::generate) {
+        state_off_[g] = off;
+        off += d;
+      }
+      if (task_.roles[g] == Role::condition)
+        check_shape(op, "conditions[" + name + "]", cond_[g], want);
+      if (task_.roles[g] == Role::condition && active_ && opt_.cfg_mode == CfgMode::empty_condition)
+        check_shape(op, "null_conditions[" + name + "]", null_[g], want);
+      const bool noisy = task_.roles[g] == Role::marginalize || (active_ && replaced(g));
+      if (noisy && opt_.marginal_noise == MarginalNoise::fixed)
+        check_shape(op, "fixed_noise[" + name + "]", fixed_[g], want);
+      in_[g] = Tensor<T, Backend>(want);
+      out_[g] = Tensor<T, Backend>(want);
+      if (active_) {
+        ref_[g] = Tensor<T, Backend>(want);
+        scratch_[g] = Tensor<T, Backend>(want);
+      }
+      if (noisy && opt_.marginal_noise == MarginalNoise::fresh) xi_[g] = Tensor<T, Backend>(want);
+    }
+    state_size_ = off;
+    t_gen_.assign(static_cast<std::size_t>(batch_), 0.0);
+    t_zero_.assign(static_cast<std::size_t>(batch_), 0.0);
+    t_max_.assign(static_cast<std::size_t>(batch_), static_cast<double>(opt_.levels));
+  }
+
+  //! Values per sample of the solver state.
+  std::int64_t state_size() const { return state_size_; }
+  std::int64_t batch() const { return batch_; }
+  //! Column offset of generated group g inside the state.
+  std::int64_t state_offset(std::size_t g) const { return state_off_[g]; }
+  //! Whether reference calls are made.
+  bool guidance_active() const { return active_; }
+  //! Network forwards per evaluation.
+  int forwards_per_call() const {
+    if (!active_) return 1;
+    return opt_.cfg_mode == CfgMode::empty_condition
+               ? 2
+               : 1 + static_cast<int>(task_.count(Role::generate));
+  }
+  std::uint64_t network_calls() const { return calls_; }
+
+  //! eps_out = guided noise prediction of the generated groups at solver time tau.
+  void operator()(CView state, double tau, View eps_out) {
+    const Context<Backend> ctx{};
+    const char* op = "GuidedPredictor";
+    if (state.size() != batch_ * state_size_)
+      throw_mismatch(op, "state", "element count", batch_ * state_size_, state.size());
+    if (eps_out.size() != batch_ * state_size_)
+      throw_mismatch(op, "eps_out", "element count", batch_ * state_size_, eps_out.size());
+    const auto st = state.reshape(Shape{batch_, state_size_});
+    const auto eo = eps_out.reshape(Shape{batch_, state_size_});
+    const double tin = opt_.float32_time_input
+                           ? static_cast<double>(static_cast<float>(
+                                 static_cast<float>(tau) * static_cast<float>(opt_.levels)))
+                           : tau * opt_.levels;
+    std::fill(t_gen_.begin(), t_gen_.end(), tin);
+
+    // 1. noise for marginalised groups, before the main call
+    for (std::size_t g = 0; g < K; ++g)
+      if (task_.roles[g] == Role::marginalize) draw(ctx, g);
+    // 2. main call
+    std::array<CView, K> x;
+    std::array<std::span<const double>, K> t;
+    std::array<View, K> o;
+    for (std::size_t g = 0; g < K; ++g) {
+      switch (task_.roles[g]) {
+        case Role::generate:
+          ops::copy<T>(ctx, column_block(st, state_off_[g], layout_.size(g)),
+                       as_rows(in_[g].view()));
+          x[g] = in_[g].view();
+          t[g] = t_gen_;
+          break;
+        case Role::condition:
+          x[g] = cond_[g];
+          t[g] = t_zero_;
+          break;
+        case Role::marginalize:
+          x[g] = noise_view(g);
+          t[g] = t_max_;
+          break;
+      }
+      o[g] = out_[g].view();
+    }
+    call(x, t, o);
+    if (!active_) {
+      for (std::size_t g = 0; g < K; ++g)
+        if (task_.generated(g))
+          ops::copy<T>(ctx, as_rows(CView(out_[g].view())),
+                       column_block(eo, state_off_[g], layout_.size(g)));
+      return;
+    }
+    // 3. reference calls
+    if (opt_.cfg_mode == CfgMode::empty_condition) {
+      auto xr = x;
+      for (std::size_t g = 0; g < K; ++g) {
+        if (task_.roles[g] == Role::condition) xr[g] = null_[g];
+        o[g] = ref_[g].view();
+      }
+      call(xr, t, o);
+      for (std::size_t g = 0; g < K; ++g)
+        if (task_.generated(g)) combine(ctx, eo, g);
+      return;
+    }
+    for (std::size_t g = 0; g < K; ++g)
+      if (task_.roles[g] != Role::marginalize && replaced(g)) draw(ctx, g);
+    for (std::size_t g = 0; g < K; ++g) {
+      if (!task_.generated(g)) continue;
+      auto xr = x;
+      auto tr = t;
+      for (std::size_t h = 0; h < K; ++h) {
+        o[h] = h == g ? ref_[g].view() : scratch_[h].view();  // outputs of h != g are discarded
+        if (h == g || task_.roles[h] == Role::marginalize) continue;
+        if (task_.roles[h] == Role::condition && keep_) continue;
+        xr[h] = noise_view(h);
+        tr[h] = t_max_;
+      }
+      call(xr, tr, o);
+      combine(ctx, eo, g);
+    }
+  }
+
+ private:
+  // Whether group g is replaced by noise in at least one reference call (true_uncond).
+  bool replaced(std::size_t g) const {
+    if (opt_.cfg_mode == CfgMode::empty_condition) return false;
+    switch (task_.roles[g]) {
+      case Role::generate: return task_.count(Role::generate) >= 2;
+      case Role::condition: return !keep_;
+      case Role::marginalize: return true;
+    }
+    return false;
+  }
+  CView noise_view(std::size_t g) const {
+    return opt_.marginal_noise == MarginalNoise::fixed ? fixed_[g] : CView(xi_[g].view());
+  }
+  void draw(const Context<Backend>& ctx, std::size_t g) {
+    if (opt_.marginal_noise == MarginalNoise::fixed) return;
+    const auto& comps = layout_.group(g).components;
+    for (std::size_t c = 0; c < comps.size(); ++c)
+      noise_.draw(ctx, g, c, column_block(xi_[g].view(), layout_.offset(g, c), comps[c].numel()));
+  }
+  void call(const std::array<CView, K>& x, const std::array<std::span<const double>, K>& t,
+            const std::array<View, K>& o) {
+    ++calls_;
+    net_(x, t, o);
+  }
+  // eps_out[:, group g] = (1 + s) e_g - s r_g
+  void combine(const Context<Backend>& ctx, View eo, std::size_t g) {
+    const double s = opt_.scale;
+    ops::lincomb<T>(
+        ctx, column_block(eo, state_off_[g], layout_.size(g)),
+        {{1.0 + s, as_rows(CView(out_[g].view()))}, {-s, as_rows(CView(ref_[g].view()))}});
+  }
+
+  Net& net_;
+  Noise& noise_;
+  GroupLayout<K> layout_;
+  Task<K> task_;
+  GuidanceOptions opt_;
+  std::int64_t batch_;
+  std::array<CView, K> cond_, null_, fixed_;
+  std::array<Tensor<T, Backend>, K> in_, out_, ref_, xi_, scratch_;
+  std::array<std::int64_t, K> state_off_{};
+  std::int64_t state_size_ = 0;
+  std::vector<double> t_gen_, t_zero_, t_max_;
+  bool active_ = false, keep_ = false;
+  std::uint64_t calls_ = 0;
+};
+
+}  // namespace unidiffuser

@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file objective.hpp
+//! The UniDiffuser training objective (UNIDIFFUSER.md §3, §8): levels i.i.d. uniform in 1..N per
+//! group and sample, every group noised at its own level, and the mean squared error between the
+//! predicted and the true noise over the concatenation of all groups' elements.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/core/error.hpp"
+#include "unidiffuser/core/rng.hpp"
+#include "unidiffuser/core/tensor.hpp"
+#include "unidiffuser/diffusion/groups.hpp"
+
+namespace unidiffuser {
+
+//! Draws training levels: levels[g][b] uniform in 1..N, a pure function of
+//! (seed, stream, group, global sample index) so that it is independent of the batch split.
+template <std::size_t K>
+std::array<std::vector<std::int64_t>, K> draw_levels(std::uint64_t seed, std::uint64_t stream,
+                                                     std::int64_t batch, int n_levels,
+                                                     std::uint64_t sample_offset = 0) {
+  if (n_levels < 1) throw_mismatch("draw_levels", "n_levels", "number of levels", ">= 1", n_levels);
+  std::array<std::vector<std::int64_t>, K> out;
+  for (std::size_t g = 0; g < K; ++g) {
+    out[g].resize(static_cast<std::size_t>(batch));
+    for (std::int64_t b = 0; b < batch; ++b) {
+      // 32 random bits of one Philox block mapped to 0..N-1 by multiply-shift (bias < N / 2^32).
+      using rng = r123::Philox4x32;
+      rng gen;
+      rng::key_type key = {
+          {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)}};
+      rng::ctr_type ctr = {
+          {static_cast<std::uint32_t>(g),
+           static_cast<std::uint32_t>(sample_offset + static_cast<std::uint64_t>(b)),
+           static_cast<std::uint32_t>(stream),
+           static_cast<std::uint32_t>(stream >> 32) ^ 0x9e3779b9u}};
+      const auto r = gen(ctr, key);
+      const std::uint64_t hi =
+          (static_cast<std::uint64_t>(r[0]) * static_cast<std::uint64_t>(n_levels)) >> 32;
+      out[g][static_cast<std::size_t>(b)] = static_cast<std::int64_t>(hi) + 1;
+    }
+  }
+  return out;
+}
+
+//! Result of the objective.
+struct LossValue {
+  double loss = 0;                    //!< mean over all B * sum_g D_g squared errors
+  std::vector<double> per_sample;     //!< mean over each sample's concatenated elements
+  std::vector<double> per_group_mse;  //!< mean over each group's elements (batch included)
+};
+
+//! The UniDiffuser loss of noise predictions `pred` against the true noises `eps`.
+template <class T, std::size_t K>
+LossValue unidiffuser_loss(const Context<cpu>& ctx, const GroupViews<const T, K, cpu>& pred,
+                           const GroupViews<const T, K, cpu>& eps) {
+  const std::int64_t batch = eps[0].rank() ? eps[0].dim(0) : 1;
+  LossValue out;
+  out.per_sample.assign(static_cast<std::size_t>(batch), 0.0);
+  out.per_group_mse.assign(K, 0.0);
+  std::vector<double> rows(static_cast<std::size_t>(batch));
+  std::int64_t total = 0;
+  for (std::size_t g = 0; g < K; ++g) {
+    check_shape("unidiffuser_loss", "pred[" + std::to_string(g) + "]", pred[g], eps[g].shape());
+    if ((eps[g].rank() ? eps[g].dim(0) : 1) != batch)
+      throw_mismatch("unidiffuser_loss", "eps[" + std::to_string(g) + "]", "batch", batch,
+                     eps[g].dim(0));
+    ops::squared_error_rows<T>(ctx, as_rows(pred[g]), as_rows(eps[g]), rows.data());
+    double sum = 0;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      sum += rows[static_cast<std::size_t>(b)];
+      out.per_sample[static_cast<std::size_t>(b)] += rows[static_cast<std::size_t>(b)];
+    }
+    out.per_group_mse[g] = sum / static_cast<double>(eps[g].size());
+    out.loss += sum;
+    total += eps[g].size();
+  }
+  const double per_row = static_cast<double>(total) / static_cast<double>(batch);
+  for (double& v : out.per_sample) v /= per_row;
+  out.loss /= static_cast<double>(total);
+  return out;
+}
+
+}  // namespace unidiffuser

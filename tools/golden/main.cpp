@@ -1,0 +1,379 @@
+// SPDX-License-Identifier: Apache-2.0
+// unidiffuser-golden DIR: runs every golden case it recognises in DIR against the library.
+//
+// Everything comes from the files: which file is which (by tensor layout), schedule names, input
+// sets, case lists, per-case settings (`case_params`), model tensor names (`model_params`) and
+// tolerances (`checks`, pass rule |x - ref| <= atol + rtol |ref| element-wise). Prints one line
+// per check and "N passed, M failed" last; exits non-zero if anything failed or nothing ran.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "unidiffuser/diffusion/forward.hpp"
+#include "unidiffuser/io/safetensors.hpp"
+#include "unidiffuser/nn/time_embedding.hpp"
+#include "unidiffuser/sampler/dpm_solver.hpp"
+#include "unidiffuser/schedule/discrete.hpp"
+#include "unidiffuser/schedule/vp.hpp"
+
+namespace ud = unidiffuser;
+using json = nlohmann::json;
+
+namespace {
+
+struct Tol {
+  double atol = 0, rtol = 0;
+};
+
+struct Report {
+  int passed = 0, failed = 0, skipped = 0;
+  void check(const std::string& name, const std::vector<double>& got,
+             const std::vector<double>& ref, Tol tol) {
+    double max_abs = 0, max_rel = 0;
+    bool ok = got.size() == ref.size();
+    for (std::size_t i = 0; ok && i < got.size(); ++i) {
+      const double d = std::abs(got[i] - ref[i]);
+      if (!(d <= tol.atol + tol.rtol * std::abs(ref[i]))) ok = false;  // NaN fails
+      max_abs = std::max(max_abs, d);
+      if (ref[i] != 0) max_rel = std::max(max_rel, d / std::abs(ref[i]));
+    }
+    if (got.size() != ref.size())
+      std::printf("%-58s size %zu vs reference %zu  FAIL\n", name.c_str(), got.size(), ref.size());
+    else
+      std::printf("%-58s max_abs %.3e  max_rel %.3e  tol(atol %.1e, rtol %.1e)  %s\n", name.c_str(),
+                  max_abs, max_rel, tol.atol, tol.rtol, ok ? "PASS" : "FAIL");
+    ok ? ++passed : ++failed;
+  }
+  void exact(const std::string& name, bool ok, const std::string& detail) {
+    std::printf("%-58s %s  %s\n", name.c_str(), detail.c_str(), ok ? "PASS" : "FAIL");
+    ok ? ++passed : ++failed;
+  }
+  void skip(const std::string& name, const std::string& why) {
+    std::printf("%-58s SKIP (%s)\n", name.c_str(), why.c_str());
+    ++skipped;
+  }
+  void error(const std::string& name, const std::string& what) {
+    std::printf("%-58s ERROR %s  FAIL\n", name.c_str(), what.c_str());
+    ++failed;
+  }
+};
+
+json meta_json(const ud::safetensors::File& f, const std::string& key) {
+  const std::string s = f.metadata(key);
+  if (s.empty()) return json();
+  return json::parse(s);
+}
+
+// A tolerance from the file's `checks` metadata; `atol` may name a per-case entry.
+std::optional<Tol> tolerance(const json& checks, const std::string& q,
+                             const json* case_params = nullptr) {
+  if (!checks.contains("tolerances") || !checks["tolerances"].contains(q)) return std::nullopt;
+  const json& t = checks["tolerances"][q];
+  Tol tol;
+  tol.rtol = t.value("rtol", 0.0);
+  if (t.contains("atol") && t["atol"].is_number()) tol.atol = t["atol"].get<double>();
+  if (t.contains("per_case") && case_params) {
+    // "case_params[case].<key>"
+    const std::string ref = t["per_case"].get<std::string>();
+    const auto dot = ref.rfind('.');
+    const std::string key = ref.substr(dot + 1);
+    if (case_params->contains(key)) tol.atol = (*case_params)[key].get<double>();
+  }
+  return tol;
+}
+
+std::vector<double> as_double(const ud::safetensors::File& f, const std::string& name) {
+  return f.get_vector<double>(name);
+}
+
+// ---- schedule --------------------------------------------------------------------------------
+bool is_schedule(const ud::safetensors::File& f) {
+  return f.contains("t_f32") && f.contains("t_f64");
+}
+
+void run_schedule(const ud::safetensors::File& f, Report& r) {
+  const json checks = meta_json(f, "checks");
+  for (const std::string& bn : f.names()) {
+    const auto slash = bn.find('/');
+    if (slash == std::string::npos || bn.substr(slash) != "/betas") continue;
+    const std::string s = bn.substr(0, slash);
+    const auto betas = as_double(f, bn);
+    // the library's own generator, when the file's schedule name is one it knows
+    std::optional<std::vector<double>> gen;
+    if (s == "sd" || s == "scaled_linear")
+      gen = ud::scaled_linear_betas(static_cast<int>(betas.size()));
+    if (s == "linear") gen = ud::linear_betas(static_cast<int>(betas.size()));
+    if (gen) {
+      if (auto tol = tolerance(checks, "betas"))
+        r.check("schedule/" + s + "/betas", *gen, betas, *tol);
+      if (f.contains(s + "/alphas_cumprod"))
+        if (auto tol = tolerance(checks, "alphas_cumprod"))
+          r.check("schedule/" + s + "/alphas_cumprod", ud::DiscreteSchedule(*gen).alphas_cumprod(),
+                  as_double(f, s + "/alphas_cumprod"), *tol);
+    } else {
+      r.skip("schedule/" + s + "/betas", "no generator for schedule name '" + s + "'");
+    }
+    for (const std::string p : {"f32", "f64"}) {
+      const std::string pre = s + "/" + p + "/";
+      if (!f.contains(pre + "marginal_alpha") && !f.contains(pre + "inverse_lambda")) continue;
+      const auto ns = ud::VPSchedule::discrete(
+          betas, p == "f32" ? ud::TablePrecision::float32_reference : ud::TablePrecision::float64);
+      const std::string suffix = p == "f32" ? "" : "_f64";
+      const auto t = as_double(f, "t_" + p);
+      auto eval = [&](const std::string& q, auto fn, const std::vector<double>& x) {
+        if (!f.contains(pre + q)) return;
+        auto tol = tolerance(checks, q + suffix);
+        if (!tol)
+          return r.skip("schedule/" + pre + q, "no tolerance '" + q + suffix + "' in checks");
+        std::vector<double> got(x.size());
+        for (std::size_t i = 0; i < x.size(); ++i) got[i] = fn(x[i]);
+        r.check("schedule/" + pre + q, got, as_double(f, pre + q), *tol);
+      };
+      eval(
+          "marginal_log_mean_coeff", [&](double x) { return ns.marginal_log_mean_coeff(x); }, t);
+      eval(
+          "marginal_alpha", [&](double x) { return ns.marginal_alpha(x); }, t);
+      eval(
+          "marginal_std", [&](double x) { return ns.marginal_std(x); }, t);
+      eval(
+          "marginal_lambda", [&](double x) { return ns.marginal_lambda(x); }, t);
+      if (f.contains(s + "/lambda_" + p))
+        eval(
+            "inverse_lambda", [&](double x) { return ns.inverse_lambda(x); },
+            as_double(f, s + "/lambda_" + p));
+      // the knot table itself, judged with the log-alpha tolerance
+      if (f.contains(pre + "log_alpha_discrete"))
+        if (auto tol = tolerance(checks, "marginal_log_mean_coeff" + suffix))
+          r.check("schedule/" + pre + "log_alpha_discrete", ns.log_alpha_knots(),
+                  as_double(f, pre + "log_alpha_discrete"), *tol);
+    }
+  }
+}
+
+// ---- timestep embedding ---------------------------------------------------------------------
+bool is_embedding(const ud::safetensors::File& f) {
+  return f.contains("input/t") && !f.names("output/dim").empty();
+}
+
+template <class T>
+std::vector<double> embed(const std::vector<double>& t, std::int64_t dim) {
+  ud::Tensor<T> tt(ud::Shape{static_cast<std::int64_t>(t.size())});
+  for (std::size_t i = 0; i < t.size(); ++i)
+    tt[static_cast<std::int64_t>(i)] = static_cast<T>(t[i]);
+  ud::Tensor<T> out(ud::Shape{static_cast<std::int64_t>(t.size()), dim});
+  ud::nn::timestep_embedding<T>(ud::Context<ud::cpu>{}, tt.view(), out.view());
+  return {out.begin(), out.end()};
+}
+
+void run_embedding(const ud::safetensors::File& f, Report& r) {
+  const json checks = meta_json(f, "checks");
+  const auto t = as_double(f, "input/t");
+  for (const std::string& n : f.names("output/")) {
+    const auto& info = f.info(n);
+    if (info.shape.size() != 2) continue;
+    const std::string set = n.substr(7);
+    if (auto tol = tolerance(checks, "embedding"))
+      r.check("timestep_embedding/" + set, embed<float>(t, info.shape[1]), as_double(f, n), *tol);
+    const std::string n64 = "output_f64/" + set;
+    if (f.contains(n64) && f.contains("input/t_f64")) {
+      if (auto tol = tolerance(checks, "embedding_f64"))
+        r.check("timestep_embedding/" + set + "_f64",
+                embed<double>(as_double(f, "input/t_f64"), info.shape[1]), as_double(f, n64), *tol);
+    }
+  }
+}
+
+// ---- DPM-Solver on the analytic model --------------------------------------------------------
+bool is_dpm(const ud::safetensors::File& f) {
+  return !f.metadata("case_params").empty() && !f.metadata("model_params").empty();
+}
+
+std::string tensor_ref(const json& mp, const std::string& key) {
+  // "tensor W" or "tensor x_T (initial state)" -> the tensor's name
+  std::string s = mp.at(key).get<std::string>();
+  if (s.rfind("tensor ", 0) == 0) s = s.substr(7);
+  const auto sp = s.find(' ');
+  return sp == std::string::npos ? s : s.substr(0, sp);
+}
+
+template <class T>
+void dpm_case(const ud::safetensors::File& f, const json& checks, const std::string& name,
+              const json& cp, Report& r) {
+  const bool f64 = std::is_same_v<T, double>;
+  const std::string pre = "case/" + name + "/";
+  const std::string xname = f64 ? "x_final_f64" : "x_final";
+  if (!f.contains(pre + xname)) return;
+  const json mp = meta_json(f, "model_params");
+  const auto W = f.get<T>(tensor_ref(mp, "W"));
+  const auto c = f.get<T>(tensor_ref(mp, "c"));
+  auto x = f.get<T>(tensor_ref(mp, "x_T"));
+  const std::int64_t n = W.dim(0);
+  const std::string sched = cp.value("schedule", std::string("scaled_linear_official_float32"));
+  const int levels = cp.value("N", 1000);
+  std::vector<double> betas;
+  if (sched.rfind("scaled_linear", 0) == 0)
+    betas = ud::scaled_linear_betas(levels);
+  else if (sched.rfind("linear", 0) == 0)
+    betas = ud::linear_betas(levels);
+  else
+    return r.skip("dpm_solver/" + name, "unknown schedule '" + sched + "'");
+  ud::DpmSolverOptions o;
+  o.steps = cp.at("steps").get<int>();
+  o.order = cp.at("order").get<int>();
+  o.method = ud::parse_solver_method(cp.at("method").get<std::string>());
+  o.skip_type = ud::parse_spacing(cp.at("skip_type").get<std::string>());
+  o.solver_type = ud::parse_solver_type(cp.value("solver_type", std::string("dpm_solver")));
+  o.predict_x0 = cp.at("predict_x0").get<bool>();
+  o.eps = cp.at("eps").get<double>();
+  o.T = cp.at("T").get<double>();
+  o.denoise = cp.value("denoise", false);
+  const ud::DpmSolver<T> solver(
+      ud::VPSchedule::discrete(
+          betas, f64 ? ud::TablePrecision::float64 : ud::TablePrecision::float32_reference),
+      o);
+  std::vector<double> eval_t;
+  // model(x, t) = tanh(x W + t c), evaluated in T
+  auto model = [&](ud::TensorView<const T> xv, double t, ud::TensorView<T> out) {
+    eval_t.push_back(t);
+    const std::int64_t rows = xv.dim(0);
+    const T tt = static_cast<T>(t);
+    for (std::int64_t b = 0; b < rows; ++b)
+      for (std::int64_t j = 0; j < n; ++j) {
+        T acc = 0;
+        for (std::int64_t k = 0; k < n; ++k) acc += xv(b, k) * W(k, j);
+        out(b, j) = std::tanh(acc + tt * c[j]);
+      }
+  };
+  auto ws = solver.make_workspace(x.dim(0), x.size() / x.dim(0));
+  solver.sample(ud::Context<ud::cpu>{}, x.view(), model, ws);
+  const std::string tag = "dpm_solver/" + name + (f64 ? "/f64" : "");
+  json cpt = cp;
+  if (auto tol = tolerance(checks, xname, &cpt))
+    r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()), as_double(f, pre + xname),
+            *tol);
+  const std::string ts = f64 ? "timesteps_f64" : "timesteps";
+  if (f.contains(pre + ts))
+    if (auto tol = tolerance(checks, "timesteps"))
+      r.check(tag + "/timesteps", solver.timesteps(), as_double(f, pre + ts), *tol);
+  if (!f64 && f.contains(pre + "eval_t"))
+    if (auto tol = tolerance(checks, "timesteps"))
+      r.check(tag + "/eval_t", eval_t, as_double(f, pre + "eval_t"), *tol);
+  if (!f64 && f.contains(pre + "orders")) {
+    const auto ref = f.get_vector<std::int64_t>(pre + "orders");
+    const std::vector<std::int64_t> got(solver.orders().begin(), solver.orders().end());
+    r.exact(tag + "/orders", got == ref, "(" + std::to_string(got.size()) + " stages)");
+  }
+}
+
+void run_dpm(const ud::safetensors::File& f, Report& r) {
+  const json checks = meta_json(f, "checks");
+  const json params = meta_json(f, "case_params");
+  const json cases = meta_json(f, "cases");
+  for (const auto& c : cases) {
+    const std::string name = c.get<std::string>();
+    if (!params.contains(name)) {
+      r.error("dpm_solver/" + name, "no case_params entry");
+      continue;
+    }
+    try {
+      dpm_case<float>(f, checks, name, params[name], r);
+      dpm_case<double>(f, checks, name, params[name], r);
+    } catch (const std::exception& e) {
+      r.error("dpm_solver/" + name, e.what());
+    }
+  }
+}
+
+// ---- training objective: the forward process part --------------------------------------------
+bool is_loss(const ud::safetensors::File& f) {
+  return !f.names("input/x_n/").empty();
+}
+
+void run_loss(const ud::safetensors::File& f, Report& r) {
+  const json checks = meta_json(f, "checks");
+  // groups: input/n_<group>; a modality takes the level of the group whose name it ends with
+  std::vector<std::string> groups;
+  for (const auto& n : f.names("input/n_")) groups.push_back(n.substr(8));
+  std::sort(groups.begin(), groups.end(), [](auto& a, auto& b) { return a.size() > b.size(); });
+  const auto sched = ud::DiscreteSchedule::stable_diffusion();
+  if (f.contains("alphas_cumprod"))
+    if (auto tol = tolerance(checks, "alphas_cumprod"))
+      r.check("loss/alphas_cumprod", sched.alphas_cumprod(), as_double(f, "alphas_cumprod"), *tol);
+  for (const std::string& xn : f.names("input/x_n/")) {
+    const std::string m = xn.substr(10);
+    std::string grp;
+    for (const auto& g : groups)
+      if (m.size() >= g.size() && m.compare(m.size() - g.size(), g.size(), g) == 0) {
+        grp = g;
+        break;
+      }
+    if (grp.empty()) {
+      r.error("loss/x_n/" + m, "no input/n_<group> matches this modality");
+      continue;
+    }
+    const auto x0 = f.get<float>("input/x0/" + m);
+    const auto eps = f.get<float>("input/eps/" + m);
+    const auto levels = f.get_vector<std::int64_t>("input/n_" + grp);
+    ud::Tensor<float> out(x0.shape());
+    ud::q_sample<float>(ud::Context<ud::cpu>{}, sched, x0.view(), eps.view(), levels, out.view());
+    if (auto tol = tolerance(checks, "x_n"))
+      r.check("loss/x_n/" + m, std::vector<double>(out.begin(), out.end()), as_double(f, xn), *tol);
+  }
+  for (const std::string q : {"pred", "mse", "loss", "grad"})
+    if (tolerance(checks, q)) r.skip("loss/" + q, "needs the U-ViT network and its backward pass");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s GOLDEN_DIR\n", argv[0]);
+    return 2;
+  }
+  namespace fs = std::filesystem;
+  std::vector<fs::path> files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(argv[1], ec))
+    if (e.path().extension() == ".safetensors") files.push_back(e.path());
+  if (ec) {
+    std::fprintf(stderr, "unidiffuser-golden: cannot read %s: %s\n", argv[1], ec.message().c_str());
+    return 2;
+  }
+  std::sort(files.begin(), files.end());
+  Report r;
+  int recognised = 0;
+  for (const auto& p : files) {
+    try {
+      const auto f = ud::safetensors::File::read(p.string());
+      if (is_schedule(f)) {
+        ++recognised;
+        run_schedule(f, r);
+      } else if (is_embedding(f)) {
+        ++recognised;
+        run_embedding(f, r);
+      } else if (is_dpm(f)) {
+        ++recognised;
+        run_dpm(f, r);
+      } else if (is_loss(f)) {
+        ++recognised;
+        run_loss(f, r);
+      } else {
+        r.skip(p.filename().string(), "not covered by this build (U-ViT network / sampling modes)");
+      }
+    } catch (const std::exception& e) {
+      r.error(p.filename().string(), e.what());
+    }
+  }
+  std::printf("%d passed, %d failed, %d skipped\n", r.passed, r.failed, r.skipped);
+  if (recognised == 0) {
+    std::fprintf(stderr, "unidiffuser-golden: no golden file recognised in %s\n", argv[1]);
+    return 1;
+  }
+  return r.failed == 0 && r.passed > 0 ? 0 : 1;
+}
