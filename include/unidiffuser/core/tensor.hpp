@@ -225,13 +225,13 @@ class Tensor {
   Tensor(const Tensor&) = delete;
   Tensor& operator=(const Tensor&) = delete;
   Tensor(Tensor&& o) noexcept : data_(std::exchange(o.data_, nullptr)), shape_(o.shape_) {
-    o.shape_ = Shape{};
+    o.shape_ = empty_shape();
   }
   Tensor& operator=(Tensor&& o) noexcept {
     if (this != &o) {
       detail::allocator<Backend>::deallocate(data_);
       data_ = std::exchange(o.data_, nullptr);
-      shape_ = std::exchange(o.shape_, Shape{});
+      shape_ = std::exchange(o.shape_, empty_shape());
     }
     return *this;
   }
@@ -265,8 +265,13 @@ class Tensor {
   const T* end() const { return data_ + size(); }
 
  private:
+  // An empty tensor is [0] (a rank-0 shape would mean one scalar element).
+  static Shape empty_shape() {
+    std::int64_t zero = 0;
+    return Shape::from_range(&zero, &zero + 1);
+  }
   T* data_ = nullptr;
-  Shape shape_{};
+  Shape shape_ = empty_shape();
 };
 
 //! Throws unless `v` has shape `expected`; `op` and `name` go into the message.

@@ -1,0 +1,28 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file unidiffuser.hpp
+//! Umbrella header: everything of the CPU backend. Prefer the fine-grained headers in code that
+//! cares about compile time.
+#pragma once
+
+#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/tags.hpp"
+#include "unidiffuser/config.hpp"
+#include "unidiffuser/core/dtype.hpp"
+#include "unidiffuser/core/error.hpp"
+#include "unidiffuser/core/rng.hpp"
+#include "unidiffuser/core/tensor.hpp"
+#include "unidiffuser/diffusion/forward.hpp"
+#include "unidiffuser/diffusion/gaussian_oracle.hpp"
+#include "unidiffuser/diffusion/groups.hpp"
+#include "unidiffuser/diffusion/guidance.hpp"
+#include "unidiffuser/diffusion/noise.hpp"
+#include "unidiffuser/diffusion/objective.hpp"
+#include "unidiffuser/diffusion/pipeline.hpp"
+#include "unidiffuser/diffusion/task.hpp"
+#include "unidiffuser/io/safetensors.hpp"
+#include "unidiffuser/nn/time_embedding.hpp"
+#include "unidiffuser/sampler/ddim.hpp"
+#include "unidiffuser/sampler/dpm_solver.hpp"
+#include "unidiffuser/sampler/timesteps.hpp"
+#include "unidiffuser/schedule/discrete.hpp"
+#include "unidiffuser/schedule/vp.hpp"

@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tasks and guidance: which network calls are made, with which inputs and time inputs, and in
+// which order noise is drawn (UNIDIFFUSER.md §7.2, §8) -- checked by recording every event.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "unidiffuser/diffusion/guidance.hpp"
+#include "unidiffuser/diffusion/noise.hpp"
+#include "unidiffuser/diffusion/pipeline.hpp"
+#include "unidiffuser/sampler/dpm_solver.hpp"
+
+namespace ud = unidiffuser;
+
+namespace {
+
+std::string tname(double t, double tau_in) {
+  if (t == 0) return "0";
+  if (t == 1000) return "N";
+  return t == tau_in ? "tau" : "?" + std::to_string(t);
+}
+
+// Network that logs "call(t_img,t_text)[x_img0,x_text0]" and returns 0.5 x + t / 1000.
+struct LogNet {
+  std::vector<std::string>* log;
+  double tau_in = 0;
+  void operator()(const std::array<ud::TensorView<const double>, 2>& x,
+                  const std::array<std::span<const double>, 2>& t,
+                  const std::array<ud::TensorView<double>, 2>& out) {
+    std::string e = "call(" + tname(t[0][0], tau_in) + "," + tname(t[1][0], tau_in) + ")[";
+    for (int g = 0; g < 2; ++g) {
+      const double v = x[g](0, 0);
+      e += (g ? "," : "") + (v >= 100  ? "xi" + std::to_string(static_cast<int>(v) - 100)
+                             : v == -7 ? std::string("null")
+                             : v == 5  ? std::string("cond")
+                                       : std::string("state"));
+      for (std::int64_t b = 0; b < x[g].dim(0); ++b)
+        for (std::int64_t j = 0; j < x[g].dim(1); ++j)
+          out[g](b, j) = 0.5 * x[g](b, j) + t[g][static_cast<std::size_t>(b)] / 1000;
+    }
+    log->push_back(e + "]");
+  }
+};
+
+// Noise that logs "draw<g>.<c>" and fills 100 + draw index (so the value identifies the draw).
+struct LogNoise {
+  std::vector<std::string>* log;
+  int n = 0;
+  void draw(const ud::Context<ud::cpu>&, std::size_t g, std::size_t c, ud::RowBlock<double> dst) {
+    log->push_back("draw" + std::to_string(g) + "." + std::to_string(c));
+    for (std::int64_t r = 0; r < dst.rows; ++r)
+      for (std::int64_t j = 0; j < dst.cols; ++j) dst.data[r * dst.ld + j] = 100 + n;
+    ++n;
+  }
+};
+
+ud::GroupLayout<2> layout() {
+  return ud::GroupLayout<2>(
+      {ud::GroupSpec{"image", {{"z", ud::Shape{2, 2}}, {"c", ud::Shape{1, 3}}}},
+       ud::GroupSpec{"text", {{"y", ud::Shape{3, 2}}}}});
+}
+
+std::string one_call(const ud::Task<2>& task, double scale,
+                     ud::CfgMode mode = ud::CfgMode::true_uncond) {
+  std::vector<std::string> log;
+  LogNet net{&log};
+  LogNoise noise{&log};
+  ud::GuidanceOptions g;
+  g.scale = scale;
+  g.cfg_mode = mode;
+  const auto lay = layout();
+  ud::Tensor<double> cimg(ud::Shape{2, 7}), ctxt(ud::Shape{2, 6}), nimg(ud::Shape{2, 7}),
+      ntxt(ud::Shape{2, 6});
+  for (auto* t : {&cimg, &ctxt})
+    for (auto& v : *t) v = 5;
+  for (auto* t : {&nimg, &ntxt})
+    for (auto& v : *t) v = -7;
+  ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(
+      net, noise, lay, task, g, 2, {cimg.view(), ctxt.view()}, {nimg.view(), ntxt.view()});
+  ud::Tensor<double> x(ud::Shape{2, p.state_size()}), e(ud::Shape{2, p.state_size()});
+  for (auto& v : x) v = 1;
+  const double tau = 0.5;
+  net.tau_in = static_cast<double>(static_cast<float>(tau) * 1000.f);
+  p(x.view(), tau, e.view());
+  std::string s;
+  for (const auto& l : log) s += (s.empty() ? "" : " ") + l;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("joint: main call, then the three guidance draws, then one reference call per group") {
+  CHECK(one_call(ud::tasks::joint(), 7) ==
+        "call(tau,tau)[state,state] draw0.0 draw0.1 draw1.0 call(tau,N)[state,xi2] "
+        "call(N,tau)[xi0,state]");
+  CHECK(one_call(ud::tasks::joint(), 0) == "call(tau,tau)[state,state]");
+}
+
+TEST_CASE("t2i / i2t: conditional guidance draws the replaced condition after the main call") {
+  CHECK(one_call(ud::tasks::t2i(), 7) == "call(tau,0)[state,cond] draw1.0 call(tau,N)[state,xi0]");
+  CHECK(one_call(ud::tasks::i2t(), 7) ==
+        "call(0,tau)[cond,state] draw0.0 draw0.1 call(N,tau)[xi0,state]");
+  CHECK(one_call(ud::tasks::t2i(), 0) == "call(tau,0)[state,cond]");
+  CHECK(one_call(ud::tasks::t2i(), 7, ud::CfgMode::empty_condition) ==
+        "call(tau,0)[state,cond] call(tau,0)[state,null]");
+}
+
+TEST_CASE("i / t: marginal noise is drawn before the only call; no guidance even with s != 0") {
+  CHECK(one_call(ud::tasks::i(), 7) == "draw1.0 call(tau,N)[state,xi0]");
+  CHECK(one_call(ud::tasks::t(), 7) == "draw0.0 draw0.1 call(N,tau)[xi0,state]");
+}
+
+TEST_CASE("guided output is e + s (e - r) on the generated groups only") {
+  // With LogNet, e = 0.5 x + t/1000: for t2i at tau the main output is 0.5 + 0.5 and the
+  // reference output (same image input and time) is identical, so guidance leaves e unchanged;
+  // for joint the reference of the image group sees the text replaced, which LogNet ignores.
+  std::vector<std::string> log;
+  LogNet net{&log};
+  LogNoise noise{&log};
+  ud::GuidanceOptions g;
+  g.scale = 3;
+  g.float32_time_input = false;
+  ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(net, noise, layout(), ud::tasks::joint(), g,
+                                                     1);
+  CHECK(p.forwards_per_call() == 3);
+  ud::Tensor<double> x(ud::Shape{1, 13}), e(ud::Shape{1, 13});
+  for (auto& v : x) v = 2;
+  p(x.view(), 0.25, e.view());
+  for (double v : e) CHECK(v == doctest::Approx(0.5 * 2 + 0.25));
+}
+
+TEST_CASE("a sampling run draws every group's initial noise first, then per-NFE noise") {
+  std::vector<std::string> log;
+  LogNet net{&log};
+  LogNoise noise{&log};
+  ud::DpmSolverOptions o;
+  o.steps = 3;
+  const ud::DpmSolver<double> solver(ud::VPSchedule::unidiffuser(), o);
+  ud::GuidanceOptions g;
+  g.scale = 0;
+  auto out = ud::sample_task<double, 2>(ud::Context<ud::cpu>{}, net, noise, layout(),
+                                        ud::tasks::i(), g, solver, 2);
+  REQUIRE(log.size() >= 3);
+  CHECK(log[0] == "draw0.0");
+  CHECK(log[1] == "draw0.1");
+  CHECK(log[2] == "draw1.0");
+  int calls = 0, draws = 0;
+  for (std::size_t k = 3; k < log.size(); ++k) (log[k].rfind("call", 0) == 0 ? calls : draws)++;
+  CHECK(calls == 3);
+  CHECK(draws == 3);  // one text marginal per NFE
+  CHECK(out[0].shape() == ud::Shape{2, 7});
+  CHECK(out[1].size() == 0);
+}
+
+TEST_CASE("bad tasks and missing conditions are clear errors") {
+  std::vector<std::string> log;
+  LogNet net{&log};
+  LogNoise noise{&log};
+  ud::GuidanceOptions g;
+  using R = ud::Role;
+  using P = ud::GuidedPredictor<double, 2, LogNet, LogNoise>;
+  CHECK_THROWS_AS(P(net, noise, layout(), ud::Task<2>{{R::condition, R::marginalize}}, g, 2),
+                  ud::error);
+  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::t2i(), g, 2),
+                  ud::error);  // no condition given
+  g.marginal_noise = ud::MarginalNoise::fixed;
+  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::i(), g, 2),
+                  ud::error);  // no fixed noise given
+  g = {};
+  g.cfg_mode = ud::CfgMode::empty_condition;
+  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::joint(), g, 2), ud::error);
+  CHECK_THROWS_AS(ud::parse_mode("img2txt"), ud::error);
+}
