@@ -125,6 +125,14 @@ void lincomb(const Context<cpu>& ctx, RowBlock<T, cpu> dst, std::initializer_lis
           o[j] = c[0] * x0[j] + c[1] * x1[j] + c[2] * x2[j];
         break;
       }
+      case 4: {
+        const T* x1 = px[1] + r * ld[1];
+        const T* x2 = px[2] + r * ld[2];
+        const T* x3 = px[3] + r * ld[3];
+        for (std::int64_t j = 0; j < dst.cols; ++j)
+          o[j] = c[0] * x0[j] + c[1] * x1[j] + c[2] * x2[j] + c[3] * x3[j];
+        break;
+      }
       default: {
         for (std::int64_t j = 0; j < dst.cols; ++j) {
           T acc = c[0] * x0[j];
