@@ -60,9 +60,9 @@ void run_sampler(benchmark::State& st, const Solver& s, int nfe) {
     s.sample(ud::Context<ud::cpu>{}, x.view(), FreeModel{&fixed_eps()}, ws);
     benchmark::DoNotOptimize(x.data());
   }
-  st.counters["per_nfe_s"] = benchmark::Counter(
-      static_cast<double>(nfe) * static_cast<double>(st.iterations()),
-      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  st.counters["per_nfe_s"] =
+      benchmark::Counter(static_cast<double>(nfe) * static_cast<double>(st.iterations()),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
   st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * nfe * kBatch * kJoint * 4 * 3);
 }
 
@@ -75,13 +75,21 @@ ud::DpmSolverOptions opts(ud::SolverMethod m, int order, int steps) {
 }
 
 void BM_DpmSolverPP_fast_o3(benchmark::State& st) {
-  run_sampler(st, ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(), opts(ud::SolverMethod::fast, 3, 50)), 50);
+  run_sampler(
+      st, ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(), opts(ud::SolverMethod::fast, 3, 50)),
+      50);
 }
 void BM_DpmSolverPP_multistep_o3(benchmark::State& st) {
-  run_sampler(st, ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(), opts(ud::SolverMethod::multistep, 3, 50)), 50);
+  run_sampler(
+      st,
+      ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(), opts(ud::SolverMethod::multistep, 3, 50)),
+      50);
 }
 void BM_DpmSolverPP_singlestep_o2(benchmark::State& st) {
-  run_sampler(st, ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(), opts(ud::SolverMethod::singlestep, 2, 50)), 50);
+  run_sampler(st,
+              ud::DpmSolver<float>(ud::VPSchedule::unidiffuser(),
+                                   opts(ud::SolverMethod::singlestep, 2, 50)),
+              50);
 }
 void BM_DpmSolver_eps_fast_o3(benchmark::State& st) {
   auto o = opts(ud::SolverMethod::fast, 3, 50);
@@ -107,7 +115,8 @@ void BM_PhiloxNormal(benchmark::State& st) {
   ud::Tensor<float> x(ud::Shape{kBatch, kJoint});
   std::uint64_t stream = 0;
   for (auto _ : st) {
-    ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::as_rows(x.view()), ud::NoiseKey{3, stream++}, 0);
+    ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::as_rows(x.view()), ud::NoiseKey{3, stream++},
+                           0);
     benchmark::DoNotOptimize(x.data());
   }
   st.SetItemsProcessed(static_cast<std::int64_t>(st.iterations()) * x.size());
@@ -143,7 +152,8 @@ std::string name_of(int k) {
   return s;
 }
 void BM_SafetensorsLoad(benchmark::State& st) {
-  const auto path = (std::filesystem::temp_directory_path() / "unidiffuser_bench_load.safetensors").string();
+  const auto path =
+      (std::filesystem::temp_directory_path() / "unidiffuser_bench_load.safetensors").string();
   const std::int64_t n = 16 << 20;  // 64 MiB of float32 in 8 tensors
   {
     ud::safetensors::Writer w;
@@ -195,15 +205,20 @@ void step_vs_forward() {
         s.sample(ud::Context<ud::cpu>{}, x.view(), FreeModel{&fixed_eps()}, ws);
       },
       15);
-  const double step_s = run_s / s.nfe();  // per NFE, whole batch of 16
+  const double step_s = run_s / s.nfe();              // per NFE, whole batch of 16
   const double forward_s = 2.33e12 / (gflops * 1e9);  // one forward of ONE sample
   std::printf("\nside-by-side (medians): Eigen sgemm %dx%dx%d: %.1f GFLOP/s\n", m, k, n, gflops);
-  std::printf("  DPM-Solver++ (official fast o3, 50 NFE) sampler work per NFE, B = 16 joint states: %.3f ms\n",
-              step_s * 1e3);
-  std::printf("  estimated official v1 forward (2.33 TFLOP) at that rate: %.1f ms per sample, %.1f ms for B = 16\n",
-              forward_s * 1e3, forward_s * 16 * 1e3);
-  std::printf("  ratio sampler step / network forward (same batch): %.5f %%  (requirement: < 1 %%)\n",
-              100.0 * step_s / (forward_s * 16));
+  std::printf(
+      "  DPM-Solver++ (official fast o3, 50 NFE) sampler work per NFE, B = 16 joint states: %.3f "
+      "ms\n",
+      step_s * 1e3);
+  std::printf(
+      "  estimated official v1 forward (2.33 TFLOP) at that rate: %.1f ms per sample, %.1f ms for "
+      "B = 16\n",
+      forward_s * 1e3, forward_s * 16 * 1e3);
+  std::printf(
+      "  ratio sampler step / network forward (same batch): %.5f %%  (requirement: < 1 %%)\n",
+      100.0 * step_s / (forward_s * 16));
 }
 
 }  // namespace
