@@ -39,7 +39,8 @@ std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::F
     in.x.push_back(ud::as_rows(ud::TensorView<const float>(xs[k].view())));
     ob.push_back(ud::as_rows(outs[k].view()));
   }
-  const auto ti = f.get_vector<double>("input/native/t_img"), tt = f.get_vector<double>("input/native/t_text");
+  const auto ti = f.get_vector<double>("input/native/t_img"),
+             tt = f.get_vector<double>("input/native/t_text");
   const auto dt = f.get_vector<std::int64_t>("input/native/data_type");
   in.t = {ti, tt};
   in.data_type = dt;
@@ -69,7 +70,8 @@ TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any scor
       double mx = -1e300, sum = 0;
       for (std::int64_t j = 0; j < L; ++j) {
         double d = 0;
-        for (std::int64_t k = 0; k < dh; ++k) d += qkv[i * 3 * E + h * dh + k] * qkv[j * 3 * E + E + h * dh + k];
+        for (std::int64_t k = 0; k < dh; ++k)
+          d += qkv[i * 3 * E + h * dh + k] * qkv[j * 3 * E + E + h * dh + k];
         s[j] = d / std::sqrt(double(dh));
         mx = std::max(mx, s[j]);
       }
@@ -81,26 +83,30 @@ TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any scor
       }
     }
   for (std::int64_t block : {1, 5, 16, 64}) {
-    std::vector<double> out(static_cast<std::size_t>(L * E)), scores(static_cast<std::size_t>(block * L));
+    std::vector<double> out(static_cast<std::size_t>(L * E)),
+        scores(static_cast<std::size_t>(block * L));
     kk::attention(qkv.data(), L, E, H, out.data(), scores.data(), block);
-    for (std::size_t i = 0; i < out.size(); ++i) CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
+    for (std::size_t i = 0; i < out.size(); ++i)
+      CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
   }
 }
 
-TEST_CASE("patch embedding order (c,i,k) and unpatchify order (i,k,c) invert the official patchify") {
+TEST_CASE(
+    "patch embedding order (c,i,k) and unpatchify order (i,k,c) invert the official patchify") {
   const std::int64_t C = 3, H = 4, W = 4, p = 2;
   std::vector<double> img(static_cast<std::size_t>(C * H * W));
   for (std::size_t i = 0; i < img.size(); ++i) img[i] = double(i);
   std::vector<double> col(img.size()), back(img.size());
   kk::patchify_conv(img.data(), C, H, W, p, col.data());
-  CHECK(col[1] == img[1]);          // patch 0, c 0, i 0, k 1
-  CHECK(col[4] == img[H * W]);      // patch 0, c 1, i 0, k 0
+  CHECK(col[1] == img[1]);      // patch 0, c 0, i 0, k 1
+  CHECK(col[4] == img[H * W]);  // patch 0, c 1, i 0, k 0
   // (i,k,c) vectors: re-order the conv patches and unpatchify back
   std::vector<double> y(img.size());
   for (std::int64_t t = 0; t < 4; ++t)
     for (std::int64_t c = 0; c < C; ++c)
       for (std::int64_t i = 0; i < p; ++i)
-        for (std::int64_t k = 0; k < p; ++k) y[t * 12 + (i * p + k) * C + c] = col[t * 12 + (c * p + i) * p + k];
+        for (std::int64_t k = 0; k < p; ++k)
+          y[t * 12 + (i * p + k) * C + c] = col[t * 12 + (c * p + i) * p + k];
   kk::unpatchify(y.data(), 12, C, H, W, p, back.data());
   CHECK(back == img);
 }
@@ -111,8 +117,8 @@ TEST_CASE("bilinear resize is the identity at the same size and interpolates hal
   kk::bilinear_resize(q.data(), 2, 2, 1, 2, 2, same.data());
   CHECK(same == q);
   kk::bilinear_resize(q.data(), 2, 2, 1, 4, 4, up.data());
-  CHECK(up[0] == 0);                           // clamped corner
-  CHECK(up[1] == doctest::Approx(0.25));       // src x = 0.25
+  CHECK(up[0] == 0);                      // clamped corner
+  CHECK(up[1] == doctest::Approx(0.25));  // src x = 0.25
   CHECK(up[15] == 3);
 }
 
@@ -146,12 +152,14 @@ TEST_CASE("a diffusers-named checkpoint loads and gives the same outputs as the 
       if (src.size() == 3) {
         const std::int64_t rows = t.dim(0) / 3, cols = t.dim(1);
         for (int k = 0; k < 3; ++k)
-          w.add<float>(src[static_cast<std::size_t>(k)],
-                       ud::TensorView<const float>(t.data() + k * rows * cols, ud::Shape{rows, cols}));
+          w.add<float>(
+              src[static_cast<std::size_t>(k)],
+              ud::TensorView<const float>(t.data() + k * rows * cols, ud::Shape{rows, cols}));
       } else {
         w.add<float>(src[0], t.view());
       }
-      if (n == "patch_embed.proj.weight") w.add<float>("transformer.pos_embed.proj.weight", t.view());
+      if (n == "patch_embed.proj.weight")
+        w.add<float>("transformer.pos_embed.proj.weight", t.view());
       if (n == "patch_embed.proj.bias") w.add<float>("transformer.pos_embed.proj.bias", t.view());
     }
     w.write(path);
@@ -171,7 +179,8 @@ TEST_CASE("a diffusers-named checkpoint loads and gives the same outputs as the 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("a corrupted or mis-shaped checkpoint is one clear error and leaves the network untouched") {
+TEST_CASE(
+    "a corrupted or mis-shaped checkpoint is one clear error and leaves the network untouched") {
   const auto f = ud::safetensors::File::read(kGolden);
   const auto cfg = ud::checkpoint_config(f, "param/");
   const auto dir = std::filesystem::temp_directory_path() / "unidiffuser_test_bad";
@@ -181,22 +190,23 @@ TEST_CASE("a corrupted or mis-shaped checkpoint is one clear error and leaves th
     ud::safetensors::Writer w;
     for (const auto& n : f.names("param/")) {
       const std::string name = n.substr(6);
-      if (name == "norm.bias") continue;                                     // missing
+      if (name == "norm.bias") continue;  // missing
       auto t = f.get<float>(n);
-      if (name == "mid_block.attn.proj.weight") {                            // mis-shaped
+      if (name == "mid_block.attn.proj.weight") {  // mis-shaped
         w.add<float>(name, t.view().reshape(ud::Shape{t.dim(1) * t.dim(0)}));
         continue;
       }
       w.add<float>(name, t);
     }
     ud::Tensor<float> extra(ud::Shape{3});
-    w.add<float>("extra.weight", extra);                                     // unexpected
+    w.add<float>("extra.weight", extra);  // unexpected
     w.write(path);
   }
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, "param/");
   const auto before = net.param("in_blocks.0.norm2.weight")[0];
-  const std::string m = message_of([&] { ud::load_checkpoint(net, ud::safetensors::File::read(path)); });
+  const std::string m =
+      message_of([&] { ud::load_checkpoint(net, ud::safetensors::File::read(path)); });
   CHECK(m.find("load_checkpoint") != std::string::npos);
   CHECK(m.find("missing (1): norm.bias") != std::string::npos);
   CHECK(m.find("unexpected (1): extra.weight") != std::string::npos);
@@ -209,7 +219,8 @@ TEST_CASE("a corrupted or mis-shaped checkpoint is one clear error and leaves th
     std::ofstream out(path, std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
   }
-  CHECK(message_of([&] { ud::safetensors::File::read(path); }).find("beyond the data block") != std::string::npos);
+  CHECK(message_of([&] { ud::safetensors::File::read(path); }).find("beyond the data block") !=
+        std::string::npos);
   // no config anywhere
   CHECK(message_of([&] {
           ud::safetensors::Writer w;
@@ -222,17 +233,20 @@ TEST_CASE("a corrupted or mis-shaped checkpoint is one clear error and leaves th
 }
 
 TEST_CASE("forward rejects wrong input shapes, times and data types") {
-  ud::nn::UViT<float> net(ud::nn::UViTConfig::official("v1", 8, 4, 2, 32, 2, 2, 4.0, false, false, 8, 6, 12));
+  ud::nn::UViT<float> net(
+      ud::nn::UViTConfig::official("v1", 8, 4, 2, 32, 2, 2, 4.0, false, false, 8, 6, 12));
   ud::Tensor<float> img(ud::Shape{2, 4, 8, 8}), clip(ud::Shape{2, 1, 12}), text(ud::Shape{2, 6, 8});
   ud::Tensor<float> oi(ud::Shape{2, 4, 8, 8}), oc(ud::Shape{2, 1, 12}), ot(ud::Shape{2, 5, 8});
   std::vector<double> t2{1, 2};
   std::vector<std::int64_t> dt{1, 3};
   ud::nn::UViTInputs<float> in;
-  in.x = {ud::as_rows(ud::TensorView<const float>(text.view())), ud::as_rows(ud::TensorView<const float>(clip.view())),
+  in.x = {ud::as_rows(ud::TensorView<const float>(text.view())),
+          ud::as_rows(ud::TensorView<const float>(clip.view())),
           ud::as_rows(ud::TensorView<const float>(img.view()))};
   in.t = {t2, t2};
   in.data_type = dt;
-  std::vector<ud::RowBlock<float>> o{ud::as_rows(ot.view()), ud::as_rows(oc.view()), ud::as_rows(oi.view())};
+  std::vector<ud::RowBlock<float>> o{ud::as_rows(ot.view()), ud::as_rows(oc.view()),
+                                     ud::as_rows(oi.view())};
   CHECK(message_of([&] { net.forward({}, in, o); }).find("out[text]") != std::string::npos);
   ud::Tensor<float> ot2(ud::Shape{2, 6, 8});
   o[0] = ud::as_rows(ot2.view());

@@ -184,6 +184,14 @@ void save_checkpoint(const nn::UViT<T>& net, const std::string& path,
   w.write(path);
 }
 
+//! The config given as JSON for a checkpoint (version inferred from the tensors when absent).
+inline nn::UViTConfig checkpoint_config_from(const nlohmann::json& j, const safetensors::File& f,
+                                             const std::string& prefix = "") {
+  const bool v1 = f.contains(prefix + "token_embedding.weight") ||
+                  f.contains(prefix + "data_type_token_embedding.weight");
+  return nn::UViTConfig::from_json(j, v1 ? "v1" : "v0");
+}
+
 //! The config of a checkpoint: its "config" metadata (official constructor arguments + version),
 //! else `json_fallback`; the version is inferred from the tensors when the JSON has none.
 inline nn::UViTConfig checkpoint_config(const safetensors::File& f, const std::string& prefix = "",
