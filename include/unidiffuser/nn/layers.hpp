@@ -9,11 +9,32 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <unsupported/Eigen/SpecialFunctions>
 #include <vector>
 
 #include "unidiffuser/config.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace unidiffuser::nn::cpu_kernels {
+
+//! Threads the element-wise kernels may use (all of OpenMP's, or 1 without OpenMP).
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 template <class T>
 using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -38,35 +59,46 @@ void linear(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const 
 }
 
 //! In place over rows of x [M, N]: x = LayerNorm(x (+ r)) with gain g and bias b (eps 1e-5,
-//! biased variance); statistics accumulated in double.
+//! biased variance, two-pass statistics in the accumulation type), rows in parallel.
 template <class T>
 void layer_norm(T* x, std::int64_t m, std::int64_t n, const T* r, const T* g, const T* b,
                 double eps = 1e-5) {
+  using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+  using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
+  const CRow G(g, n), Bv(b, n);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (m * n >= 32768)
+#endif
   for (std::int64_t i = 0; i < m; ++i) {
-    T* row = x + i * n;
-    if (r)
-      for (std::int64_t j = 0; j < n; ++j) row[j] += r[i * n + j];
-    double mean = 0;
-    for (std::int64_t j = 0; j < n; ++j) mean += static_cast<double>(row[j]);
-    mean /= static_cast<double>(n);
-    double var = 0;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const double d = static_cast<double>(row[j]) - mean;
-      var += d * d;
-    }
-    var /= static_cast<double>(n);
-    const T inv = static_cast<T>(1.0 / std::sqrt(var + eps));
-    const T mu = static_cast<T>(mean);
-    for (std::int64_t j = 0; j < n; ++j) row[j] = (row[j] - mu) * inv * g[j] + b[j];
+    Row row(x + i * n, n);
+    if (r) row += CRow(r + i * n, n);
+    const T mean = row.sum() / static_cast<T>(n);
+    const T var = (row - mean).square().sum() / static_cast<T>(n);
+    const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
+    row = (row - mean) * inv * G + Bv;
   }
 }
 
-//! Exact GELU 0.5 u (1 + erf(u / sqrt 2)), in place.
+//! y = GELU(y + bias) over rows of y [M, N] (bias may be null): exact erf GELU
+//! 0.5 u (1 + erf(u / sqrt 2)) with Eigen's vectorised erf, rows in parallel.
+template <class T>
+void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
+  using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+  using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
+  const T r = static_cast<T>(0.70710678118654752440);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (m * n >= 32768)
+#endif
+  for (std::int64_t i = 0; i < m; ++i) {
+    Row row(y + i * n, n);
+    if (bias) row += CRow(bias, n);
+    row = T(0.5) * row * (T(1) + (row * r).erf());
+  }
+}
+//! Exact GELU in place over n contiguous values.
 template <class T>
 void gelu(T* x, std::int64_t n) {
-  const T r = static_cast<T>(0.70710678118654752440);
-  for (std::int64_t i = 0; i < n; ++i)
-    x[i] = static_cast<T>(0.5) * x[i] * (T(1) + std::erf(x[i] * r));
+  bias_gelu<T>(x, 1, n, nullptr);
 }
 
 //! SiLU u sigmoid(u), in place.
@@ -75,35 +107,35 @@ void silu(T* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) x[i] = x[i] / (T(1) + std::exp(-x[i]));
 }
 
-//! Multi-head attention for one sample: qkv [L, 3E] in the fused (k, h, d) channel layout,
-//! out [L, E] (heads concatenated). Scores are formed `block` query rows at a time, so the score
-//! buffer is [block, L], never [L, L] per head. `scores` needs block * L elements.
+//! Multi-head attention over a batch: qkv [B, L, 3E] in the fused (k, h, d) channel layout,
+//! out [B, L, E] (heads concatenated). Scores are formed `block` query rows at a time, so each
+//! thread's score buffer is [block, L], never [L, L] per head; (sample, head) pairs run in
+//! parallel. `scores` needs max_threads() * block * L elements.
 template <class T>
-void attention(const T* qkv, std::int64_t l, std::int64_t e, std::int64_t heads, T* out, T* scores,
-               std::int64_t block) {
+void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
+               T* out, T* scores, std::int64_t block) {
   const std::int64_t dh = e / heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dh)));
-  for (std::int64_t h = 0; h < heads; ++h) {
-    CMapRM<T> K(qkv + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
-    CMapRM<T> V(qkv + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic) if (batch * heads > 1)
+#endif
+  for (std::int64_t bh = 0; bh < batch * heads; ++bh) {
+    const std::int64_t b = bh / heads, h = bh % heads;
+    const T* base = qkv + b * l * 3 * e;
+    T* sc = scores + static_cast<std::int64_t>(thread_id()) * block * l;
+    CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
+    CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
     for (std::int64_t q0 = 0; q0 < l; q0 += block) {
       const std::int64_t rb = std::min(block, l - q0);
-      CMapRM<T> Q(qkv + q0 * 3 * e + h * dh, rb, dh, Eigen::OuterStride<>(3 * e));
-      MapRM<T> S(scores, rb, l, Eigen::OuterStride<>(l));
+      CMapRM<T> Q(base + q0 * 3 * e + h * dh, rb, dh, Eigen::OuterStride<>(3 * e));
+      MapRM<T> S(sc, rb, l, Eigen::OuterStride<>(l));
       S.noalias() = (Q * K.transpose()) * scale;
       for (std::int64_t i = 0; i < rb; ++i) {
-        T* s = scores + i * l;
-        T mx = s[0];
-        for (std::int64_t j = 1; j < l; ++j) mx = std::max(mx, s[j]);
-        T sum = 0;
-        for (std::int64_t j = 0; j < l; ++j) {
-          s[j] = std::exp(s[j] - mx);
-          sum += s[j];
-        }
-        const T inv = T(1) / sum;
-        for (std::int64_t j = 0; j < l; ++j) s[j] *= inv;
+        auto row = S.row(i).array();
+        row = (row - row.maxCoeff()).exp();
+        row *= T(1) / row.sum();
       }
-      MapRM<T> O(out + q0 * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
+      MapRM<T> O(out + (b * l + q0) * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
       O.noalias() = S * V;
     }
   }

@@ -503,7 +503,7 @@ class UViT {
       hid_.assign(static_cast<std::size_t>(M * cfg_.hidden()), T(0));
       skips_.assign(static_cast<std::size_t>(cfg_.blocks_per_side()), std::vector<T>(need));
     }
-    const auto sc = static_cast<std::size_t>(std::min<std::int64_t>(L, kScoreBlock) * L);
+    const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() * kScoreBlock * L);
     if (scores_.size() < sc) scores_.assign(sc, T(0));
   }
   static constexpr std::int64_t kScoreBlock = 128;
@@ -525,16 +525,14 @@ class UViT {
     }
     const T* qb = cfg_.qkv_bias ? param(p + ".attn.qkv.bias").data() : nullptr;
     kk::linear(X, M, E, E, param(p + ".attn.qkv.weight").data(), 3 * E, E, qb, qkv_.data(), 3 * E);
-    for (std::int64_t b = 0; b < B; ++b)
-      kk::attention(qkv_.data() + b * L * 3 * E, L, E, cfg_.num_heads, attn_.data() + b * L * E,
-                    scores_.data(), kScoreBlock);
+    kk::attention(qkv_.data(), B, L, E, cfg_.num_heads, attn_.data(), scores_.data(), kScoreBlock);
     kk::linear(attn_.data(), M, E, E, param(p + ".attn.proj.weight").data(), E, E,
                param(p + ".attn.proj.bias").data(), tmp_.data(), E);
     kk::layer_norm(X, M, E, tmp_.data(), param(p + ".norm2.weight").data(),
                    param(p + ".norm2.bias").data());
     kk::linear(X, M, E, E, param(p + ".mlp.fc1.weight").data(), Hm, E,
-               param(p + ".mlp.fc1.bias").data(), hid_.data(), Hm);
-    kk::gelu(hid_.data(), M * Hm);
+               static_cast<const T*>(nullptr), hid_.data(), Hm);
+    kk::bias_gelu(hid_.data(), M, Hm, param(p + ".mlp.fc1.bias").data());
     kk::linear(hid_.data(), M, Hm, Hm, param(p + ".mlp.fc2.weight").data(), E, Hm,
                param(p + ".mlp.fc2.bias").data(), tmp_.data(), E);
     kk::layer_norm(X, M, E, tmp_.data(), param(p + ".norm3.weight").data(),
