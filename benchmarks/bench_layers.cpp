@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: Apache-2.0
+// U-ViT layer kernels at the shapes of the 'small' benchmark config (B = 4, L = 337, E = 512,
+// H = 8, MLP 2048) with FLOP and byte counters.
+#include <benchmark/benchmark.h>
+
+#include <vector>
+
+#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/nn/layers.hpp"
+
+namespace ud = unidiffuser;
+namespace kk = unidiffuser::nn::cpu_kernels;
+
+namespace {
+constexpr std::int64_t B = 4, L = 337, E = 512, H = 8, Hm = 2048, M = B * L;
+
+std::vector<float> randn(std::int64_t n, std::uint64_t seed) {
+  std::vector<float> v(static_cast<std::size_t>(n));
+  ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::RowBlock<float>(v.data(), 1, n, n),
+                         ud::NoiseKey{seed, 0}, 0);
+  return v;
+}
+
+void BM_Linear(benchmark::State& st) {
+  const std::int64_t k = st.range(0), n = st.range(1);
+  const auto x = randn(M * k, 1), w = randn(n * k, 2), b = randn(n, 3);
+  std::vector<float> y(static_cast<std::size_t>(M * n));
+  for (auto _ : st) {
+    kk::linear(x.data(), M, k, k, w.data(), n, k, b.data(), y.data(), n);
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * M * n * k, benchmark::Counter::kIsIterationInvariantRate);
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * k + n * k + M * n) * 4);
+}
+BENCHMARK(BM_Linear)
+    ->Args({E, 3 * E})
+    ->Args({E, E})
+    ->Args({E, Hm})
+    ->Args({Hm, E})
+    ->Unit(benchmark::kMillisecond);
+
+void BM_Attention(benchmark::State& st) {
+  const auto qkv = randn(M * 3 * E, 4);
+  std::vector<float> out(static_cast<std::size_t>(M * E)),
+      scores(static_cast<std::size_t>(kk::max_threads() * 128 * L));
+  for (auto _ : st) {
+    kk::attention(qkv.data(), B, L, E, H, out.data(), scores.data(), 128);
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.counters["FLOP/s"] =
+      benchmark::Counter(4.0 * B * L * L * E, benchmark::Counter::kIsIterationInvariantRate);
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * 3 * E + M * E) * 4);
+}
+BENCHMARK(BM_Attention)->Unit(benchmark::kMillisecond);
+
+void BM_LayerNormResidual(benchmark::State& st) {
+  auto x = randn(M * E, 5);
+  const auto r = randn(M * E, 6), g = randn(E, 7), b = randn(E, 8);
+  for (auto _ : st) {
+    kk::layer_norm(x.data(), M, E, r.data(), g.data(), b.data());
+    benchmark::DoNotOptimize(x.data());
+  }
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * M * E * 3 * 4);
+}
+BENCHMARK(BM_LayerNormResidual)->Unit(benchmark::kMicrosecond);
+
+void BM_BiasGelu(benchmark::State& st) {
+  const auto x0 = randn(M * Hm, 9), b = randn(Hm, 10);
+  auto x = x0;
+  for (auto _ : st) {
+    x = x0;
+    kk::bias_gelu(x.data(), M, Hm, b.data());
+    benchmark::DoNotOptimize(x.data());
+  }
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * M * Hm * 2 * 4);
+}
+BENCHMARK(BM_BiasGelu)->Unit(benchmark::kMicrosecond);
+}  // namespace
+
+BENCHMARK_MAIN();

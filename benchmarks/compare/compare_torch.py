@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Times the library's U-ViT forward against the PyTorch module of torch_uvit.py at the same
+configs, in the same run, and prints the ratios. Each PyTorch variant runs in its own process
+(OPENBLAS_CORETYPE must be set before torch is imported):
+  default        torch as installed
+  skylakex       OPENBLAS_CORETYPE=SkylakeX (Debian's OpenBLAS otherwise falls back to SSE3 kernels)
+  mkldnn         nn.Linear -> oneDNN through torch.utils.mkldnn.to_mkldnn
+  skylakex+mkldnn both
+Usage: /usr/bin/python3 compare_torch.py --bench build/release/benchmarks/unidiffuser-bench
+       [--threads 2] [--repeat 7] [--configs demo,small] [--python /usr/bin/python3]"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = {
+    "demo": dict(embed=128, depth=6, heads=4, latent=(4, 16, 16), patch=2, text=(16, 16), clip=32, batch=16),
+    "small": dict(embed=512, depth=12, heads=8, latent=(4, 32, 32), patch=2, text=(77, 64), clip=512, batch=4),
+}
+VARIANTS = {"default": ({}, False), "skylakex": ({"OPENBLAS_CORETYPE": "SkylakeX"}, False),
+            "mkldnn": ({}, True), "skylakex+mkldnn": ({"OPENBLAS_CORETYPE": "SkylakeX"}, True)}
+
+
+def worker(cfg, threads, repeat, mkldnn):
+    import torch
+    sys.path.insert(0, HERE)
+    from torch_uvit import UViT
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    c = CONFIGS[cfg]
+    C, H, W = c["latent"]
+    m = UViT(img_size=H, in_chans=C, patch_size=c["patch"], embed_dim=c["embed"], depth=c["depth"],
+             num_heads=c["heads"], text_dim=c["text"][1], num_text_tokens=c["text"][0], clip_img_dim=c["clip"]).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.02)
+    if mkldnn:
+        from torch.utils import mkldnn as mk
+        m = mk.to_mkldnn(m)
+    B = c["batch"]
+    args = (torch.randn(B, C, H, W), torch.randn(B, 1, c["clip"]), torch.randn(B, *c["text"]),
+            torch.full((B,), 500.0), torch.full((B,), 250.0), torch.ones(B, dtype=torch.long))
+    ms = []
+    with torch.inference_mode():
+        m(*args)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            m(*args)
+            ms.append((time.perf_counter() - t0) * 1e3)
+    ms.sort()
+    print(json.dumps({"ms_median": ms[len(ms) // 2], "ms_min": ms[0], "torch": torch.__version__}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--configs", default="demo,small")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--mkldnn", action="store_true")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.threads, a.repeat, a.mkldnn)
+    golden = os.path.join(HERE, "..", "..", "tests", "data", "golden", "uvit_v1_tiny.safetensors")
+    subprocess.run([a.python, os.path.join(HERE, "torch_uvit.py"), "--check", golden], check=True)
+    for cfg in a.configs.split(","):
+        c = CONFIGS[cfg]
+        cmd = [a.bench, "uvit", "--embed", str(c["embed"]), "--depth", str(c["depth"]), "--heads", str(c["heads"]),
+               "--latent", "x".join(map(str, c["latent"])), "--patch", str(c["patch"]),
+               "--text", "x".join(map(str, c["text"])), "--clip", str(c["clip"]), "--batch", str(c["batch"]),
+               "--threads", str(a.threads), "--repeat", str(a.repeat)]
+        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print("config %s: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s" % (cfg, ours["ms_median"], a.repeat, ours["gflops"]))
+        best = None
+        for name, (env, mk) in VARIANTS.items():
+            e = dict(os.environ, **env)
+            w = [a.python, __file__, "--bench", a.bench, "--worker", cfg, "--threads", str(a.threads), "--repeat",
+                 str(a.repeat)] + (["--mkldnn"] if mk else [])
+            r = json.loads(subprocess.run(w, check=True, capture_output=True, text=True, env=e).stdout)
+            best = r["ms_median"] if best is None else min(best, r["ms_median"])
+            print("  torch %-16s %8.1f ms  -> unidiffuser is %.2fx faster" % (name, r["ms_median"], r["ms_median"] / ours["ms_median"]))
+        print("  against the best PyTorch variant: %.2fx" % (best / ours["ms_median"]))
+
+
+if __name__ == "__main__":
+    main()
