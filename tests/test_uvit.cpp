@@ -84,7 +84,7 @@ TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any scor
     }
   for (std::int64_t block : {1, 5, 16, 64}) {
     std::vector<double> out(static_cast<std::size_t>(L * E)),
-        scores(static_cast<std::size_t>(block * L));
+        scores(static_cast<std::size_t>(kk::max_threads() * block * L));
     kk::attention(qkv.data(), 1, L, E, H, out.data(), scores.data(), block);
     for (std::size_t i = 0; i < out.size(); ++i)
       CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
