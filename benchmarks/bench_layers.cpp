@@ -43,7 +43,7 @@ BENCHMARK(BM_Linear)
 void BM_Attention(benchmark::State& st) {
   const auto qkv = randn(M * 3 * E, 4);
   std::vector<float> out(static_cast<std::size_t>(M * E)),
-      scores(static_cast<std::size_t>(kk::max_threads() * 128 * L));
+      scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, 128)));
   for (auto _ : st) {
     kk::attention(qkv.data(), B, L, E, H, out.data(), scores.data(), 128);
     benchmark::DoNotOptimize(out.data());

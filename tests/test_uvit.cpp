@@ -61,33 +61,36 @@ std::string message_of(auto&& fn) {
 }  // namespace
 
 TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any score block size") {
-  const std::int64_t L = 37, E = 12, H = 3, dh = E / H;
-  const auto qkv = random_vec(static_cast<std::size_t>(L * 3 * E), 5);
-  std::vector<double> naive(static_cast<std::size_t>(L * E));
-  for (std::int64_t h = 0; h < H; ++h)
-    for (std::int64_t i = 0; i < L; ++i) {
-      std::vector<double> s(static_cast<std::size_t>(L));
-      double mx = -1e300, sum = 0;
-      for (std::int64_t j = 0; j < L; ++j) {
-        double d = 0;
-        for (std::int64_t k = 0; k < dh; ++k)
-          d += qkv[i * 3 * E + h * dh + k] * qkv[j * 3 * E + E + h * dh + k];
-        s[j] = d / std::sqrt(double(dh));
-        mx = std::max(mx, s[j]);
+  for (const std::int64_t L : {37, 300}) {  // the short-sequence kernel and the blocked GEMM path
+    const std::int64_t E = 12, H = 3, dh = E / H;
+    const auto qkv = random_vec(static_cast<std::size_t>(L * 3 * E), 5);
+    std::vector<double> naive(static_cast<std::size_t>(L * E));
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t i = 0; i < L; ++i) {
+        std::vector<double> s(static_cast<std::size_t>(L));
+        double mx = -1e300, sum = 0;
+        for (std::int64_t j = 0; j < L; ++j) {
+          double d = 0;
+          for (std::int64_t k = 0; k < dh; ++k)
+            d += qkv[i * 3 * E + h * dh + k] * qkv[j * 3 * E + E + h * dh + k];
+          s[j] = d / std::sqrt(double(dh));
+          mx = std::max(mx, s[j]);
+        }
+        for (auto& v : s) sum += (v = std::exp(v - mx));
+        for (std::int64_t k = 0; k < dh; ++k) {
+          double o = 0;
+          for (std::int64_t j = 0; j < L; ++j)
+            o += s[j] / sum * qkv[j * 3 * E + 2 * E + h * dh + k];
+          naive[i * E + h * dh + k] = o;
+        }
       }
-      for (auto& v : s) sum += (v = std::exp(v - mx));
-      for (std::int64_t k = 0; k < dh; ++k) {
-        double o = 0;
-        for (std::int64_t j = 0; j < L; ++j) o += s[j] / sum * qkv[j * 3 * E + 2 * E + h * dh + k];
-        naive[i * E + h * dh + k] = o;
-      }
+    for (std::int64_t block : {1, 5, 16, 64}) {
+      std::vector<double> out(static_cast<std::size_t>(L * E)),
+          scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, block)));
+      kk::attention(qkv.data(), 1, L, E, H, out.data(), scores.data(), block);
+      for (std::size_t i = 0; i < out.size(); ++i)
+        CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
     }
-  for (std::int64_t block : {1, 5, 16, 64}) {
-    std::vector<double> out(static_cast<std::size_t>(L * E)),
-        scores(static_cast<std::size_t>(kk::max_threads() * block * L));
-    kk::attention(qkv.data(), 1, L, E, H, out.data(), scores.data(), block);
-    for (std::size_t i = 0; i < out.size(); ++i)
-      CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
   }
 }
 

@@ -36,6 +36,11 @@ inline int thread_id() {
 #endif
 }
 
+//! Workspace storage aligned like Eigen's packets (results must not depend on where a buffer
+//! lands).
+template <class T>
+using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
+
 template <class T>
 using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
@@ -107,10 +112,17 @@ void silu(T* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) x[i] = x[i] / (T(1) + std::exp(-x[i]));
 }
 
+//! Per-thread scratch of attention(): a multiple of 16 elements, so that every thread's buffer has
+//! the same (64-byte) alignment and the vectorised reductions take the same path whichever thread
+//! handles a (sample, head) pair -- results do not depend on scheduling.
+inline std::int64_t attention_scratch(std::int64_t l, std::int64_t block) {
+  return (std::min(block, l) * l + 15) / 16 * 16;
+}
+
 //! Multi-head attention over a batch: qkv [B, L, 3E] in the fused (k, h, d) channel layout,
 //! out [B, L, E] (heads concatenated). Scores are formed `block` query rows at a time, so each
 //! thread's score buffer is [block, L], never [L, L] per head; (sample, head) pairs run in
-//! parallel. `scores` needs max_threads() * block * L elements.
+//! parallel. `scores` needs max_threads() * attention_scratch(L, block) elements, 64-byte aligned.
 template <class T>
 void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
                T* out, T* scores, std::int64_t block) {
@@ -122,7 +134,7 @@ void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e,
   for (std::int64_t bh = 0; bh < batch * heads; ++bh) {
     const std::int64_t b = bh / heads, h = bh % heads;
     const T* base = qkv + b * l * 3 * e;
-    T* sc = scores + static_cast<std::int64_t>(thread_id()) * block * l;
+    T* sc = scores + static_cast<std::int64_t>(thread_id()) * attention_scratch(l, block);
     CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
     CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
     for (std::int64_t q0 = 0; q0 < l; q0 += block) {

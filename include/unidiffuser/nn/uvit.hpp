@@ -501,9 +501,11 @@ class UViT {
       attn_.assign(need, T(0));
       qkv_.assign(need * 3, T(0));
       hid_.assign(static_cast<std::size_t>(M * cfg_.hidden()), T(0));
-      skips_.assign(static_cast<std::size_t>(cfg_.blocks_per_side()), std::vector<T>(need));
+      skips_.assign(static_cast<std::size_t>(cfg_.blocks_per_side()),
+                    cpu_kernels::AlignedVector<T>(need));
     }
-    const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() * kScoreBlock * L);
+    const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() *
+                                             cpu_kernels::attention_scratch(L, kScoreBlock));
     if (scores_.size() < sc) scores_.assign(sc, T(0));
   }
   static constexpr std::int64_t kScoreBlock = 128;
@@ -571,8 +573,8 @@ class UViT {
   UViTConfig cfg_;
   std::map<std::string, Tensor<T>> params_;
   std::vector<std::string> order_;
-  std::vector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_;
-  std::vector<std::vector<T>> skips_;
+  cpu_kernels::AlignedVector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_;
+  std::vector<cpu_kernels::AlignedVector<T>> skips_;
   std::int64_t pe_cache_h_ = -1, pe_cache_w_ = -1;
   Trace trace_;
 };
