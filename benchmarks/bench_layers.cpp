@@ -41,18 +41,19 @@ BENCHMARK(BM_Linear)
     ->Unit(benchmark::kMillisecond);
 
 void BM_Attention(benchmark::State& st) {
+  const std::int64_t block = st.range(0);
   const auto qkv = randn(M * 3 * E, 4);
   std::vector<float> out(static_cast<std::size_t>(M * E)),
-      scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, 128)));
+      scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, block)));
   for (auto _ : st) {
-    kk::attention(qkv.data(), B, L, E, H, out.data(), scores.data(), 128);
+    kk::attention(qkv.data(), B, L, E, H, out.data(), scores.data(), block);
     benchmark::DoNotOptimize(out.data());
   }
   st.counters["FLOP/s"] =
       benchmark::Counter(4.0 * B * L * L * E, benchmark::Counter::kIsIterationInvariantRate);
   st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * 3 * E + M * E) * 4);
 }
-BENCHMARK(BM_Attention)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention)->Arg(64)->Arg(128)->Arg(L)->Unit(benchmark::kMillisecond);
 
 void BM_LayerNormResidual(benchmark::State& st) {
   auto x = randn(M * E, 5);

@@ -505,10 +505,14 @@ class UViT {
                     cpu_kernels::AlignedVector<T>(need));
     }
     const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() *
-                                             cpu_kernels::attention_scratch(L, kScoreBlock));
+                                             cpu_kernels::attention_scratch(L, score_block(L)));
     if (scores_.size() < sc) scores_.assign(sc, T(0));
   }
-  static constexpr std::int64_t kScoreBlock = 128;
+  // Query rows per attention score block: the whole sequence while its L x L scores fit in 1 MiB
+  // per thread (one pass over K and V per head), else 128 rows (the official 1105 tokens).
+  static std::int64_t score_block(std::int64_t L) {
+    return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
+  }
 
   // One post-LN block on x_ (UVIT.md §4.6).
   void block(const std::string& p, std::int64_t B, std::int64_t L, const T* skip) {
@@ -527,7 +531,8 @@ class UViT {
     }
     const T* qb = cfg_.qkv_bias ? param(p + ".attn.qkv.bias").data() : nullptr;
     kk::linear(X, M, E, E, param(p + ".attn.qkv.weight").data(), 3 * E, E, qb, qkv_.data(), 3 * E);
-    kk::attention(qkv_.data(), B, L, E, cfg_.num_heads, attn_.data(), scores_.data(), kScoreBlock);
+    kk::attention(qkv_.data(), B, L, E, cfg_.num_heads, attn_.data(), scores_.data(),
+                  score_block(L));
     kk::linear(attn_.data(), M, E, E, param(p + ".attn.proj.weight").data(), E, E,
                param(p + ".attn.proj.bias").data(), tmp_.data(), E);
     kk::layer_norm(X, M, E, tmp_.data(), param(p + ".norm2.weight").data(),
