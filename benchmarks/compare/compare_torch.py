@@ -6,8 +6,10 @@ configs, in the same run, and prints the ratios. Each PyTorch variant runs in it
   skylakex       OPENBLAS_CORETYPE=SkylakeX (Debian's OpenBLAS otherwise falls back to SSE3 kernels)
   mkldnn         nn.Linear -> oneDNN through torch.utils.mkldnn.to_mkldnn
   skylakex+mkldnn both
+On a shared, noisy machine use --rounds R: the library and every variant are timed R times,
+interleaved, and the median of the per-round ratios is reported next to each round's numbers.
 Usage: /usr/bin/python3 compare_torch.py --bench build/release/benchmarks/unidiffuser-bench
-       [--threads 2] [--repeat 7] [--configs demo,small] [--python /usr/bin/python3]"""
+       [--threads 2] [--repeat 7] [--rounds 1] [--configs demo,small] [--python /usr/bin/python3]"""
 import argparse
 import json
 import os
@@ -58,6 +60,7 @@ def main():
     ap.add_argument("--bench", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--configs", default="demo,small")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--worker", default=None)
@@ -73,17 +76,25 @@ def main():
                "--latent", "x".join(map(str, c["latent"])), "--patch", str(c["patch"]),
                "--text", "x".join(map(str, c["text"])), "--clip", str(c["clip"]), "--batch", str(c["batch"]),
                "--threads", str(a.threads), "--repeat", str(a.repeat)]
-        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        print("config %s: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s" % (cfg, ours["ms_median"], a.repeat, ours["gflops"]))
-        best = None
-        for name, (env, mk) in VARIANTS.items():
-            e = dict(os.environ, **env)
-            w = [a.python, __file__, "--bench", a.bench, "--worker", cfg, "--threads", str(a.threads), "--repeat",
-                 str(a.repeat)] + (["--mkldnn"] if mk else [])
-            r = json.loads(subprocess.run(w, check=True, capture_output=True, text=True, env=e).stdout)
-            best = r["ms_median"] if best is None else min(best, r["ms_median"])
-            print("  torch %-16s %8.1f ms  -> unidiffuser is %.2fx faster" % (name, r["ms_median"], r["ms_median"] / ours["ms_median"]))
-        print("  against the best PyTorch variant: %.2fx" % (best / ours["ms_median"]))
+        ratios = []
+        for rnd in range(a.rounds):
+            ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            print("config %s round %d: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s"
+                  % (cfg, rnd + 1, ours["ms_median"], a.repeat, ours["gflops"]))
+            best = None
+            for name, (env, mk) in VARIANTS.items():
+                e = dict(os.environ, **env)
+                w = [a.python, __file__, "--bench", a.bench, "--worker", cfg, "--threads", str(a.threads),
+                     "--repeat", str(a.repeat)] + (["--mkldnn"] if mk else [])
+                r = json.loads(subprocess.run(w, check=True, capture_output=True, text=True, env=e).stdout)
+                best = r["ms_median"] if best is None else min(best, r["ms_median"])
+                print("  torch %-16s %8.1f ms  -> unidiffuser is %.2fx faster"
+                      % (name, r["ms_median"], r["ms_median"] / ours["ms_median"]))
+            ratios.append(best / ours["ms_median"])
+            print("  against the best PyTorch variant: %.2fx" % ratios[-1])
+        ratios.sort()
+        print("config %s: median over %d rounds of the ratio to the best PyTorch variant: %.2fx (rounds: %s)"
+              % (cfg, a.rounds, ratios[len(ratios) // 2], ", ".join("%.2f" % x for x in ratios)))
 
 
 if __name__ == "__main__":
