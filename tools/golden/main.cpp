@@ -212,6 +212,35 @@ std::string tensor_ref(const json& mp, const std::string& key) {
   return sp == std::string::npos ? s : s.substr(0, sp);
 }
 
+// The solver a case describes (case_params: schedule, N, method, order, steps, skip_type,
+// solver_type, predict_x0, eps, T, denoise); the schedule table in the working type's precision.
+// nullopt for a schedule name this checker does not know.
+template <class T>
+std::optional<ud::DpmSolver<T>> case_solver(const json& cp) {
+  const std::string sched = cp.value("schedule", std::string("scaled_linear_official_float32"));
+  const int levels = cp.value("N", 1000);
+  std::vector<double> betas;
+  if (sched.rfind("scaled_linear", 0) == 0)
+    betas = ud::scaled_linear_betas(levels);
+  else if (sched.rfind("linear", 0) == 0)
+    betas = ud::linear_betas(levels);
+  else
+    return std::nullopt;
+  ud::DpmSolverOptions o;
+  o.steps = cp.at("steps").get<int>();
+  o.order = cp.at("order").get<int>();
+  o.method = ud::parse_solver_method(cp.at("method").get<std::string>());
+  o.skip_type = ud::parse_spacing(cp.at("skip_type").get<std::string>());
+  o.solver_type = ud::parse_solver_type(cp.value("solver_type", std::string("dpm_solver")));
+  o.predict_x0 = cp.at("predict_x0").get<bool>();
+  o.eps = cp.at("eps").get<double>();
+  o.T = cp.at("T").get<double>();
+  o.denoise = cp.value("denoise", false);
+  const auto precision = std::is_same_v<T, double> ? ud::TablePrecision::float64
+                                                   : ud::TablePrecision::float32_reference;
+  return ud::DpmSolver<T>(ud::VPSchedule::discrete(betas, precision), o);
+}
+
 template <class T>
 void dpm_case(const ud::safetensors::File& f, const json& checks, const std::string& name,
               const json& cp, Report& r) {
@@ -224,29 +253,9 @@ void dpm_case(const ud::safetensors::File& f, const json& checks, const std::str
   const auto c = f.get<T>(tensor_ref(mp, "c"));
   auto x = f.get<T>(tensor_ref(mp, "x_T"));
   const std::int64_t n = W.dim(0);
-  const std::string sched = cp.value("schedule", std::string("scaled_linear_official_float32"));
-  const int levels = cp.value("N", 1000);
-  std::vector<double> betas;
-  if (sched.rfind("scaled_linear", 0) == 0)
-    betas = ud::scaled_linear_betas(levels);
-  else if (sched.rfind("linear", 0) == 0)
-    betas = ud::linear_betas(levels);
-  else
-    return r.skip("dpm_solver/" + name, "unknown schedule '" + sched + "'");
-  ud::DpmSolverOptions o;
-  o.steps = cp.at("steps").get<int>();
-  o.order = cp.at("order").get<int>();
-  o.method = ud::parse_solver_method(cp.at("method").get<std::string>());
-  o.skip_type = ud::parse_spacing(cp.at("skip_type").get<std::string>());
-  o.solver_type = ud::parse_solver_type(cp.value("solver_type", std::string("dpm_solver")));
-  o.predict_x0 = cp.at("predict_x0").get<bool>();
-  o.eps = cp.at("eps").get<double>();
-  o.T = cp.at("T").get<double>();
-  o.denoise = cp.value("denoise", false);
-  const ud::DpmSolver<T> solver(
-      ud::VPSchedule::discrete(
-          betas, f64 ? ud::TablePrecision::float64 : ud::TablePrecision::float32_reference),
-      o);
+  const auto solver_opt = case_solver<T>(cp);
+  if (!solver_opt) return r.skip("dpm_solver/" + name, "unknown schedule in case_params");
+  const ud::DpmSolver<T>& solver = *solver_opt;
   std::vector<double> eval_t;
   // model(x, t) = tanh(x W + t c), evaluated in T
   auto model = [&](ud::TensorView<const T> xv, double t, ud::TensorView<T> out) {
@@ -504,17 +513,9 @@ void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const
   NoNoise noise;
   ud::GuidedPredictor<float, 2, ud::nn::UViTPredictor<float, 2>, NoNoise> pred(
       model, noise, layout, task, g, B, cv, {}, fv);
-  ud::DpmSolverOptions o;
-  o.steps = cp.at("steps").get<int>();
-  o.order = cp.at("order").get<int>();
-  o.method = ud::parse_solver_method(cp.at("method").get<std::string>());
-  o.skip_type = ud::parse_spacing(cp.at("skip_type").get<std::string>());
-  o.solver_type = ud::parse_solver_type(cp.value("solver_type", std::string("dpm_solver")));
-  o.predict_x0 = cp.at("predict_x0").get<bool>();
-  o.eps = cp.at("eps").get<double>();
-  o.T = cp.at("T").get<double>();
-  o.denoise = cp.value("denoise", false);
-  const ud::DpmSolver<float> solver(ud::VPSchedule::unidiffuser(), o);
+  const auto solver_opt = case_solver<float>(cp);
+  if (!solver_opt) return r.skip(tag, "unknown schedule in case_params");
+  const ud::DpmSolver<float>& solver = *solver_opt;
   std::vector<double> first;
   int calls = 0;
   auto recorder = [&](ud::TensorView<const float> xv, double t, ud::TensorView<float> out) {

@@ -165,7 +165,7 @@ struct Progress {
 };
 
 template <class Sampler>
-std::array<ud::Tensor<float>, 2> run(const Args& a, Progress& prog, ud::PhiloxNoise& noise,
+std::array<ud::Tensor<float>, 2> run(Progress& prog, ud::PhiloxNoise& noise,
                                      const ud::GroupLayout<2>& layout, ud::Mode mode,
                                      const ud::GuidanceOptions& g, const Sampler& sampler,
                                      std::int64_t batch,
@@ -191,7 +191,6 @@ std::array<ud::Tensor<float>, 2> run(const Args& a, Progress& prog, ud::PhiloxNo
     for (std::size_t k = 0; k < 2; ++k)
       if (task.generated(k)) result[k] = std::move(out[k]);
   }
-  (void)a;
   return result;
 }
 
@@ -285,7 +284,7 @@ int main_impl(int argc, char** argv) {
     o.skip_type = ud::parse_spacing(a.get("skip-type", "time_uniform"));
     o.predict_x0 = sampler == "dpm_solver++";
     const ud::DpmSolver<float> s(ns, o);
-    result = run(a, prog, noise, layout, mode, g, s, batch, cv, nv);
+    result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
   } else if (sampler == "ddim" || sampler == "ddpm") {
     ud::DdimOptions o;
     o.steps = static_cast<int>(steps);
@@ -293,10 +292,10 @@ int main_impl(int argc, char** argv) {
     o.seed = static_cast<std::uint64_t>(a.num("seed", 1234));
     if (sampler == "ddpm") {
       const ud::Ddpm<float> s(ns, o);
-      result = run(a, prog, noise, layout, mode, g, s, batch, cv, nv);
+      result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
     } else {
       const ud::Ddim<float> s(ns, o);
-      result = run(a, prog, noise, layout, mode, g, s, batch, cv, nv);
+      result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
     }
   } else {
     throw ud::error("unidiffuser-sample", "--sampler",

@@ -110,7 +110,6 @@ void load_checkpoint(nn::UViT<T>& net, const safetensors::File& f, const std::st
       missing.push_back(name + " (no diffusers counterpart)");
       continue;
     }
-    std::int64_t rows = 0;
     bool ok = true;
     for (const auto& s : src) {
       if (!f.contains(prefix + s)) {
@@ -133,7 +132,6 @@ void load_checkpoint(nn::UViT<T>& net, const safetensors::File& f, const std::st
                             ")");
         ok = false;
       }
-      rows += want.empty() ? 1 : want[0];
     }
     if (ok) plan.push_back({name, src});
   }

@@ -391,7 +391,7 @@ class UViT {
     }
 
     namespace kk = cpu_kernels;
-    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw), Hm = cfg_.hidden(), M = B * L;
+    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw), M = B * L;
     reserve(B, L);
     T* X = x_.data();
     // --- embeddings
@@ -463,7 +463,6 @@ class UViT {
     kk::layer_norm(X, M, E, static_cast<const T*>(nullptr), param("norm.weight").data(),
                    param("norm.bias").data());
     emit("norm", X, Shape{B, L, E});
-    (void)Hm;
 
     // --- heads
     off = cfg_.lead_tokens();
