@@ -270,7 +270,10 @@ int main_impl(int argc, char** argv) {
   }
 
   const std::string sampler = a.get("sampler", "dpm_solver++");
-  const auto ns = ud::VPSchedule::unidiffuser();
+  // coefficients from the float64 table, time grid from the reference's float32 table
+  // (docs/NOTES.md)
+  const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
+  const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
   ud::PhiloxNoise noise(static_cast<std::uint64_t>(a.num("seed", 1234)));
   Progress prog;
   prog.net = &model;
@@ -283,7 +286,7 @@ int main_impl(int argc, char** argv) {
     o.method = ud::parse_solver_method(a.get("method", "fast"));
     o.skip_type = ud::parse_spacing(a.get("skip-type", "time_uniform"));
     o.predict_x0 = sampler == "dpm_solver++";
-    const ud::DpmSolver<float> s(ns, o);
+    const ud::DpmSolver<float> s(ns, o, &grid);
     result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
   } else if (sampler == "ddim" || sampler == "ddpm") {
     ud::DdimOptions o;

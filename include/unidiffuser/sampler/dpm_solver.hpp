@@ -109,7 +109,12 @@ class DpmSolver {
     std::int64_t rows_ = 0, cols_ = 0;
   };
 
-  DpmSolver(VPSchedule ns, DpmSolverOptions opt) : ns_(std::move(ns)), opt_(opt) {
+  //! `grid_schedule`, when given, builds the time grid (get_time_steps) while `ns` gives every
+  //! coefficient: e.g. the reference's float32 table for the grid and a float64 table for the
+  //! update (see docs/NOTES.md, "float32 table vs float64 table").
+  DpmSolver(VPSchedule ns, DpmSolverOptions opt, const VPSchedule* grid_schedule = nullptr)
+      : ns_(std::move(ns)), opt_(opt) {
+    const VPSchedule& gs = grid_schedule ? *grid_schedule : ns_;
     const char* op = "DpmSolver";
     if (opt_.order < 1 || opt_.order > 3)
       throw_mismatch(op, "order", "solver order", "1, 2 or 3", opt_.order);
@@ -117,7 +122,7 @@ class DpmSolver {
     if (!(opt_.eps > 0) || !(opt_.eps < opt_.T)) throw error(op, "eps/T", "need 0 < eps < T");
     if (opt_.method == SolverMethod::fast) {
       orders_ = fast_orders(opt_.steps, opt_.order);
-      grid_ = time_steps(ns_, opt_.skip_type, opt_.T, opt_.eps, opt_.steps);
+      grid_ = time_steps(gs, opt_.skip_type, opt_.T, opt_.eps, opt_.steps);
     } else if (opt_.method == SolverMethod::singlestep) {
       const int m = opt_.steps / opt_.order;
       if (m < 1)
@@ -125,13 +130,13 @@ class DpmSolver {
                     "singlestep needs steps >= order; got steps = " + std::to_string(opt_.steps) +
                         ", order = " + std::to_string(opt_.order));
       orders_.assign(static_cast<std::size_t>(m), opt_.order);
-      grid_ = time_steps(ns_, opt_.skip_type, opt_.T, opt_.eps, m);
+      grid_ = time_steps(gs, opt_.skip_type, opt_.T, opt_.eps, m);
     } else {
       if (opt_.steps < opt_.order)
         throw error(op, "steps",
                     "multistep needs steps >= order; got steps = " + std::to_string(opt_.steps) +
                         ", order = " + std::to_string(opt_.order));
-      grid_ = time_steps(ns_, opt_.skip_type, opt_.T, opt_.eps, opt_.steps);
+      grid_ = time_steps(gs, opt_.skip_type, opt_.T, opt_.eps, opt_.steps);
     }
   }
 
