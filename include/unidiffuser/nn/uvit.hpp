@@ -396,13 +396,14 @@ class UViT {
     T* X = x_.data();
     // --- embeddings
     for (std::size_t g = 0; g < cfg_.groups(); ++g) {
-      Tensor<T> tt(Shape{B}), emb(Shape{B, E});
+      // workspace views (no allocation per forward once the batch size has been seen)
+      TensorView<T> tt(temb_.data(), Shape{B}), emb(temb_.data() + B, Shape{B, E});
       for (std::int64_t b = 0; b < B; ++b)
         tt[b] = static_cast<T>(in.t[g][static_cast<std::size_t>(b)]);
-      timestep_embedding<T>(Context<cpu>{}, tt.view(), emb.view());
+      timestep_embedding<T>(Context<cpu>{}, TensorView<const T>(tt), emb);
       if (cfg_.mlp_time_embed) {
         const std::string& n = cfg_.time_names[g];
-        Tensor<T> h(Shape{B, 4 * E});
+        TensorView<T> h(temb_.data() + B + B * E, Shape{B, 4 * E});
         kk::linear(emb.data(), B, E, E, param(n + ".0.weight").data(), 4 * E, E,
                    param(n + ".0.bias").data(), h.data(), 4 * E);
         kk::silu(h.data(), h.size());
@@ -506,6 +507,8 @@ class UViT {
     const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() *
                                              cpu_kernels::attention_scratch(L, score_block(L)));
     if (scores_.size() < sc) scores_.assign(sc, T(0));
+    const auto te = static_cast<std::size_t>(B + B * E + (cfg_.mlp_time_embed ? B * 4 * E : 0));
+    if (temb_.size() < te) temb_.assign(te, T(0));
   }
   // Query rows per attention score block: the whole sequence while its L x L scores fit in 1 MiB
   // per thread (one pass over K and V per head), else 128 rows (the official 1105 tokens).
@@ -577,7 +580,7 @@ class UViT {
   UViTConfig cfg_;
   std::map<std::string, Tensor<T>> params_;
   std::vector<std::string> order_;
-  cpu_kernels::AlignedVector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_;
+  cpu_kernels::AlignedVector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_, temb_;
   std::vector<cpu_kernels::AlignedVector<T>> skips_;
   std::int64_t pe_cache_h_ = -1, pe_cache_w_ = -1;
   Trace trace_;
@@ -611,8 +614,12 @@ class UViTPredictor {
                   const std::array<TensorView<T, cpu>, K>& out) {
     const auto& C = net_.config().components;
     const std::int64_t B = x[0].dim(0);
-    UViTInputs<T> in;
-    std::vector<RowBlock<T, cpu>> o;
+    // reused per call: clear() keeps the capacity, so no allocation after the first call
+    UViTInputs<T>& in = in_;
+    std::vector<RowBlock<T, cpu>>& o = out_;
+    in.x.clear();
+    in.t.clear();
+    o.clear();
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto g = C[k].group;
       const std::int64_t n = C[k].numel(h_, w_), ld = layout_.size(g);
@@ -634,6 +641,8 @@ class UViTPredictor {
   std::int64_t data_type_, h_, w_;
   std::vector<std::int64_t> offset_;
   std::vector<std::int64_t> dt_;
+  UViTInputs<T> in_;
+  std::vector<RowBlock<T, cpu>> out_;
 };
 
 }  // namespace unidiffuser::nn
