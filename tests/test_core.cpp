@@ -19,18 +19,13 @@
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/io/safetensors.hpp"
 
+#include "support.hpp"
+
 namespace ud = unidiffuser;
 namespace st = unidiffuser::safetensors;
 
 namespace {
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const ud::error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using unidiffuser::testing::message_of;
 
 // A safetensors blob from a header string and a data block.
 std::vector<unsigned char> blob(const std::string& header, std::size_t data_bytes) {

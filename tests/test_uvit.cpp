@@ -13,6 +13,8 @@
 #include "unidiffuser/nn/layers.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 
+#include "support.hpp"
+
 namespace ud = unidiffuser;
 namespace kk = unidiffuser::nn::cpu_kernels;
 
@@ -50,14 +52,7 @@ std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::F
   return all;
 }
 
-std::string message_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const ud::error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using unidiffuser::testing::message_of;
 }  // namespace
 
 TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any score block size") {
