@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // U-ViT layer kernels at the shapes of the 'small' benchmark config (B = 4, L = 337, E = 512,
-// H = 8, MLP 2048) with FLOP and byte counters.
+// H = 8, MLP 2048; attention also at the demo config's) with FLOP and byte counters.
 #include <benchmark/benchmark.h>
 
 #include <vector>
@@ -40,20 +40,28 @@ BENCHMARK(BM_Linear)
     ->Args({Hm, E})
     ->Unit(benchmark::kMillisecond);
 
+// Args: batch, tokens, width, heads, query rows per score block (0 = all).
 void BM_Attention(benchmark::State& st) {
-  const std::int64_t block = st.range(0);
-  const auto qkv = randn(M * 3 * E, 4);
-  std::vector<float> out(static_cast<std::size_t>(M * E)),
-      scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, block)));
+  const std::int64_t b = st.range(0), l = st.range(1), e = st.range(2), h = st.range(3);
+  const std::int64_t block = st.range(4) ? st.range(4) : l;
+  const auto qkv = randn(b * l * 3 * e, 4);
+  std::vector<float> out(static_cast<std::size_t>(b * l * e)),
+      scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(l, block, e / h)));
   for (auto _ : st) {
-    kk::attention(qkv.data(), B, L, E, H, out.data(), scores.data(), block);
+    kk::attention(qkv.data(), b, l, e, h, out.data(), scores.data(), block);
     benchmark::DoNotOptimize(out.data());
   }
   st.counters["FLOP/s"] =
-      benchmark::Counter(4.0 * B * L * L * E, benchmark::Counter::kIsIterationInvariantRate);
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * 3 * E + M * E) * 4);
+      benchmark::Counter(4.0 * b * l * l * e, benchmark::Counter::kIsIterationInvariantRate);
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * b * l * 4 * e * 4);
 }
-BENCHMARK(BM_Attention)->Arg(64)->Arg(128)->Arg(L)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention)
+    ->ArgNames({"B", "L", "E", "H", "block"})
+    ->Args({B, L, E, H, 64})
+    ->Args({B, L, E, H, 128})
+    ->Args({B, L, E, H, 0})
+    ->Args({16, 84, 128, 4, 0})  // the demo config
+    ->Unit(benchmark::kMillisecond);
 
 void BM_LayerNormResidual(benchmark::State& st) {
   auto x = randn(M * E, 5);

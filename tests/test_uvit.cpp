@@ -9,6 +9,10 @@
 #include <string>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/layers.hpp"
 #include "unidiffuser/nn/uvit.hpp"
@@ -55,37 +59,66 @@ std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::F
 using unidiffuser::testing::message_of;
 }  // namespace
 
-TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any score block size") {
-  for (const std::int64_t L : {37, 300}) {  // the short-sequence kernel and the blocked GEMM path
-    const std::int64_t E = 12, H = 3, dh = E / H;
-    const auto qkv = random_vec(static_cast<std::size_t>(L * 3 * E), 5);
-    std::vector<double> naive(static_cast<std::size_t>(L * E));
+namespace {
+// softmax(Q K^T / sqrt(dh)) V per (sample, head) in double, straight from the definition.
+std::vector<double> naive_attention(const std::vector<double>& qkv, std::int64_t B, std::int64_t L,
+                                    std::int64_t E, std::int64_t H) {
+  const std::int64_t dh = E / H;
+  std::vector<double> out(static_cast<std::size_t>(B * L * E));
+  for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t h = 0; h < H; ++h)
       for (std::int64_t i = 0; i < L; ++i) {
+        const double* x = qkv.data() + b * L * 3 * E;
         std::vector<double> s(static_cast<std::size_t>(L));
         double mx = -1e300, sum = 0;
         for (std::int64_t j = 0; j < L; ++j) {
           double d = 0;
           for (std::int64_t k = 0; k < dh; ++k)
-            d += qkv[i * 3 * E + h * dh + k] * qkv[j * 3 * E + E + h * dh + k];
-          s[j] = d / std::sqrt(double(dh));
-          mx = std::max(mx, s[j]);
+            d += x[i * 3 * E + h * dh + k] * x[j * 3 * E + E + h * dh + k];
+          s[static_cast<std::size_t>(j)] = d / std::sqrt(double(dh));
+          mx = std::max(mx, s[static_cast<std::size_t>(j)]);
         }
         for (auto& v : s) sum += (v = std::exp(v - mx));
         for (std::int64_t k = 0; k < dh; ++k) {
           double o = 0;
           for (std::int64_t j = 0; j < L; ++j)
-            o += s[j] / sum * qkv[j * 3 * E + 2 * E + h * dh + k];
-          naive[i * E + h * dh + k] = o;
+            o += s[static_cast<std::size_t>(j)] / sum * x[j * 3 * E + 2 * E + h * dh + k];
+          out[static_cast<std::size_t>((b * L + i) * E + h * dh + k)] = o;
         }
       }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any shape and block") {
+  // Head dims that are a multiple of 16 take the register-tiled path on every ISA, odd ones the
+  // blocked Eigen path; sequence lengths that are not multiples of the 4-row tile or the packet.
+  struct Case {
+    std::int64_t B, L, E, H;
+  };
+  for (const Case c : {Case{1, 37, 12, 3}, Case{2, 37, 48, 3}, Case{2, 70, 64, 2},
+                       Case{1, 300, 12, 3}, Case{2, 21, 9, 3}, Case{1, 5, 32, 1}}) {
+    CAPTURE(c.L);
+    CAPTURE(c.E);
+    const auto qkv = random_vec(static_cast<std::size_t>(c.B * c.L * 3 * c.E), 5);
+    const auto naive = naive_attention(qkv, c.B, c.L, c.E, c.H);
     for (std::int64_t block : {1, 5, 16, 64}) {
-      std::vector<double> out(static_cast<std::size_t>(L * E)),
-          scores(static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(L, block)));
-      kk::attention(qkv.data(), 1, L, E, H, out.data(), scores.data(), block);
+      std::vector<double> out(static_cast<std::size_t>(c.B * c.L * c.E)),
+          scores(static_cast<std::size_t>(kk::max_threads() *
+                                          kk::attention_scratch(c.L, block, c.E / c.H)));
+      kk::attention(qkv.data(), c.B, c.L, c.E, c.H, out.data(), scores.data(), block);
       for (std::size_t i = 0; i < out.size(); ++i)
         CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
     }
+    // float: the same kernels at float precision
+    std::vector<float> qf(qkv.begin(), qkv.end()), of(static_cast<std::size_t>(c.B * c.L * c.E));
+    std::vector<float> sf(
+        static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(c.L, 64, c.E / c.H)));
+    kk::attention(qf.data(), c.B, c.L, c.E, c.H, of.data(), sf.data(), std::int64_t{64});
+    double worst = 0;
+    for (std::size_t i = 0; i < of.size(); ++i)
+      worst = std::max(worst, std::abs(double(of[i]) - naive[i]));
+    CHECK(worst < 2e-6);
   }
 }
 
@@ -228,6 +261,38 @@ TEST_CASE(
           ud::checkpoint_config(ud::safetensors::File::read(path));
         }).find("num_heads") != std::string::npos);
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the forward gives the same outputs with any thread count and with tracing on") {
+  // B >= threads runs the blocks sample-parallel, otherwise (and when traced) layer-parallel
+  const auto f = ud::safetensors::File::read(kGolden);
+  ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
+  ud::load_checkpoint(net, f, "param/");
+#if defined(_OPENMP)
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+#endif
+  const auto ref = run_native(net, f);
+  auto close = [&](const std::vector<float>& got) {
+    REQUIRE(got.size() == ref.size());
+    double worst = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i)
+      worst = std::max(worst, std::abs(double(got[i]) - ref[i]) / (1 + std::abs(double(ref[i]))));
+    return worst;
+  };
+#if defined(_OPENMP)
+  for (int t : {2, 3, 4}) {
+    CAPTURE(t);
+    omp_set_num_threads(t);
+    CHECK(close(run_native(net, f)) < 1e-5);
+  }
+#endif
+  net.set_trace([](const std::string&, const float*, ud::Shape) {});
+  CHECK(close(run_native(net, f)) < 1e-5);
+  net.set_trace({});
+#if defined(_OPENMP)
+  omp_set_num_threads(saved);
+#endif
 }
 
 TEST_CASE("forward rejects wrong input shapes, times and data types") {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <unsupported/Eigen/SpecialFunctions>
 #include <vector>
 
@@ -24,6 +25,14 @@ namespace unidiffuser::nn::cpu_kernels {
 inline int max_threads() {
 #if defined(_OPENMP)
   return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+//! Threads of the current team (1 outside a parallel region).
+inline int team_size() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
 #else
   return 1;
 #endif
@@ -49,6 +58,9 @@ template <class T>
 using CMapRM = Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>;
 
 //! y[M, N] (+)= x[M, K] W[N, K]^T (+ b[N]): nn.Linear with row-major weight [out, in].
+//! Without `accumulate` the bias is the GEMM's initial value (y = b; y += x W^T), which saves the
+//! zero fill and the separate bias pass of y = x W^T; y += b. Inside an OpenMP parallel region
+//! (the U-ViT's sample-parallel blocks) Eigen runs the product on the calling thread.
 template <class T>
 void linear(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const T* w,
             std::int64_t n, std::int64_t ldw, const T* b, T* y, std::int64_t ldy,
@@ -56,32 +68,46 @@ void linear(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const 
   CMapRM<T> X(x, m, k, Eigen::OuterStride<>(ldx));
   CMapRM<T> W(w, n, k, Eigen::OuterStride<>(ldw));
   MapRM<T> Y(y, m, n, Eigen::OuterStride<>(ldy));
-  if (accumulate)
+  using CRowVec = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  if (accumulate) {
     Y.noalias() += X * W.transpose();
-  else
+    if (b) Y.rowwise() += CRowVec(b, n);
+  } else if (b) {
+    Y.rowwise() = CRowVec(b, n);
+    Y.noalias() += X * W.transpose();
+  } else {
     Y.noalias() = X * W.transpose();
-  if (b) Y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b, n);
+  }
 }
 
-//! In place over rows of x [M, N]: x = LayerNorm(x (+ r)) with gain g and bias b (eps 1e-5,
-//! biased variance, two-pass statistics in the accumulation type), rows in parallel.
+//! Over rows of x [M, N]: y = LayerNorm(x (+ r)) with gain g and bias b (eps 1e-5, biased
+//! variance, two-pass statistics in the accumulation type), rows in parallel; y may be x.
 template <class T>
-void layer_norm(T* x, std::int64_t m, std::int64_t n, const T* r, const T* g, const T* b,
-                double eps = 1e-5) {
+void layer_norm(const T* x, const T* r, T* y, std::int64_t m, std::int64_t n, const T* g,
+                const T* b, double eps = 1e-5) {
   using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
   using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
   const CRow G(g, n), Bv(b, n);
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (m * n >= 32768)
+#pragma omp parallel for schedule(static) if (m * n >= 32768 && !omp_in_parallel())
 #endif
   for (std::int64_t i = 0; i < m; ++i) {
-    Row row(x + i * n, n);
-    if (r) row += CRow(r + i * n, n);
+    Row row(y + i * n, n);
+    if (r)
+      row = CRow(x + i * n, n) + CRow(r + i * n, n);
+    else if (y != x)
+      row = CRow(x + i * n, n);
     const T mean = row.sum() / static_cast<T>(n);
     const T var = (row - mean).square().sum() / static_cast<T>(n);
     const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
     row = (row - mean) * inv * G + Bv;
   }
+}
+//! In place: x = LayerNorm(x (+ r)).
+template <class T>
+void layer_norm(T* x, std::int64_t m, std::int64_t n, const T* r, const T* g, const T* b,
+                double eps = 1e-5) {
+  layer_norm<T>(x, r, x, m, n, g, b, eps);
 }
 
 //! y = GELU(y + bias) over rows of y [M, N] (bias may be null): exact erf GELU
@@ -92,7 +118,7 @@ void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
   using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
   const T r = static_cast<T>(0.70710678118654752440);
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (m * n >= 32768)
+#pragma omp parallel for schedule(static) if (m * n >= 32768 && !omp_in_parallel())
 #endif
   for (std::int64_t i = 0; i < m; ++i) {
     Row row(y + i * n, n);
@@ -112,29 +138,174 @@ void silu(T* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) x[i] = x[i] / (T(1) + std::exp(-x[i]));
 }
 
-//! Per-thread scratch of attention(): a multiple of 16 elements, so that every thread's buffer has
-//! the same (64-byte) alignment and the vectorised reductions take the same path whichever thread
+namespace detail {
+template <class T>
+using Packet = typename Eigen::internal::packet_traits<T>::type;
+template <class T>
+inline constexpr int lanes = Eigen::internal::unpacket_traits<Packet<T>>::size;
+//! The register-tiled attention path applies when Eigen vectorises T and a head is a whole number
+//! of packets (head dims 32 and 64 of every official and benchmark config).
+template <class T>
+constexpr bool attention_tiled_type() {
+  return Eigen::internal::packet_traits<T>::Vectorizable && lanes<T> > 1 &&
+         Eigen::internal::packet_traits<T>::HasExp;
+}
+inline std::int64_t pad16(std::int64_t l) {
+  return (l + 15) / 16 * 16;
+}
+}  // namespace detail
+
+//! Per-thread scratch of attention() in elements, for sequence length l, query rows per score
+//! block `block` and head dim dh: a multiple of 16 elements, so that every thread's buffer has the
+//! same (64-byte) alignment and the vectorised reductions take the same path whichever thread
 //! handles a (sample, head) pair -- results do not depend on scheduling.
-inline std::int64_t attention_scratch(std::int64_t l, std::int64_t block) {
-  return (std::min(block, l) * l + 15) / 16 * 16;
+inline std::int64_t attention_scratch(std::int64_t l, std::int64_t block, std::int64_t dh) {
+  const std::int64_t blocked = (std::min(block, l) * l + 15) / 16 * 16;
+  const std::int64_t tiled = (dh + 4) * detail::pad16(l);
+  return std::max(blocked, tiled);
 }
 
+namespace detail {
+// S[r, j0 + v W + i] = scale * sum_d q_r[d] kt[d, j0 + v W + i] for R query rows and NV packets of
+// keys, accumulated in R x NV registers over d in order (kt: packed K^T [dh, ldk]).
+template <class T, int R, int NV>
+inline void qk_tile(const T* const* q, const T* kt, std::int64_t ldk, std::int64_t dh, T scale,
+                    T* s, std::int64_t lds) {
+  using namespace Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = lanes<T>;
+  P acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = pset1<P>(T(0));
+  for (std::int64_t d = 0; d < dh; ++d) {
+    P k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = ploadu<P>(kt + d * ldk + v * W);
+    for (int r = 0; r < R; ++r) {
+      const P qv = pset1<P>(q[r][d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = pmadd(qv, k[v], acc[r][v]);
+    }
+  }
+  const P sc = pset1<P>(scale);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) pstoreu(s + r * lds + v * W, pmul(acc[r][v], sc));
+}
+
+// o_r[c W .. (c + NV) W) = sum_j p[r, j] v[j, c W ..] over j < l in order, for R rows.
+template <class T, int R, int NV>
+inline void pv_tile(const T* p, std::int64_t ldp, const T* v, std::int64_t ldv, std::int64_t l,
+                    T* const* o) {
+  using namespace Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = lanes<T>;
+  P acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = pset1<P>(T(0));
+  for (std::int64_t j = 0; j < l; ++j) {
+    P vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = ploadu<P>(v + j * ldv + c * W);
+    for (int r = 0; r < R; ++r) {
+      const P pr = pset1<P>(p[r * ldp + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(pr, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) pstoreu(o[r] + c * W, acc[r][c]);
+}
+
+// Softmax in place over s[0, l) of a row padded to lp (a multiple of the packet).
+template <class T>
+inline void softmax_row(T* s, std::int64_t l, std::int64_t lp) {
+  using namespace Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = lanes<T>;
+  for (std::int64_t j = l; j < lp; ++j) s[j] = -std::numeric_limits<T>::infinity();
+  P m = ploadu<P>(s);
+  for (std::int64_t j = W; j < lp; j += W) m = pmax(m, ploadu<P>(s + j));
+  const P mx = pset1<P>(predux_max(m));
+  for (std::int64_t j = 0; j < lp; j += W) pstoreu(s + j, pexp(psub(ploadu<P>(s + j), mx)));
+  for (std::int64_t j = l; j < lp; ++j) s[j] = T(0);
+  P sum = ploadu<P>(s);
+  for (std::int64_t j = W; j < lp; j += W) sum = padd(sum, ploadu<P>(s + j));
+  const P inv = pset1<P>(T(1) / predux(sum));
+  for (std::int64_t j = 0; j < lp; j += W) pstoreu(s + j, pmul(ploadu<P>(s + j), inv));
+}
+
+// R query rows of one (sample, head): scores against every key, softmax, times V.
+template <class T, int R>
+void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t lp,
+                    std::int64_t dh, T scale, T* s, const T* v, std::int64_t ldv, T* const* o) {
+  constexpr int W = lanes<T>;
+  std::int64_t j = 0;
+  for (; j + 4 * W <= lp; j += 4 * W) qk_tile<T, R, 4>(q, kt + j, lp, dh, scale, s + j, lp);
+  switch ((lp - j) / W) {
+    case 3: qk_tile<T, R, 3>(q, kt + j, lp, dh, scale, s + j, lp); break;
+    case 2: qk_tile<T, R, 2>(q, kt + j, lp, dh, scale, s + j, lp); break;
+    case 1: qk_tile<T, R, 1>(q, kt + j, lp, dh, scale, s + j, lp); break;
+    default: break;
+  }
+  for (int r = 0; r < R; ++r) softmax_row(s + r * lp, l, lp);
+  const std::int64_t nv = dh / W;
+  for (std::int64_t c = 0; c < nv; c += 4) {
+    T* oc[R];
+    for (int r = 0; r < R; ++r) oc[r] = o[r] + c * W;
+    switch (std::min<std::int64_t>(4, nv - c)) {
+      case 4: pv_tile<T, R, 4>(s, lp, v + c * W, ldv, l, oc); break;
+      case 3: pv_tile<T, R, 3>(s, lp, v + c * W, ldv, l, oc); break;
+      case 2: pv_tile<T, R, 2>(s, lp, v + c * W, ldv, l, oc); break;
+      default: pv_tile<T, R, 1>(s, lp, v + c * W, ldv, l, oc); break;
+    }
+  }
+}
+}  // namespace detail
+
 //! Multi-head attention over a batch: qkv [B, L, 3E] in the fused (k, h, d) channel layout,
-//! out [B, L, E] (heads concatenated). Scores are formed `block` query rows at a time, so each
-//! thread's score buffer is [block, L], never [L, L] per head; (sample, head) pairs run in
-//! parallel. `scores` needs max_threads() * attention_scratch(L, block) elements, 64-byte aligned.
+//! out [B, L, E] (heads concatenated); (sample, head) pairs run in parallel. Where Eigen vectorises
+//! T and the head dim is a whole number of packets, each pair packs K^T once and takes four query
+//! rows at a time through register tiles (scores, softmax and the product with V per row group,
+//! so the score buffer is [4, L]); otherwise scores are formed `block` query rows at a time with
+//! Eigen products ([block, L] per thread, never [L, L] per head). `scores` needs max_threads() *
+//! attention_scratch(L, block, E / heads) elements (64-byte aligned for the fastest loads).
 template <class T>
 void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
                T* out, T* scores, std::int64_t block) {
   const std::int64_t dh = e / heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dh)));
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (batch * heads > 1)
-#endif
-  for (std::int64_t bh = 0; bh < batch * heads; ++bh) {
+  const std::int64_t scratch = attention_scratch(l, block, dh);
+  bool tiled = false;
+  if constexpr (detail::attention_tiled_type<T>()) tiled = dh % detail::lanes<T> == 0;
+  auto pair = [&](std::int64_t bh, T* sc) {
     const std::int64_t b = bh / heads, h = bh % heads;
     const T* base = qkv + b * l * 3 * e;
-    T* sc = scores + static_cast<std::int64_t>(thread_id()) * attention_scratch(l, block);
+    if constexpr (detail::attention_tiled_type<T>()) {
+      if (tiled) {
+        const std::int64_t lp = detail::pad16(l);
+        T* kt = sc;
+        T* s = sc + dh * lp;
+        const T* k = base + e + h * dh;
+        for (std::int64_t j = 0; j < l; ++j)
+          for (std::int64_t d = 0; d < dh; ++d) kt[d * lp + j] = k[j * 3 * e + d];
+        for (std::int64_t d = 0; d < dh; ++d)
+          for (std::int64_t j = l; j < lp; ++j) kt[d * lp + j] = T(0);
+        const T* v = base + 2 * e + h * dh;
+        std::int64_t i = 0;
+        const T* q[4];
+        T* o[4];
+        for (; i < l; i += 4) {
+          const int rows = static_cast<int>(std::min<std::int64_t>(4, l - i));
+          for (int r = 0; r < rows; ++r) {
+            q[r] = base + (i + r) * 3 * e + h * dh;
+            o[r] = out + (b * l + i + r) * e + h * dh;
+          }
+          switch (rows) {
+            case 4: detail::attention_rows<T, 4>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
+            case 3: detail::attention_rows<T, 3>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
+            case 2: detail::attention_rows<T, 2>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
+            default: detail::attention_rows<T, 1>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
+          }
+        }
+        return;
+      }
+    }
     CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
     CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
     for (std::int64_t q0 = 0; q0 < l; q0 += block) {
@@ -150,7 +321,19 @@ void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e,
       MapRM<T> O(out + (b * l + q0) * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
       O.noalias() = S * V;
     }
+  };
+#if defined(_OPENMP)
+  if (omp_in_parallel()) {
+    // called by one thread of an enclosing team (the U-ViT's sample-parallel blocks): run here,
+    // in that thread's scratch slot
+    T* sc = scores + static_cast<std::int64_t>(omp_get_thread_num()) * scratch;
+    for (std::int64_t bh = 0; bh < batch * heads; ++bh) pair(bh, sc);
+    return;
   }
+#pragma omp parallel for schedule(dynamic) if (batch * heads > 1)
+#endif
+  for (std::int64_t bh = 0; bh < batch * heads; ++bh)
+    pair(bh, scores + static_cast<std::int64_t>(thread_id()) * scratch);
 }
 
 //! im2col of one latent img [C, H, W] into patches [(H/p)(W/p), C p p] in (c, i, k) order.

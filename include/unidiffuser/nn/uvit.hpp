@@ -391,7 +391,7 @@ class UViT {
     }
 
     namespace kk = cpu_kernels;
-    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw), M = B * L;
+    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
     reserve(B, L);
     T* X = x_.data();
     // --- embeddings
@@ -445,25 +445,23 @@ class UViT {
       for (std::int64_t i = 0; i < L * E; ++i) X[b * L * E + i] += pe[i];
     emit("x_embedded", X, Shape{B, L, E});
 
-    // --- blocks
-    const std::int64_t nb = cfg_.blocks_per_side();
-    for (std::int64_t i = 0; i < nb; ++i) {
-      const std::string name = "in_blocks." + std::to_string(i);
-      block(name, B, L, nullptr);
-      std::copy_n(x_.data(), M * E, skips_[static_cast<std::size_t>(i)].data());
-      emit(name.c_str(), x_.data(), Shape{B, L, E});
+    // --- blocks and final norm. Samples are independent through the blocks, so with at least as
+    // many samples as threads each thread runs every block on its own contiguous samples (no
+    // synchronisation between layers; the GEMMs run on the calling thread); the remaining
+    // B mod threads samples, a smaller batch, or a traced run use threads inside each layer.
+    std::int64_t done = 0;
+    if (!trace_ && B >= 2 && kk::max_threads() > 1) {
+#if defined(_OPENMP)
+#pragma omp parallel
+#endif
+      {
+        const std::int64_t team = kk::team_size(), per = B / team;
+        if (per > 0) blocks(kk::thread_id() * per, per, L);
+        if (kk::thread_id() == 0) done = per * team;
+      }
     }
-    block("mid_block", B, L, nullptr);
-    emit("mid_block", x_.data(), Shape{B, L, E});
-    for (std::int64_t i = 0; i < nb; ++i) {
-      const std::string name = "out_blocks." + std::to_string(i);
-      block(name, B, L, skips_[static_cast<std::size_t>(nb - 1 - i)].data());
-      emit(name.c_str(), x_.data(), Shape{B, L, E});
-    }
+    if (done < B) blocks(done, B - done, L);
     X = x_.data();
-    kk::layer_norm(X, M, E, static_cast<const T*>(nullptr), param("norm.weight").data(),
-                   param("norm.bias").data());
-    emit("norm", X, Shape{B, L, E});
 
     // --- heads
     off = cfg_.lead_tokens();
@@ -504,8 +502,9 @@ class UViT {
       skips_.assign(static_cast<std::size_t>(cfg_.blocks_per_side()),
                     cpu_kernels::AlignedVector<T>(need));
     }
-    const auto sc = static_cast<std::size_t>(cpu_kernels::max_threads() *
-                                             cpu_kernels::attention_scratch(L, score_block(L)));
+    const auto sc = static_cast<std::size_t>(
+        cpu_kernels::max_threads() *
+        cpu_kernels::attention_scratch(L, score_block(L), cfg_.embed_dim / cfg_.num_heads));
     if (scores_.size() < sc) scores_.assign(sc, T(0));
     const auto te = static_cast<std::size_t>(B + B * E + (cfg_.mlp_time_embed ? B * 4 * E : 0));
     if (temb_.size() < te) temb_.assign(te, T(0));
@@ -516,35 +515,58 @@ class UViT {
     return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
   }
 
-  // One post-LN block on x_ (UVIT.md §4.6).
-  void block(const std::string& p, std::int64_t B, std::int64_t L, const T* skip) {
+  // Every block and the final norm for samples [b0, b0 + nb) of the workspace (UVIT.md §4.6).
+  void blocks(std::int64_t b0, std::int64_t nb, std::int64_t L) {
+    const std::int64_t E = cfg_.embed_dim, M = nb * L, off = b0 * L * E;
+    const std::int64_t sides = cfg_.blocks_per_side();
+    for (std::int64_t i = 0; i < sides; ++i) {
+      const std::string name = "in_blocks." + std::to_string(i);
+      block(name, b0, nb, L, nullptr);
+      std::copy_n(x_.data() + off, M * E, skips_[static_cast<std::size_t>(i)].data() + off);
+      emit(name.c_str(), x_.data(), Shape{nb, L, E});
+    }
+    block("mid_block", b0, nb, L, nullptr);
+    emit("mid_block", x_.data(), Shape{nb, L, E});
+    for (std::int64_t i = 0; i < sides; ++i) {
+      const std::string name = "out_blocks." + std::to_string(i);
+      block(name, b0, nb, L, skips_[static_cast<std::size_t>(sides - 1 - i)].data() + off);
+      emit(name.c_str(), x_.data(), Shape{nb, L, E});
+    }
+    cpu_kernels::layer_norm(x_.data() + off, M, E, static_cast<const T*>(nullptr),
+                            param("norm.weight").data(), param("norm.bias").data());
+    emit("norm", x_.data(), Shape{nb, L, E});
+  }
+
+  // One post-LN block on samples [b0, b0 + nb) of x_ (UVIT.md §4.6); `skip` is already offset.
+  void block(const std::string& p, std::int64_t b0, std::int64_t nb, std::int64_t L,
+             const T* skip) {
     namespace kk = cpu_kernels;
-    const std::int64_t E = cfg_.embed_dim, M = B * L, Hm = cfg_.hidden();
-    T* X = x_.data();
+    const std::int64_t E = cfg_.embed_dim, M = nb * L, Hm = cfg_.hidden(), r0 = b0 * L;
+    T* X = x_.data() + r0 * E;
+    T* tmp = tmp_.data() + r0 * E;
+    T* qkv = qkv_.data() + r0 * 3 * E;
+    T* att = attn_.data() + r0 * E;
+    T* hid = hid_.data() + r0 * Hm;
     if (skip) {
       const T* w = param(p + ".skip_linear.weight").data();
-      kk::linear(X, M, E, E, w, E, 2 * E, param(p + ".skip_linear.bias").data(), tmp_.data(), E);
-      kk::linear(skip, M, E, E, w + E, E, 2 * E, static_cast<const T*>(nullptr), tmp_.data(), E,
-                 true);
-      std::swap(x_, tmp_);
-      X = x_.data();
-      kk::layer_norm(X, M, E, static_cast<const T*>(nullptr), param(p + ".norm1.weight").data(),
-                     param(p + ".norm1.bias").data());
+      kk::linear(X, M, E, E, w, E, 2 * E, param(p + ".skip_linear.bias").data(), tmp, E);
+      kk::linear(skip, M, E, E, w + E, E, 2 * E, static_cast<const T*>(nullptr), tmp, E, true);
+      kk::layer_norm(tmp, static_cast<const T*>(nullptr), X, M, E,
+                     param(p + ".norm1.weight").data(), param(p + ".norm1.bias").data());
     }
     const T* qb = cfg_.qkv_bias ? param(p + ".attn.qkv.bias").data() : nullptr;
-    kk::linear(X, M, E, E, param(p + ".attn.qkv.weight").data(), 3 * E, E, qb, qkv_.data(), 3 * E);
-    kk::attention(qkv_.data(), B, L, E, cfg_.num_heads, attn_.data(), scores_.data(),
-                  score_block(L));
-    kk::linear(attn_.data(), M, E, E, param(p + ".attn.proj.weight").data(), E, E,
-               param(p + ".attn.proj.bias").data(), tmp_.data(), E);
-    kk::layer_norm(X, M, E, tmp_.data(), param(p + ".norm2.weight").data(),
+    kk::linear(X, M, E, E, param(p + ".attn.qkv.weight").data(), 3 * E, E, qb, qkv, 3 * E);
+    kk::attention(qkv, nb, L, E, cfg_.num_heads, att, scores_.data(), score_block(L));
+    kk::linear(att, M, E, E, param(p + ".attn.proj.weight").data(), E, E,
+               param(p + ".attn.proj.bias").data(), tmp, E);
+    kk::layer_norm(X, M, E, tmp, param(p + ".norm2.weight").data(),
                    param(p + ".norm2.bias").data());
     kk::linear(X, M, E, E, param(p + ".mlp.fc1.weight").data(), Hm, E,
-               static_cast<const T*>(nullptr), hid_.data(), Hm);
-    kk::bias_gelu(hid_.data(), M, Hm, param(p + ".mlp.fc1.bias").data());
-    kk::linear(hid_.data(), M, Hm, Hm, param(p + ".mlp.fc2.weight").data(), E, Hm,
-               param(p + ".mlp.fc2.bias").data(), tmp_.data(), E);
-    kk::layer_norm(X, M, E, tmp_.data(), param(p + ".norm3.weight").data(),
+               static_cast<const T*>(nullptr), hid, Hm);
+    kk::bias_gelu(hid, M, Hm, param(p + ".mlp.fc1.bias").data());
+    kk::linear(hid, M, Hm, Hm, param(p + ".mlp.fc2.weight").data(), E, Hm,
+               param(p + ".mlp.fc2.bias").data(), tmp, E);
+    kk::layer_norm(X, M, E, tmp, param(p + ".norm3.weight").data(),
                    param(p + ".norm3.bias").data());
   }
 
