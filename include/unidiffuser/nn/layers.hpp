@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <unsupported/Eigen/SpecialFunctions>
 #include <vector>
 
@@ -153,6 +154,8 @@ constexpr bool attention_tiled_type() {
 inline std::int64_t pad16(std::int64_t l) {
   return (l + 15) / 16 * 16;
 }
+//! Query rows per register tile group of the tiled attention.
+inline constexpr int kRows = 8;
 }  // namespace detail
 
 //! Per-thread scratch of attention() in elements, for sequence length l, query rows per score
@@ -161,7 +164,7 @@ inline std::int64_t pad16(std::int64_t l) {
 //! handles a (sample, head) pair -- results do not depend on scheduling.
 inline std::int64_t attention_scratch(std::int64_t l, std::int64_t block, std::int64_t dh) {
   const std::int64_t blocked = (std::min(block, l) * l + 15) / 16 * 16;
-  const std::int64_t tiled = (dh + 4) * detail::pad16(l);
+  const std::int64_t tiled = (2 * dh + detail::kRows) * detail::pad16(l) + detail::kRows * dh;
   return std::max(blocked, tiled);
 }
 
@@ -190,10 +193,11 @@ inline void qk_tile(const T* const* q, const T* kt, std::int64_t ldk, std::int64
     for (int v = 0; v < NV; ++v) pstoreu(s + r * lds + v * W, pmul(acc[r][v], sc));
 }
 
-// o_r[c W .. (c + NV) W) = sum_j p[r, j] v[j, c W ..] over j < l in order, for R rows.
+// o_r[c W .. (c + NV) W) = inv_r * sum_j p[r, j] v[j, c W ..] over j < l in order, for R rows
+// (p holds the unnormalised softmax numerators, inv_r the reciprocal of their sum).
 template <class T, int R, int NV>
-inline void pv_tile(const T* p, std::int64_t ldp, const T* v, std::int64_t ldv, std::int64_t l,
-                    T* const* o) {
+inline void pv_tile(const T* p, std::int64_t ldp, const T* inv, const T* v, std::int64_t ldv,
+                    std::int64_t l, T* const* o) {
   using namespace Eigen::internal;
   using P = Packet<T>;
   constexpr int W = lanes<T>;
@@ -208,52 +212,87 @@ inline void pv_tile(const T* p, std::int64_t ldp, const T* v, std::int64_t ldv, 
       for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(pr, vv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) pstoreu(o[r] + c * W, acc[r][c]);
+  for (int r = 0; r < R; ++r) {
+    const P ir = pset1<P>(inv[r]);
+    for (int c = 0; c < NV; ++c) pstoreu(o[r] + c * W, pmul(acc[r][c], ir));
+  }
 }
 
-// Softmax in place over s[0, l) of a row padded to lp (a multiple of the packet).
+// Horizontal max / sum of a packet: Eigen's tree reductions for float, lane by lane for double
+// (Eigen's predux for AVX-512 doubles trips GCC 12's -Wuninitialized in the intrinsics headers).
 template <class T>
-inline void softmax_row(T* s, std::int64_t l, std::int64_t lp) {
+inline T lane_max(const Packet<T>& p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Eigen::internal::predux_max(p);
+  } else {
+    T b[lanes<T>];
+    Eigen::internal::pstoreu(b, p);
+    T m = b[0];
+    for (int i = 1; i < lanes<T>; ++i) m = std::max(m, b[i]);
+    return m;
+  }
+}
+template <class T>
+inline T lane_sum(const Packet<T>& p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Eigen::internal::predux(p);
+  } else {
+    T b[lanes<T>];
+    Eigen::internal::pstoreu(b, p);
+    T s = b[0];
+    for (int i = 1; i < lanes<T>; ++i) s += b[i];
+    return s;
+  }
+}
+
+// Softmax numerators in place over s[0, l) of a row padded to lp (a multiple of the packet):
+// s_j = exp(s_j - max); returns 1 / sum_j s_j. Padding lanes hold -inf, whose exp (Eigen clamps
+// the argument) is below 1e-38 and cannot change a sum that is at least 1; they are never read.
+template <class T>
+inline T softmax_row(T* s, std::int64_t l, std::int64_t lp) {
   using namespace Eigen::internal;
   using P = Packet<T>;
   constexpr int W = lanes<T>;
   for (std::int64_t j = l; j < lp; ++j) s[j] = -std::numeric_limits<T>::infinity();
   P m = ploadu<P>(s);
   for (std::int64_t j = W; j < lp; j += W) m = pmax(m, ploadu<P>(s + j));
-  const P mx = pset1<P>(predux_max(m));
-  for (std::int64_t j = 0; j < lp; j += W) pstoreu(s + j, pexp(psub(ploadu<P>(s + j), mx)));
-  for (std::int64_t j = l; j < lp; ++j) s[j] = T(0);
-  P sum = ploadu<P>(s);
-  for (std::int64_t j = W; j < lp; j += W) sum = padd(sum, ploadu<P>(s + j));
-  const P inv = pset1<P>(T(1) / predux(sum));
-  for (std::int64_t j = 0; j < lp; j += W) pstoreu(s + j, pmul(ploadu<P>(s + j), inv));
+  const P mx = pset1<P>(lane_max<T>(m));
+  P sum = pset1<P>(T(0));
+  for (std::int64_t j = 0; j < lp; j += W) {
+    const P e = pexp(psub(ploadu<P>(s + j), mx));
+    pstoreu(s + j, e);
+    sum = padd(sum, e);
+  }
+  return T(1) / lane_sum<T>(sum);
 }
 
-// R query rows of one (sample, head): scores against every key, softmax, times V.
-template <class T, int R>
+// kRows query rows of one (sample, head): scores against every key (two 4-row tiles), softmax
+// numerators, times V (one kRows-row tile per pair of V packets), scaled by 1 / sum.
+template <class T>
 void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t lp,
-                    std::int64_t dh, T scale, T* s, const T* v, std::int64_t ldv, T* const* o) {
-  constexpr int W = lanes<T>;
-  std::int64_t j = 0;
-  for (; j + 4 * W <= lp; j += 4 * W) qk_tile<T, R, 4>(q, kt + j, lp, dh, scale, s + j, lp);
-  switch ((lp - j) / W) {
-    case 3: qk_tile<T, R, 3>(q, kt + j, lp, dh, scale, s + j, lp); break;
-    case 2: qk_tile<T, R, 2>(q, kt + j, lp, dh, scale, s + j, lp); break;
-    case 1: qk_tile<T, R, 1>(q, kt + j, lp, dh, scale, s + j, lp); break;
-    default: break;
+                    std::int64_t dh, T scale, T* s, const T* v, T* const* o) {
+  constexpr int W = lanes<T>, R = kRows;
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    std::int64_t j = 0;
+    for (; j + 4 * W <= lp; j += 4 * W)
+      qk_tile<T, 4, 4>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
+    switch ((lp - j) / W) {
+      case 3: qk_tile<T, 4, 3>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
+      case 2: qk_tile<T, 4, 2>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
+      case 1: qk_tile<T, 4, 1>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
+      default: break;
+    }
   }
-  for (int r = 0; r < R; ++r) softmax_row(s + r * lp, l, lp);
+  T inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + r * lp, l, lp);
   const std::int64_t nv = dh / W;
-  for (std::int64_t c = 0; c < nv; c += 4) {
+  for (std::int64_t c = 0; c < nv; c += 2) {
     T* oc[R];
     for (int r = 0; r < R; ++r) oc[r] = o[r] + c * W;
-    switch (std::min<std::int64_t>(4, nv - c)) {
-      case 4: pv_tile<T, R, 4>(s, lp, v + c * W, ldv, l, oc); break;
-      case 3: pv_tile<T, R, 3>(s, lp, v + c * W, ldv, l, oc); break;
-      case 2: pv_tile<T, R, 2>(s, lp, v + c * W, ldv, l, oc); break;
-      default: pv_tile<T, R, 1>(s, lp, v + c * W, ldv, l, oc); break;
-    }
+    if (nv - c >= 2)
+      pv_tile<T, R, 2>(s, lp, inv, v + c * W, dh, l, oc);
+    else
+      pv_tile<T, R, 1>(s, lp, inv, v + c * W, dh, l, oc);
   }
 }
 }  // namespace detail
@@ -278,30 +317,31 @@ void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e,
     const T* base = qkv + b * l * 3 * e;
     if constexpr (detail::attention_tiled_type<T>()) {
       if (tiled) {
+        // scratch: K^T [dh, lp] (zero padded), V [l, dh] contiguous (rows of the fused layout
+        // are 3E apart and alias in L1), scores [kRows, lp], a sink for rows past the end
         const std::int64_t lp = detail::pad16(l);
+        constexpr int R = detail::kRows;
         T* kt = sc;
-        T* s = sc + dh * lp;
+        T* vp = kt + dh * lp;
+        T* s = vp + dh * lp;
+        T* sink = s + R * lp;
         const T* k = base + e + h * dh;
         for (std::int64_t j = 0; j < l; ++j)
           for (std::int64_t d = 0; d < dh; ++d) kt[d * lp + j] = k[j * 3 * e + d];
         for (std::int64_t d = 0; d < dh; ++d)
           for (std::int64_t j = l; j < lp; ++j) kt[d * lp + j] = T(0);
-        const T* v = base + 2 * e + h * dh;
-        std::int64_t i = 0;
-        const T* q[4];
-        T* o[4];
-        for (; i < l; i += 4) {
-          const int rows = static_cast<int>(std::min<std::int64_t>(4, l - i));
-          for (int r = 0; r < rows; ++r) {
-            q[r] = base + (i + r) * 3 * e + h * dh;
-            o[r] = out + (b * l + i + r) * e + h * dh;
+        for (std::int64_t j = 0; j < l; ++j)
+          std::copy_n(base + j * 3 * e + 2 * e + h * dh, dh, vp + j * dh);
+        const T* q[R];
+        T* o[R];
+        for (std::int64_t i = 0; i < l; i += R) {
+          // a last group past the end repeats the last query row into the sink
+          for (int r = 0; r < R; ++r) {
+            const std::int64_t row = std::min(i + r, l - 1);
+            q[r] = base + row * 3 * e + h * dh;
+            o[r] = i + r < l ? out + (b * l + i + r) * e + h * dh : sink + r * dh;
           }
-          switch (rows) {
-            case 4: detail::attention_rows<T, 4>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
-            case 3: detail::attention_rows<T, 3>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
-            case 2: detail::attention_rows<T, 2>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
-            default: detail::attention_rows<T, 1>(q, kt, l, lp, dh, scale, s, v, 3 * e, o); break;
-          }
+          detail::attention_rows<T>(q, kt, l, lp, dh, scale, s, vp, o);
         }
         return;
       }

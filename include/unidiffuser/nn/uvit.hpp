@@ -562,8 +562,8 @@ class UViT {
     kk::layer_norm(X, M, E, tmp, param(p + ".norm2.weight").data(),
                    param(p + ".norm2.bias").data());
     kk::linear(X, M, E, E, param(p + ".mlp.fc1.weight").data(), Hm, E,
-               static_cast<const T*>(nullptr), hid, Hm);
-    kk::bias_gelu(hid, M, Hm, param(p + ".mlp.fc1.bias").data());
+               param(p + ".mlp.fc1.bias").data(), hid, Hm);
+    kk::bias_gelu(hid, M, Hm, static_cast<const T*>(nullptr));
     kk::linear(hid, M, Hm, Hm, param(p + ".mlp.fc2.weight").data(), E, Hm,
                param(p + ".mlp.fc2.bias").data(), tmp, E);
     kk::layer_norm(X, M, E, tmp, param(p + ".norm3.weight").data(),
