@@ -266,6 +266,37 @@ inline T softmax_row(T* s, std::int64_t l, std::int64_t lp) {
   return T(1) / lane_sum<T>(sum);
 }
 
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+// PacketBlock<Packet16f, ...> drops the vector type's alignment attribute in the template
+// argument, as in Eigen's own kernels (which silence the same warning)
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+// kt[d, j] = k[j, d] for j < l, d < dh (dh a multiple of the packet), zero for l <= j < lp:
+// W x W blocks transposed in registers, the last l mod W keys one by one.
+template <class T>
+void pack_transposed(const T* k, std::int64_t ldk, std::int64_t l, std::int64_t dh, T* kt,
+                     std::int64_t lp) {
+  using namespace Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = lanes<T>;
+  std::int64_t j0 = 0;
+  for (; j0 + W <= l; j0 += W)
+    for (std::int64_t d0 = 0; d0 < dh; d0 += W) {
+      PacketBlock<P, W> blk;
+      for (int i = 0; i < W; ++i) blk.packet[i] = ploadu<P>(k + (j0 + i) * ldk + d0);
+      ptranspose(blk);
+      for (int i = 0; i < W; ++i) pstoreu(kt + (d0 + i) * lp + j0, blk.packet[i]);
+    }
+  for (std::int64_t d = 0; d < dh; ++d) {
+    for (std::int64_t j = j0; j < l; ++j) kt[d * lp + j] = k[j * ldk + d];
+    for (std::int64_t j = l; j < lp; ++j) kt[d * lp + j] = T(0);
+  }
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 // kRows query rows of one (sample, head): scores against every key (two 4-row tiles), softmax
 // numerators, times V (one kRows-row tile per pair of V packets), scaled by 1 / sum.
 template <class T>
@@ -326,10 +357,7 @@ void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e,
         T* s = vp + dh * lp;
         T* sink = s + R * lp;
         const T* k = base + e + h * dh;
-        for (std::int64_t j = 0; j < l; ++j)
-          for (std::int64_t d = 0; d < dh; ++d) kt[d * lp + j] = k[j * 3 * e + d];
-        for (std::int64_t d = 0; d < dh; ++d)
-          for (std::int64_t j = l; j < lp; ++j) kt[d * lp + j] = T(0);
+        detail::pack_transposed(k, 3 * e, l, dh, kt, lp);
         for (std::int64_t j = 0; j < l; ++j)
           std::copy_n(base + j * 3 * e + 2 * e + h * dh, dh, vp + j * dh);
         const T* q[R];

@@ -390,100 +390,37 @@ class UViT {
           throw_mismatch(op, "data_type", "value", "0.." + std::to_string(cfg_.data_types - 1), d);
     }
 
-    namespace kk = cpu_kernels;
-    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
+    const std::int64_t L = cfg_.tokens(lh, lw);
     reserve(B, L);
-    T* X = x_.data();
-    // --- embeddings
-    for (std::size_t g = 0; g < cfg_.groups(); ++g) {
-      // workspace views (no allocation per forward once the batch size has been seen)
-      TensorView<T> tt(temb_.data(), Shape{B}), emb(temb_.data() + B, Shape{B, E});
-      for (std::int64_t b = 0; b < B; ++b)
-        tt[b] = static_cast<T>(in.t[g][static_cast<std::size_t>(b)]);
-      timestep_embedding<T>(Context<cpu>{}, TensorView<const T>(tt), emb);
-      if (cfg_.mlp_time_embed) {
-        const std::string& n = cfg_.time_names[g];
-        TensorView<T> h(temb_.data() + B + B * E, Shape{B, 4 * E});
-        kk::linear(emb.data(), B, E, E, param(n + ".0.weight").data(), 4 * E, E,
-                   param(n + ".0.bias").data(), h.data(), 4 * E);
-        kk::silu(h.data(), h.size());
-        kk::linear(h.data(), B, 4 * E, 4 * E, param(n + ".2.weight").data(), E, 4 * E,
-                   param(n + ".2.bias").data(), X + static_cast<std::int64_t>(g) * E, L * E);
-      } else {
-        for (std::int64_t b = 0; b < B; ++b)
-          std::copy_n(emb.data() + b * E, E, X + (b * L + static_cast<std::int64_t>(g)) * E);
-      }
-    }
-    if (cfg_.data_type_token) {
-      const T* te = param("token_embedding.weight").data();
-      for (std::int64_t b = 0; b < B; ++b)
-        std::copy_n(te + in.data_type[static_cast<std::size_t>(b)] * E, E,
-                    X + (b * L + static_cast<std::int64_t>(cfg_.groups())) * E);
-    }
-    std::int64_t off = cfg_.lead_tokens();
-    for (std::size_t k = 0; k < C.size(); ++k) {
-      const auto& c = C[k];
-      const std::int64_t tk = c.tokens(lh, lw);
-      const T* w = param(c.in_name + ".weight").data();
-      const T* bias = param(c.in_name + ".bias").data();
-      for (std::int64_t b = 0; b < B; ++b) {
-        const T* src = in.x[k].data + b * in.x[k].ld;
-        T* dst = X + (b * L + off) * E;
-        if (c.kind == ComponentKind::tokens) {
-          kk::linear(src, tk, c.dim, c.dim, w, E, c.dim, bias, dst, E);
-        } else {
-          const std::int64_t pd = c.in_features();
-          col_.resize(static_cast<std::size_t>(tk * pd));
-          kk::patchify_conv(src, c.channels, lh, lw, c.patch, col_.data());
-          kk::linear(col_.data(), tk, pd, pd, w, E, pd, bias, dst, E);
-        }
-      }
-      off += tk;
-    }
-    const T* pe = positional(lh, lw);
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t i = 0; i < L * E; ++i) X[b * L * E + i] += pe[i];
-    emit("x_embedded", X, Shape{B, L, E});
+    std::int64_t colsz = 0;  // im2col rows of one sample's patched components
+    for (const auto& c : C)
+      if (c.kind == ComponentKind::patched_image)
+        colsz = std::max(colsz, c.tokens(lh, lw) * c.in_features());
+    if (col_.size() < static_cast<std::size_t>(B * colsz))
+      col_.assign(static_cast<std::size_t>(B * colsz), T(0));
+    const T* pe = positional(lh, lw);  // cached and shared: computed before any parallel region
 
-    // --- blocks and final norm. Samples are independent through the blocks, so with at least as
-    // many samples as threads each thread runs every block on its own contiguous samples (no
+    // Samples are independent from the embeddings to the heads, so with at least as many samples
+    // as threads each thread runs the whole network on its own contiguous samples (no
     // synchronisation between layers; the GEMMs run on the calling thread); the remaining
     // B mod threads samples, a smaller batch, or a traced run use threads inside each layer.
+    auto run = [&](std::int64_t b0, std::int64_t nb) {
+      embed(in, b0, nb, lh, lw, pe, colsz);
+      blocks(b0, nb, L);
+      heads(out, b0, nb, lh, lw, colsz);
+    };
     std::int64_t done = 0;
-    if (!trace_ && B >= 2 && kk::max_threads() > 1) {
+    if (!trace_ && B >= 2 && cpu_kernels::max_threads() > 1) {
 #if defined(_OPENMP)
 #pragma omp parallel
 #endif
       {
-        const std::int64_t team = kk::team_size(), per = B / team;
-        if (per > 0) blocks(kk::thread_id() * per, per, L);
-        if (kk::thread_id() == 0) done = per * team;
+        const std::int64_t team = cpu_kernels::team_size(), per = B / team;
+        if (per > 0) run(cpu_kernels::thread_id() * per, per);
+        if (cpu_kernels::thread_id() == 0) done = per * team;
       }
     }
-    if (done < B) blocks(done, B - done, L);
-    X = x_.data();
-
-    // --- heads
-    off = cfg_.lead_tokens();
-    for (std::size_t k = 0; k < C.size(); ++k) {
-      const auto& c = C[k];
-      const std::int64_t tk = c.tokens(lh, lw);
-      const T* w = param(c.out_name + ".weight").data();
-      const T* bias = param(c.out_name + ".bias").data();
-      for (std::int64_t b = 0; b < B; ++b) {
-        const T* src = X + (b * L + off) * E;
-        T* dst = out[k].data + b * out[k].ld;
-        if (c.kind == ComponentKind::tokens) {
-          kk::linear(src, tk, E, E, w, c.dim, E, bias, dst, c.dim);
-        } else {
-          const std::int64_t pd = c.patch * c.patch * c.channels;
-          col_.resize(static_cast<std::size_t>(tk * pd));
-          kk::linear(src, tk, E, E, w, pd, E, bias, col_.data(), pd);
-          kk::unpatchify(col_.data(), pd, c.channels, lh, lw, c.patch, dst);
-        }
-      }
-      off += tk;
-    }
+    if (done < B) run(done, B - done);
   }
 
  private:
@@ -513,6 +450,94 @@ class UViT {
   // per thread (one pass over K and V per head), else 128 rows (the official 1105 tokens).
   static std::int64_t score_block(std::int64_t L) {
     return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
+  }
+
+  // Token sequence x_ of samples [b0, b0 + nb): time tokens, data-type token, component
+  // embeddings, positional table pe (UVIT.md §4.2-4.5).
+  void embed(const UViTInputs<T>& in, std::int64_t b0, std::int64_t nb, std::int64_t lh,
+             std::int64_t lw, const T* pe, std::int64_t colsz) {
+    namespace kk = cpu_kernels;
+    const auto& C = cfg_.components;
+    const std::int64_t B = in.x[0].rows, E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
+    T* X = x_.data();
+    for (std::size_t g = 0; g < cfg_.groups(); ++g) {
+      // workspace views of this range (no allocation per forward once the batch has been seen)
+      TensorView<T> tt(temb_.data() + b0, Shape{nb}), emb(temb_.data() + B + b0 * E, Shape{nb, E});
+      for (std::int64_t b = 0; b < nb; ++b)
+        tt[b] = static_cast<T>(in.t[g][static_cast<std::size_t>(b0 + b)]);
+      timestep_embedding<T>(Context<cpu>{}, TensorView<const T>(tt), emb);
+      if (cfg_.mlp_time_embed) {
+        const std::string& n = cfg_.time_names[g];
+        T* h = temb_.data() + B + B * E + b0 * 4 * E;
+        kk::linear(emb.data(), nb, E, E, param(n + ".0.weight").data(), 4 * E, E,
+                   param(n + ".0.bias").data(), h, 4 * E);
+        kk::silu(h, nb * 4 * E);
+        kk::linear(h, nb, 4 * E, 4 * E, param(n + ".2.weight").data(), E, 4 * E,
+                   param(n + ".2.bias").data(), X + (b0 * L + static_cast<std::int64_t>(g)) * E,
+                   L * E);
+      } else {
+        for (std::int64_t b = 0; b < nb; ++b)
+          std::copy_n(emb.data() + b * E, E, X + ((b0 + b) * L + static_cast<std::int64_t>(g)) * E);
+      }
+    }
+    if (cfg_.data_type_token) {
+      const T* te = param("token_embedding.weight").data();
+      for (std::int64_t b = b0; b < b0 + nb; ++b)
+        std::copy_n(te + in.data_type[static_cast<std::size_t>(b)] * E, E,
+                    X + (b * L + static_cast<std::int64_t>(cfg_.groups())) * E);
+    }
+    std::int64_t off = cfg_.lead_tokens();
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      const auto& c = C[k];
+      const std::int64_t tk = c.tokens(lh, lw);
+      const T* w = param(c.in_name + ".weight").data();
+      const T* bias = param(c.in_name + ".bias").data();
+      for (std::int64_t b = b0; b < b0 + nb; ++b) {
+        const T* src = in.x[k].data + b * in.x[k].ld;
+        T* dst = X + (b * L + off) * E;
+        if (c.kind == ComponentKind::tokens) {
+          kk::linear(src, tk, c.dim, c.dim, w, E, c.dim, bias, dst, E);
+        } else {
+          const std::int64_t pd = c.in_features();
+          T* col = col_.data() + b * colsz;
+          kk::patchify_conv(src, c.channels, lh, lw, c.patch, col);
+          kk::linear(col, tk, pd, pd, w, E, pd, bias, dst, E);
+        }
+      }
+      off += tk;
+    }
+    for (std::int64_t b = b0; b < b0 + nb; ++b)
+      for (std::int64_t i = 0; i < L * E; ++i) X[b * L * E + i] += pe[i];
+    emit("x_embedded", X, Shape{nb, L, E});
+  }
+
+  // Per-component outputs of samples [b0, b0 + nb) from the normed tokens (UVIT.md §4.7).
+  void heads(std::span<const RowBlock<T, cpu>> out, std::int64_t b0, std::int64_t nb,
+             std::int64_t lh, std::int64_t lw, std::int64_t colsz) {
+    namespace kk = cpu_kernels;
+    const auto& C = cfg_.components;
+    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
+    const T* X = x_.data();
+    std::int64_t off = cfg_.lead_tokens();
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      const auto& c = C[k];
+      const std::int64_t tk = c.tokens(lh, lw);
+      const T* w = param(c.out_name + ".weight").data();
+      const T* bias = param(c.out_name + ".bias").data();
+      for (std::int64_t b = b0; b < b0 + nb; ++b) {
+        const T* src = X + (b * L + off) * E;
+        T* dst = out[k].data + b * out[k].ld;
+        if (c.kind == ComponentKind::tokens) {
+          kk::linear(src, tk, E, E, w, c.dim, E, bias, dst, c.dim);
+        } else {
+          const std::int64_t pd = c.patch * c.patch * c.channels;
+          T* col = col_.data() + b * colsz;
+          kk::linear(src, tk, E, E, w, pd, E, bias, col, pd);
+          kk::unpatchify(col, pd, c.channels, lh, lw, c.patch, dst);
+        }
+      }
+      off += tk;
+    }
   }
 
   // Every block and the final norm for samples [b0, b0 + nb) of the workspace (UVIT.md §4.6).
