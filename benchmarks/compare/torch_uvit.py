@@ -23,6 +23,10 @@ def timestep_embedding(t, dim, max_period=10000):
     return emb
 
 
+# True: attention through F.scaled_dot_product_attention (PyTorch >= 2.0, same math, fused kernel).
+USE_SDPA = False
+
+
 class Attention(nn.Module):
     def __init__(self, dim, heads, qkv_bias):
         super().__init__()
@@ -34,6 +38,9 @@ class Attention(nn.Module):
         B, L, E = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if USE_SDPA:
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(o.transpose(1, 2).reshape(B, L, E))
         a = (q @ k.transpose(-2, -1)) * (E // self.heads) ** -0.5
         a = a.softmax(dim=-1)
         return self.proj((a @ v).transpose(1, 2).reshape(B, L, E))
