@@ -100,11 +100,15 @@ def main():
                "--latent", "x".join(map(str, c["latent"])), "--patch", str(c["patch"]),
                "--text", "x".join(map(str, c["text"])), "--clip", str(c["clip"]), "--batch", str(c["batch"]),
                "--threads", str(a.threads), "--repeat", str(a.repeat)]
-        ratios = []
+        ratios, fractions = [], []
         for rnd in range(a.rounds):
             ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            print("config %s round %d: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s"
-                  % (cfg, rnd + 1, ours["ms_median"], a.repeat, ours["gflops"]))
+            fma = json.loads(subprocess.run([a.bench, "fma", "--threads", str(a.threads)], check=True,
+                                            capture_output=True, text=True).stdout)
+            fractions.append(ours["gflops"] / fma["gflops"])
+            print("config %s round %d: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s = %.0f %% of the FMA "
+                  "peak measured right after it (%.1f GFLOP/s)"
+                  % (cfg, rnd + 1, ours["ms_median"], a.repeat, ours["gflops"], 100 * fractions[-1], fma["gflops"]))
             best = None
             for py in pythons:
                 for name, (env, opts) in VARIANTS.items():
@@ -120,8 +124,11 @@ def main():
             ratios.append(best / ours["ms_median"])
             print("  against the best PyTorch variant: %.2fx" % ratios[-1])
         ratios.sort()
-        print("config %s: median over %d rounds of the ratio to the best PyTorch variant: %.2fx (rounds: %s)"
-              % (cfg, a.rounds, ratios[len(ratios) // 2], ", ".join("%.2f" % x for x in ratios)))
+        fractions.sort()
+        print("config %s: median over %d rounds of the ratio to the best PyTorch variant: %.2fx (rounds, sorted: %s); "
+              "fraction of the FMA peak: median %.0f %% (rounds, sorted: %s)"
+              % (cfg, a.rounds, ratios[len(ratios) // 2], ", ".join("%.2f" % x for x in ratios),
+                 100 * fractions[len(fractions) // 2], ", ".join("%.0f %%" % (100 * x) for x in fractions)))
 
 
 if __name__ == "__main__":
