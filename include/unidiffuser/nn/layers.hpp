@@ -330,11 +330,12 @@ void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t
 
 //! Multi-head attention over a batch: qkv [B, L, 3E] in the fused (k, h, d) channel layout,
 //! out [B, L, E] (heads concatenated); (sample, head) pairs run in parallel. Where Eigen vectorises
-//! T and the head dim is a whole number of packets, each pair packs K^T once and takes four query
-//! rows at a time through register tiles (scores, softmax and the product with V per row group,
-//! so the score buffer is [4, L]); otherwise scores are formed `block` query rows at a time with
-//! Eigen products ([block, L] per thread, never [L, L] per head). `scores` needs max_threads() *
-//! attention_scratch(L, block, E / heads) elements (64-byte aligned for the fastest loads).
+//! T and the head dim is a whole number of packets, each pair packs K^T and V once and takes
+//! detail::kRows (8) query rows at a time through register tiles (scores, softmax and the product
+//! with V per row group, so the score buffer is [8, L]); otherwise scores are formed `block` query
+//! rows at a time with Eigen products ([block, L] per thread, never [L, L] per head). `scores`
+//! needs max_threads() * attention_scratch(L, block, E / heads) elements (64-byte aligned for the
+//! fastest loads).
 template <class T>
 void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
                T* out, T* scores, std::int64_t block) {
