@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 // unidiffuser-bench: whole-component timings printed as one JSON line.
-//   unidiffuser-bench uvit --embed E --depth D --heads H --latent CxHxW --patch P --text LxD --clip
-//   D
-//                          --batch B --threads T --repeat R [--version v0|v1] [--double]
-//   unidiffuser-bench fma  --threads T [--seconds S]      (FP32 FMA peak of this machine)
+//   unidiffuser-bench uvit --embed E --depth D --heads H --latent CxHxW --patch P --text LxD
+//                          --clip D --batch B --threads T --repeat R [--version v0|v1] [--double]
+//                          [--gemm auto|eigen|onednn] [--serve]
+//   unidiffuser-bench fma  --threads T [--seconds S] [--serve]   (FP32 FMA peak of this machine)
+// --gemm: the block GEMMs through Eigen or through oneDNN on packed weights (builds with
+// UNIDIFFUSER_ONEDNN; auto = oneDNN where built in). --serve (for interleaved comparisons, see
+// benchmarks/compare/compare_torch.py): after the warm-up, print one JSON line describing the
+// run, then for every line read from stdin -- a count n for uvit, seconds for fma -- run and
+// print one JSON line with the n forward times (ms) or the FMA rate; ends at end of input.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -31,7 +36,7 @@ std::map<std::string, std::string> flags(int argc, char** argv, int first) {
     std::string k = argv[i];
     if (k.rfind("--", 0) != 0) throw ud::error("unidiffuser-bench", k, "expected --flag");
     k = k.substr(2);
-    if (k == "double") {
+    if (k == "double" || k == "serve") {
       m[k] = "1";
       continue;
     }
@@ -86,6 +91,15 @@ int bench_uvit(const std::map<std::string, std::string>& f) {
   const double rss0 = peak_rss_mib();
   ud::nn::UViT<T> net(cfg);
   net.init_random(1);
+  const std::string gemm = get("gemm", "auto");
+  if (gemm == "eigen")
+    net.use_packed_gemm(false);
+  else if (gemm == "onednn" && !net.packed_gemm_available())
+    throw ud::error("unidiffuser-bench", "--gemm onednn",
+                    "this build has no oneDNN path (configure with -DUNIDIFFUSER_ONEDNN=ON)");
+  else if (gemm != "auto" && gemm != "onednn")
+    throw ud::error("unidiffuser-bench", "--gemm", "expected auto, eigen or onednn; got " + gemm);
+  const char* gemm_used = net.packed_gemm() ? "onednn" : "eigen";
   ud::nn::UViTPredictor<T, 2> model(net);
   const auto& layout = model.layout();
   std::array<ud::Tensor<T>, 2> x, o;
@@ -100,25 +114,46 @@ int bench_uvit(const std::map<std::string, std::string>& f) {
     model({x[0].view(), x[1].view()}, {std::span<const double>(ti), std::span<const double>(tt)},
           {o[0].view(), o[1].view()});
   };
-  once();  // warm-up: workspace allocation, page faults
-  std::vector<double> ms;
-  for (int r = 0; r < repeat; ++r) {
-    const auto a = std::chrono::steady_clock::now();
-    once();
-    ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2];
+  auto timed = [&](int n) {
+    std::vector<double> ms;
+    for (int r = 0; r < n; ++r) {
+      const auto a = std::chrono::steady_clock::now();
+      once();
+      ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
+    }
+    return ms;
+  };
+  once();  // warm-up: workspace allocation, page faults, weight packing
   const double gflop = net.flops() * static_cast<double>(B) / 1e9;
   const double weight_mib =
       static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0);
+  if (f.count("serve")) {
+    std::printf(
+        "{\"bench\": \"uvit\", \"serve\": true, \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+        "%lld, \"gflop\": %.4f}\n",
+        gemm_used, static_cast<long long>(cfg.tokens()),
+        static_cast<long long>(net.parameter_count()), gflop);
+    std::fflush(stdout);
+    int n = 0;
+    while (std::scanf("%d", &n) == 1) {
+      std::string line = "{\"ms\": [";
+      for (double v : timed(std::max(1, n))) line += std::to_string(v) + ", ";
+      line.resize(line.size() - 2);
+      std::printf("%s]}\n", line.c_str());
+      std::fflush(stdout);
+    }
+    return 0;
+  }
+  auto ms = timed(repeat);
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2];
   std::printf(
-      "{\"bench\": \"uvit\", \"dtype\": \"%s\", \"tokens\": %lld, \"params\": %lld, \"batch\": "
-      "%lld, \"threads\": %d, "
+      "{\"bench\": \"uvit\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+      "%lld, \"batch\": %lld, \"threads\": %d, "
       "\"gflop\": %.4f, \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, \"gflops\": %.2f, "
       "\"peak_rss_mib\": %.1f, \"weights_mib\": %.1f, \"rss_at_start_mib\": %.1f}\n",
-      sizeof(T) == 4 ? "f32" : "f64", static_cast<long long>(cfg.tokens()),
+      sizeof(T) == 4 ? "f32" : "f64", gemm_used, static_cast<long long>(cfg.tokens()),
       static_cast<long long>(net.parameter_count()), static_cast<long long>(B), threads, gflop, med,
       ms.front(), ms.back(), gflop / (med / 1e3), peak_rss_mib(), weight_mib, rss0);
   return 0;
@@ -148,9 +183,7 @@ double fma_thread(double seconds, float* sink) {
   *sink = s;
   return static_cast<double>(iters) * 12 * 16 * 2 / el;
 }
-int bench_fma(const std::map<std::string, std::string>& f) {
-  const int threads = f.count("threads") ? std::atoi(f.at("threads").c_str()) : 2;
-  const double secs = f.count("seconds") ? std::atof(f.at("seconds").c_str()) : 1.0;
+double fma_rate(int threads, double secs) {
   std::vector<double> rate(static_cast<std::size_t>(threads));
   std::vector<float> sink(static_cast<std::size_t>(threads));
   std::vector<std::thread> pool;
@@ -161,10 +194,24 @@ int bench_fma(const std::map<std::string, std::string>& f) {
   for (auto& p : pool) p.join();
   double total = 0;
   for (double r : rate) total += r;
+  return total;
+}
+int bench_fma(const std::map<std::string, std::string>& f) {
+  const int threads = f.count("threads") ? std::atoi(f.at("threads").c_str()) : 2;
+  double secs = f.count("seconds") ? std::atof(f.at("seconds").c_str()) : 1.0;
+  if (f.count("serve")) {
+    std::printf("{\"bench\": \"fma\", \"serve\": true, \"threads\": %d}\n", threads);
+    std::fflush(stdout);
+    while (std::scanf("%lf", &secs) == 1) {
+      std::printf("{\"gflops\": %.1f}\n", fma_rate(threads, secs) / 1e9);
+      std::fflush(stdout);
+    }
+    return 0;
+  }
   std::printf(
       "{\"bench\": \"fma\", \"threads\": %d, \"gflops\": %.1f, \"accumulators\": 12, \"lanes\": "
       "16}\n",
-      threads, total / 1e9);
+      threads, fma_rate(threads, secs) / 1e9);
   return 0;
 }
 

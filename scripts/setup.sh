@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Installs the Debian packages unidiffuser needs to build, test, benchmark and fuzz, if missing.
-# Prints what it installs; does nothing when everything is present.
+# Prints what it installs; does nothing when everything is present. Usage: setup.sh [--onednn]
 set -euo pipefail
 packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-dev doctest-dev
           libbenchmark-dev clang-14 libclang-rt-14-dev clang-format)
+# --onednn: also oneDNN, for the optional GEMM path (CMake option UNIDIFFUSER_ONEDNN, preset onednn)
+if [ "${1:-}" = "--onednn" ]; then packages+=(libdnnl-dev); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

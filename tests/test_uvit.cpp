@@ -2,10 +2,13 @@
 // The U-ViT: layer kernels against naive references, checkpoints in both namings, strict errors.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -13,6 +16,7 @@
 #include <omp.h>
 #endif
 
+#include "unidiffuser/backend/cpu/onednn.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/layers.hpp"
 #include "unidiffuser/nn/uvit.hpp"
@@ -294,6 +298,98 @@ TEST_CASE("the forward gives the same outputs with any thread count and with tra
   omp_set_num_threads(saved);
 #endif
 }
+
+TEST_CASE("packed GEMM path: same outputs as Eigen's, parameters unchanged through packing") {
+  // In builds with UNIDIFFUSER_ONEDNN forward() packs the block weights in place; param()
+  // must give back the exact plain values and the outputs must match the Eigen path. In other
+  // builds both runs take the Eigen path (the test then checks only that the switch is inert).
+  const auto f = ud::safetensors::File::read(kGolden);
+  ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
+  ud::load_checkpoint(net, f, "param/");
+  std::map<std::string, std::vector<float>> before;
+  for (const auto& n : net.parameter_names())
+    before[n] = std::vector<float>(net.param(n).begin(), net.param(n).end());
+  MESSAGE("packed GEMM path (oneDNN) in this build: " << net.packed_gemm_available());
+  CHECK(net.packed_gemm() == net.packed_gemm_available());
+  const auto packed = run_native(net, f);  // packs (where available)
+  bool same = true;
+  for (const auto& n : net.parameter_names()) {
+    const auto& p = net.param(n);  // unpacks
+    same = same && std::equal(p.begin(), p.end(), before[n].begin(), before[n].end());
+  }
+  CHECK(same);
+  net.use_packed_gemm(false);
+  CHECK_FALSE(net.packed_gemm());
+  const auto plain = run_native(net, f);
+  REQUIRE(plain.size() == packed.size());
+  double worst = 0;
+  for (std::size_t i = 0; i < plain.size(); ++i)
+    worst =
+        std::max(worst, std::abs(double(plain[i]) - packed[i]) / (1 + std::abs(double(plain[i]))));
+  CHECK(worst < 1e-5);
+  net.use_packed_gemm(true);
+  const auto again = run_native(net, f);  // packs again after the plain run
+  CHECK(std::equal(again.begin(), again.end(), packed.begin(), packed.end()));
+}
+
+#if defined(UNIDIFFUSER_WITH_ONEDNN)
+TEST_CASE("oneDNN linear on packed weights equals the Eigen linear (bias, GELU, accumulate)") {
+  ud::onednn::Gemm gemm;
+  int packed_cases = 0;
+  // (m, k, n, pieces, ldx pad, ldy pad)
+  for (auto [m, k, n, pieces, px, py] :
+       std::vector<std::array<std::int64_t, 6>>{{1, 64, 128, 1, 0, 0},
+                                                {37, 96, 192, 1, 5, 3},
+                                                {337, 128, 64, 2, 0, 0},
+                                                {5, 32, 16, 1, 0, 0}}) {
+    CAPTURE(m);
+    CAPTURE(k);
+    CAPTURE(n);
+    const std::int64_t ldx = k + px, ldy = n + py, ldw = k * pieces;
+    const auto wd = random_vec(static_cast<std::size_t>(n * ldw), 11),
+               xd = random_vec(static_cast<std::size_t>(m * ldx), 12),
+               bd = random_vec(static_cast<std::size_t>(n), 13),
+               yd = random_vec(static_cast<std::size_t>(m * ldy), 14);
+    std::vector<float> w(wd.begin(), wd.end()), x(xd.begin(), xd.end()), b(bd.begin(), bd.end()),
+        y0(yd.begin(), yd.end());
+    const std::vector<float> plain = w;
+    const bool ok = gemm.pack(w.data(), n, k, pieces);
+    packed_cases += ok ? 1 : 0;
+    if (!ok) {  // the layout would not fit (n = 16 on AVX-512 CPUs): refused, untouched
+      CHECK(w == plain);
+      continue;
+    }
+    for (std::int64_t piece = 0; piece < pieces; ++piece)
+      for (auto post :
+           {ud::onednn::Post::none, ud::onednn::Post::gelu, ud::onednn::Post::accumulate}) {
+        CAPTURE(piece);
+        CAPTURE(static_cast<int>(post));
+        std::vector<float> want = y0, got = y0;
+        kk::linear(x.data(), m, k, ldx, plain.data() + piece * k, n, ldw, b.data(), want.data(),
+                   ldy, post == ud::onednn::Post::accumulate);
+        if (post == ud::onednn::Post::gelu)
+          for (std::int64_t i = 0; i < m; ++i) kk::gelu(want.data() + i * ldy, n);
+        gemm.linear(x.data(), m, k, ldx, w.data() + piece * n * k, n, b.data(), got.data(), ldy,
+                    post);
+        double worst = 0;
+        for (std::int64_t i = 0; i < m; ++i)
+          for (std::int64_t j = 0; j < ldy; ++j) {
+            const auto at = static_cast<std::size_t>(i * ldy + j);
+            if (j >= n) {  // padding between rows is not written
+              REQUIRE(got[at] == y0[at]);
+              continue;
+            }
+            worst = std::max(
+                worst, std::abs(double(got[at]) - want[at]) / (1 + std::abs(double(want[at]))));
+          }
+        CHECK(worst < 2e-5);
+      }
+    gemm.unpack(w.data(), n, k, pieces);
+    CHECK(w == plain);
+  }
+  CHECK(packed_cases >= 3);
+}
+#endif
 
 TEST_CASE("forward rejects wrong input shapes, times and data types") {
   ud::nn::UViT<float> net(

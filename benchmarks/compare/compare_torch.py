@@ -1,7 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Times the library's U-ViT forward against the PyTorch module of torch_uvit.py at the same
-configs, in the same run, and prints the ratios. Each PyTorch variant runs in its own process
-(OPENBLAS_CORETYPE must be set before torch is imported):
+configs, in the same run, interleaved, and prints the ratios and the fraction of the FMA peak.
+
+Every candidate is a long-lived worker process that builds its network once, warms up, and then
+runs forwards on request (`unidiffuser-bench uvit --serve`, `compare_torch.py --worker ...`);
+the FMA peak is a worker too (`unidiffuser-bench fma --serve`). The script then visits all
+workers in turn, round after round (a fresh random order every round), asking each for --per-turn
+forwards while the others wait idle. A burst of load from a neighbour on a shared machine
+therefore falls on all candidates alike instead of on whichever ran during it, and the medians
+over all rounds are compared (also reported: the median over rounds of the per-round ratio).
+
+PyTorch variants (each its own process: OPENBLAS_CORETYPE must be set before torch is imported):
   default          torch as installed
   skylakex         OPENBLAS_CORETYPE=SkylakeX (Debian's OpenBLAS otherwise falls back to SSE3
                    kernels; skipped for MKL builds such as PyPI's)
@@ -10,15 +19,16 @@ configs, in the same run, and prints the ratios. Each PyTorch variant runs in it
   sdpa             attention through F.scaled_dot_product_attention (torch >= 2.0)
   sdpa+compile     that module through torch.compile (torch >= 2.0; compilation is not timed)
 Several interpreters (--python A,B) compare several torch builds in the same run, e.g. Debian's
-python3-torch and a PyPI torch in a venv. On a shared, noisy machine use --rounds R: the library
-and every variant are timed R times, interleaved, and the median of the per-round ratios to the
-best variant is reported next to each round's numbers.
+python3-torch and a PyPI torch in a venv. Several library builds or GEMM paths compare too:
+--bench A[,B] and --gemm eigen,onednn (a path a build lacks is skipped).
 Usage: /usr/bin/python3 compare_torch.py --bench build/release/benchmarks/unidiffuser-bench
-       [--threads 2] [--repeat 7] [--rounds 1] [--configs demo,small]
-       [--python /usr/bin/python3[,/path/to/venv/bin/python]]"""
+       [--gemm auto] [--threads 2] [--rounds 15] [--per-turn 1] [--configs demo,small]
+       [--variants default,skylakex,...] [--python /usr/bin/python3[,/path/to/venv/bin/python]]"""
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -35,18 +45,23 @@ VARIANTS = {"default": ({}, ()), "skylakex": ({"OPENBLAS_CORETYPE": "SkylakeX"},
             "sdpa": ({}, ("sdpa",)), "sdpa+compile": ({}, ("sdpa", "compile"))}
 
 
-def worker(cfg, threads, repeat, options):
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker(cfg, threads, options):
+    """Serves forward timings of one PyTorch variant: one JSON line when ready, then for every
+    count n read from stdin one line {"ms": [n times]}."""
     import torch
     sys.path.insert(0, HERE)
     import torch_uvit
     from torch_uvit import UViT
     major = int(torch.__version__.split(".")[0])
     if major < 2 and ("sdpa" in options or "compile" in options):
-        print(json.dumps({"skipped": "needs torch >= 2.0", "torch": torch.__version__}))
-        return
+        return emit({"skipped": "needs torch >= 2.0", "torch": torch.__version__})
     if os.environ.get("OPENBLAS_CORETYPE") and "BLAS_INFO=mkl" in torch.__config__.show():
-        print(json.dumps({"skipped": "MKL build: OpenBLAS core type does not apply", "torch": torch.__version__}))
-        return
+        return emit({"skipped": "MKL build: OpenBLAS core type does not apply", "torch": torch.__version__})
     torch_uvit.USE_SDPA = "sdpa" in options
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -64,71 +79,134 @@ def worker(cfg, threads, repeat, options):
     B = c["batch"]
     args = (torch.randn(B, C, H, W), torch.randn(B, 1, c["clip"]), torch.randn(B, *c["text"]),
             torch.full((B,), 500.0), torch.full((B,), 250.0), torch.ones(B, dtype=torch.long))
-    ms = []
     with torch.inference_mode():
         m(*args)
         m(*args)
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            m(*args)
-            ms.append((time.perf_counter() - t0) * 1e3)
-    ms.sort()
-    print(json.dumps({"ms_median": ms[len(ms) // 2], "ms_min": ms[0], "torch": torch.__version__}))
+        emit({"ready": True, "torch": torch.__version__})
+        for line in sys.stdin:
+            ms = []
+            for _ in range(max(1, int(line))):
+                t0 = time.perf_counter()
+                m(*args)
+                ms.append((time.perf_counter() - t0) * 1e3)
+            emit({"ms": ms})
+
+
+class Worker:
+    def __init__(self, label, cmd, env=None):
+        self.label, self.times, self.skipped = label, [], None
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = json.loads(self.p.stdout.readline() or '{"skipped": "worker exited"}')
+        if "skipped" in self.info:
+            self.skipped = self.info["skipped"]
+            self.close()
+
+    def ask(self, what):
+        self.p.stdin.write("%s\n" % what)
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def close(self):
+        if self.p.stdin:
+            self.p.stdin.close()
+        self.p.wait()
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", required=True)
+    ap.add_argument("--bench", default=None, help="comma-separated unidiffuser-bench binaries")
+    ap.add_argument("--gemm", default="auto", help="comma-separated GEMM paths of the library: auto, eigen, onednn")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--per-turn", type=int, default=1, help="forwards per candidate per round")
+    ap.add_argument("--fma-seconds", type=float, default=0.3)
     ap.add_argument("--configs", default="demo,small")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--python", default=sys.executable,
                     help="comma-separated interpreters, each with its own torch (e.g. Debian's and a venv's)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--options", default="")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.threads, a.repeat, tuple(o for o in a.options.split(",") if o))
+        return worker(a.worker, a.threads, tuple(o for o in a.options.split(",") if o))
+    if not a.bench:
+        ap.error("--bench is required")
     pythons = a.python.split(",")
     golden = os.path.join(HERE, "..", "..", "tests", "data", "golden", "uvit_v1_tiny.safetensors")
     for py in pythons:
         subprocess.run([py, os.path.join(HERE, "torch_uvit.py"), "--check", golden], check=True)
+    rng = random.Random(a.seed)
+    print("command: %s" % " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
     for cfg in a.configs.split(","):
         c = CONFIGS[cfg]
-        cmd = [a.bench, "uvit", "--embed", str(c["embed"]), "--depth", str(c["depth"]), "--heads", str(c["heads"]),
-               "--latent", "x".join(map(str, c["latent"])), "--patch", str(c["patch"]),
-               "--text", "x".join(map(str, c["text"])), "--clip", str(c["clip"]), "--batch", str(c["batch"]),
-               "--threads", str(a.threads), "--repeat", str(a.repeat)]
-        ratios, fractions = [], []
-        for rnd in range(a.rounds):
-            ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            fma = json.loads(subprocess.run([a.bench, "fma", "--threads", str(a.threads)], check=True,
-                                            capture_output=True, text=True).stdout)
-            fractions.append(ours["gflops"] / fma["gflops"])
-            print("config %s round %d: unidiffuser %.1f ms (median of %d), %.1f GFLOP/s = %.0f %% of the FMA "
-                  "peak measured right after it (%.1f GFLOP/s)"
-                  % (cfg, rnd + 1, ours["ms_median"], a.repeat, ours["gflops"], 100 * fractions[-1], fma["gflops"]))
-            best = None
+        args = ["--embed", str(c["embed"]), "--depth", str(c["depth"]), "--heads", str(c["heads"]),
+                "--latent", "x".join(map(str, c["latent"])), "--patch", str(c["patch"]),
+                "--text", "x".join(map(str, c["text"])), "--clip", str(c["clip"]), "--batch", str(c["batch"]),
+                "--threads", str(a.threads)]
+        ours, theirs = [], []
+        for bench in a.bench.split(","):
+            for g in a.gemm.split(","):
+                w = Worker("unidiffuser[%s]" % g, [bench, "uvit"] + args + ["--gemm", g, "--serve"])
+                if w.skipped:  # this build lacks the path (the bench said why on stderr)
+                    continue
+                w.label = "unidiffuser[%s]%s" % (w.info["gemm"], "" if len(a.bench.split(",")) == 1
+                                                  else " " + os.path.relpath(bench))
+                ours.append(w)
+        for py in pythons:
+            for name in a.variants.split(","):
+                env, opts = VARIANTS[name]
+                w = Worker(name, [py, __file__, "--worker", cfg, "--threads", str(a.threads), "--options",
+                                  ",".join(opts)], env=dict(os.environ, **env))
+                if w.skipped:
+                    continue
+                w.label = "torch %s %s" % (w.info["torch"], name)
+                theirs.append(w)
+        fma = Worker("fma", [a.bench.split(",")[0], "fma", "--threads", str(a.threads), "--serve"])
+        gflop = ours[0].info["gflop"]
+        everyone = ours + theirs
+        peaks = []
+        per_round = []  # per round: {label: median time of the turn}
+        t0 = time.time()
+        for r in range(a.rounds):
+            order = everyone + [fma]
+            rng.shuffle(order)
+            row = {}
+            for w in order:
+                if w is fma:
+                    peaks.append(w.ask(a.fma_seconds)["gflops"])
+                else:
+                    ms = w.ask(a.per_turn)["ms"]
+                    w.times += ms
+                    row[w.label] = statistics.median(ms)
+            per_round.append(row)
+        for w in everyone + [fma]:
+            w.close()
+        peak = statistics.median(peaks)
+        print("config %s: %d rounds of %d forward(s) per candidate, interleaved (%.0f s); FMA peak median %.1f "
+              "GFLOP/s (range %.1f-%.1f over %d measurements)"
+              % (cfg, a.rounds, a.per_turn, time.time() - t0, peak, min(peaks), max(peaks), len(peaks)))
+        best = min(theirs, key=lambda w: statistics.median(w.times))
+        for w in everyone:
+            med = statistics.median(w.times)
+            q = sorted(w.times)
+            print("  %-40s median %8.1f ms  (min %8.1f, max %8.1f)  %6.1f GFLOP/s = %3.0f %% of peak%s"
+                  % (w.label, med, q[0], q[-1], gflop / med * 1e3, 100 * gflop / med * 1e3 / peak,
+                     "" if w in ours else "  -> %.2fx the best library time" % (med / min(
+                         statistics.median(o.times) for o in ours))))
+        for o in ours:
+            mo = statistics.median(o.times)
+            paired = statistics.median(row[best.label] / row[o.label] for row in per_round)
+            print("  %s vs the best PyTorch variant (%s): %.2fx faster (ratio of medians; median of "
+                  "per-round ratios %.2fx); %.0f %% of the FMA peak"
+                  % (o.label, best.label, statistics.median(best.times) / mo, paired,
+                     100 * gflop / mo * 1e3 / peak))
             for py in pythons:
-                for name, (env, opts) in VARIANTS.items():
-                    e = dict(os.environ, **env)
-                    w = [py, __file__, "--bench", a.bench, "--worker", cfg, "--threads", str(a.threads),
-                         "--repeat", str(a.repeat), "--options", ",".join(opts)]
-                    r = json.loads(subprocess.run(w, check=True, capture_output=True, text=True, env=e).stdout)
-                    if "skipped" in r:
-                        continue
-                    best = r["ms_median"] if best is None else min(best, r["ms_median"])
-                    print("  torch %-8s %-16s %8.1f ms  -> unidiffuser is %.2fx faster"
-                          % (r["torch"], name, r["ms_median"], r["ms_median"] / ours["ms_median"]))
-            ratios.append(best / ours["ms_median"])
-            print("  against the best PyTorch variant: %.2fx" % ratios[-1])
-        ratios.sort()
-        fractions.sort()
-        print("config %s: median over %d rounds of the ratio to the best PyTorch variant: %.2fx (rounds, sorted: %s); "
-              "fraction of the FMA peak: median %.0f %% (rounds, sorted: %s)"
-              % (cfg, a.rounds, ratios[len(ratios) // 2], ", ".join("%.2f" % x for x in ratios),
-                 100 * fractions[len(fractions) // 2], ", ".join("%.0f %%" % (100 * x) for x in fractions)))
+                mine = [w for w in theirs if w.p.args[0] == py]
+                if mine and len(pythons) > 1:
+                    b = min(mine, key=lambda w: statistics.median(w.times))
+                    print("    vs the best variant of %s (%s): %.2fx" % (py, b.label, statistics.median(b.times) / mo))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "unidiffuser/backend/cpu/onednn.hpp"
 #include "unidiffuser/backend/cpu/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
@@ -305,12 +309,24 @@ class UViT {
   const UViTConfig& config() const { return cfg_; }
   //! Parameter names in state-dict order.
   const std::vector<std::string>& parameter_names() const { return order_; }
+  //! A parameter in its plain (official) layout. In builds with the oneDNN GEMM path, forward()
+  //! packs the block weights in place and this call unpacks them again, so a reference taken
+  //! from param() is valid until the next forward().
   Tensor<T>& param(const std::string& n) {
-    auto it = params_.find(n);
-    if (it == params_.end()) throw error("UViT::param", n, "no such parameter");
-    return it->second;
+    unpack_weights();
+    return raw(n);
   }
   const Tensor<T>& param(const std::string& n) const { return const_cast<UViT*>(this)->param(n); }
+  //! Whether forward() runs the block GEMMs on packed weights through oneDNN (fp32 networks in
+  //! builds with UNIDIFFUSER_ONEDNN; on by default there). Off: Eigen's GEMM, as in other builds.
+  void use_packed_gemm(bool on) {
+    if (!on) unpack_weights();
+    packed_gemm_ = on;
+  }
+  static constexpr bool packed_gemm_available() {
+    return onednn::available && std::is_same_v<T, float>;
+  }
+  bool packed_gemm() const { return packed_gemm_available() && packed_gemm_; }
   std::int64_t parameter_count() const {
     std::int64_t n = 0;
     for (const auto& [k, v] : params_) n += v.size();
@@ -318,6 +334,7 @@ class UViT {
   }
   //! Fills every parameter with N(0, std^2) (LayerNorm gains 1 + N(0, std^2)) from Philox.
   void init_random(std::uint64_t seed, double std = 0.02) {
+    unpack_weights();
     std::uint64_t stream = 0;
     for (const auto& n : order_) {
       auto& t = params_.at(n);
@@ -399,6 +416,7 @@ class UViT {
     if (col_.size() < static_cast<std::size_t>(B * colsz))
       col_.assign(static_cast<std::size_t>(B * colsz), T(0));
     const T* pe = positional(lh, lw);  // cached and shared: computed before any parallel region
+    if (packed_gemm()) pack_weights();
 
     // Samples are independent from the embeddings to the heads, so with at least as many samples
     // as threads each thread runs the whole network on its own contiguous samples (no
@@ -424,6 +442,82 @@ class UViT {
   }
 
  private:
+  Tensor<T>& raw(const std::string& n) {
+    auto it = params_.find(n);
+    if (it == params_.end()) throw error("UViT::param", n, "no such parameter");
+    return it->second;
+  }
+  // Block weights the packed GEMM path takes: (name, pieces) -- skip_linear's [E, 2E] weight is
+  // two [E, E] products, over x and over the skip.
+  std::vector<std::pair<std::string, std::int64_t>> packable() const {
+    std::vector<std::pair<std::string, std::int64_t>> r;
+    auto ends = [](const std::string& n, const char* suf) {
+      const std::string f(suf);
+      return n.size() > f.size() && n.compare(n.size() - f.size(), f.size(), f) == 0;
+    };
+    for (const auto& n : order_)
+      if (ends(n, ".attn.qkv.weight") || ends(n, ".attn.proj.weight") ||
+          ends(n, ".mlp.fc1.weight") || ends(n, ".mlp.fc2.weight"))
+        r.emplace_back(n, 1);
+      else if (ends(n, ".skip_linear.weight"))
+        r.emplace_back(n, 2);
+    return r;
+  }
+  void pack_weights() {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (!packer_) packer_ = std::make_unique<Packer>();
+      std::lock_guard<std::mutex> lock(packer_->mu);
+      if (packer_->on) return;
+      for (const auto& [n, pieces] : packable()) {
+        Tensor<T>& w = raw(n);
+        const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
+        if (packer_->gemm.pack(w.data(), rows, k, pieces)) packer_->packed.emplace(n, pieces);
+      }
+      packer_->on = true;
+    }
+#endif
+  }
+  void unpack_weights() {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (!packer_) return;
+      std::lock_guard<std::mutex> lock(packer_->mu);
+      if (!packer_->on) return;
+      for (const auto& [n, pieces] : packer_->packed) {
+        Tensor<T>& w = raw(n);
+        packer_->gemm.unpack(w.data(), w.shape()[0], w.shape()[1] / pieces, pieces);
+      }
+      packer_->packed.clear();
+      packer_->on = false;
+    }
+#endif
+  }
+  // y [m, n] (ldy) = x [m, k] (ldx) W_piece^T (+ b), then `post`, where W_piece is columns
+  // [piece k, (piece + 1) k) of the weight `wname`: oneDNN on packed weights where forward()
+  // packed them, else Eigen (with the separate exact-GELU pass).
+  void lin(const std::string& wname, std::int64_t piece, const T* x, std::int64_t m, std::int64_t k,
+           std::int64_t ldx, const T* b, T* y, std::int64_t ldy, onednn::Post post) {
+    const Tensor<T>& w = raw(wname);
+    const std::int64_t n = w.shape()[0], ldw = w.shape()[1];
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (packer_ && packer_->on && packer_->packed.count(wname)) {
+        packer_->gemm.linear(x, m, k, ldx, w.data() + piece * n * k, n, b, y, ldy, post);
+        return;
+      }
+    }
+#endif
+    cpu_kernels::linear(x, m, k, ldx, w.data() + piece * k, n, ldw, b, y, ldy,
+                        post == onednn::Post::accumulate);
+    if (post == onednn::Post::gelu) {
+      const T* none = nullptr;
+      if (ldy == n)
+        cpu_kernels::bias_gelu(y, m, n, none);
+      else
+        for (std::int64_t i = 0; i < m; ++i) cpu_kernels::bias_gelu(y + i * ldy, 1, n, none);
+    }
+  }
   void emit(const char* name, const T* d, Shape s) const {
     if (trace_) trace_(name, d, s);
   }
@@ -469,11 +563,11 @@ class UViT {
       if (cfg_.mlp_time_embed) {
         const std::string& n = cfg_.time_names[g];
         T* h = temb_.data() + B + B * E + b0 * 4 * E;
-        kk::linear(emb.data(), nb, E, E, param(n + ".0.weight").data(), 4 * E, E,
-                   param(n + ".0.bias").data(), h, 4 * E);
+        kk::linear(emb.data(), nb, E, E, raw(n + ".0.weight").data(), 4 * E, E,
+                   raw(n + ".0.bias").data(), h, 4 * E);
         kk::silu(h, nb * 4 * E);
-        kk::linear(h, nb, 4 * E, 4 * E, param(n + ".2.weight").data(), E, 4 * E,
-                   param(n + ".2.bias").data(), X + (b0 * L + static_cast<std::int64_t>(g)) * E,
+        kk::linear(h, nb, 4 * E, 4 * E, raw(n + ".2.weight").data(), E, 4 * E,
+                   raw(n + ".2.bias").data(), X + (b0 * L + static_cast<std::int64_t>(g)) * E,
                    L * E);
       } else {
         for (std::int64_t b = 0; b < nb; ++b)
@@ -481,7 +575,7 @@ class UViT {
       }
     }
     if (cfg_.data_type_token) {
-      const T* te = param("token_embedding.weight").data();
+      const T* te = raw("token_embedding.weight").data();
       for (std::int64_t b = b0; b < b0 + nb; ++b)
         std::copy_n(te + in.data_type[static_cast<std::size_t>(b)] * E, E,
                     X + (b * L + static_cast<std::int64_t>(cfg_.groups())) * E);
@@ -490,8 +584,8 @@ class UViT {
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto& c = C[k];
       const std::int64_t tk = c.tokens(lh, lw);
-      const T* w = param(c.in_name + ".weight").data();
-      const T* bias = param(c.in_name + ".bias").data();
+      const T* w = raw(c.in_name + ".weight").data();
+      const T* bias = raw(c.in_name + ".bias").data();
       for (std::int64_t b = b0; b < b0 + nb; ++b) {
         const T* src = in.x[k].data + b * in.x[k].ld;
         T* dst = X + (b * L + off) * E;
@@ -522,8 +616,8 @@ class UViT {
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto& c = C[k];
       const std::int64_t tk = c.tokens(lh, lw);
-      const T* w = param(c.out_name + ".weight").data();
-      const T* bias = param(c.out_name + ".bias").data();
+      const T* w = raw(c.out_name + ".weight").data();
+      const T* bias = raw(c.out_name + ".bias").data();
       for (std::int64_t b = b0; b < b0 + nb; ++b) {
         const T* src = X + (b * L + off) * E;
         T* dst = out[k].data + b * out[k].ld;
@@ -558,7 +652,7 @@ class UViT {
       emit(name.c_str(), x_.data(), Shape{nb, L, E});
     }
     cpu_kernels::layer_norm(x_.data() + off, M, E, static_cast<const T*>(nullptr),
-                            param("norm.weight").data(), param("norm.bias").data());
+                            raw("norm.weight").data(), raw("norm.bias").data());
     emit("norm", x_.data(), Shape{nb, L, E});
   }
 
@@ -572,27 +666,25 @@ class UViT {
     T* qkv = qkv_.data() + r0 * 3 * E;
     T* att = attn_.data() + r0 * E;
     T* hid = hid_.data() + r0 * Hm;
-    if (skip) {
-      const T* w = param(p + ".skip_linear.weight").data();
-      kk::linear(X, M, E, E, w, E, 2 * E, param(p + ".skip_linear.bias").data(), tmp, E);
-      kk::linear(skip, M, E, E, w + E, E, 2 * E, static_cast<const T*>(nullptr), tmp, E, true);
-      kk::layer_norm(tmp, static_cast<const T*>(nullptr), X, M, E,
-                     param(p + ".norm1.weight").data(), param(p + ".norm1.bias").data());
+    using onednn::Post;
+    const T* none = nullptr;
+    if (skip) {  // skip_linear([x, skip]) as two products over the halves of its weight
+      lin(p + ".skip_linear.weight", 0, X, M, E, E, raw(p + ".skip_linear.bias").data(), tmp, E,
+          Post::none);
+      lin(p + ".skip_linear.weight", 1, skip, M, E, E, none, tmp, E, Post::accumulate);
+      kk::layer_norm(tmp, none, X, M, E, raw(p + ".norm1.weight").data(),
+                     raw(p + ".norm1.bias").data());
     }
-    const T* qb = cfg_.qkv_bias ? param(p + ".attn.qkv.bias").data() : nullptr;
-    kk::linear(X, M, E, E, param(p + ".attn.qkv.weight").data(), 3 * E, E, qb, qkv, 3 * E);
+    const T* qb = cfg_.qkv_bias ? raw(p + ".attn.qkv.bias").data() : nullptr;
+    lin(p + ".attn.qkv.weight", 0, X, M, E, E, qb, qkv, 3 * E, Post::none);
     kk::attention(qkv, nb, L, E, cfg_.num_heads, att, scores_.data(), score_block(L));
-    kk::linear(att, M, E, E, param(p + ".attn.proj.weight").data(), E, E,
-               param(p + ".attn.proj.bias").data(), tmp, E);
-    kk::layer_norm(X, M, E, tmp, param(p + ".norm2.weight").data(),
-                   param(p + ".norm2.bias").data());
-    kk::linear(X, M, E, E, param(p + ".mlp.fc1.weight").data(), Hm, E,
-               param(p + ".mlp.fc1.bias").data(), hid, Hm);
-    kk::bias_gelu(hid, M, Hm, static_cast<const T*>(nullptr));
-    kk::linear(hid, M, Hm, Hm, param(p + ".mlp.fc2.weight").data(), E, Hm,
-               param(p + ".mlp.fc2.bias").data(), tmp, E);
-    kk::layer_norm(X, M, E, tmp, param(p + ".norm3.weight").data(),
-                   param(p + ".norm3.bias").data());
+    lin(p + ".attn.proj.weight", 0, att, M, E, E, raw(p + ".attn.proj.bias").data(), tmp, E,
+        Post::none);
+    kk::layer_norm(X, M, E, tmp, raw(p + ".norm2.weight").data(), raw(p + ".norm2.bias").data());
+    lin(p + ".mlp.fc1.weight", 0, X, M, E, E, raw(p + ".mlp.fc1.bias").data(), hid, Hm, Post::gelu);
+    lin(p + ".mlp.fc2.weight", 0, hid, M, Hm, Hm, raw(p + ".mlp.fc2.bias").data(), tmp, E,
+        Post::none);
+    kk::layer_norm(X, M, E, tmp, raw(p + ".norm3.weight").data(), raw(p + ".norm3.bias").data());
   }
 
   // The positional table actually added, [L, E] for latent side h x w (cached).
@@ -600,12 +692,12 @@ class UViT {
     if (pe_cache_h_ == h && pe_cache_w_ == w) return pe_.data();
     const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(h, w);
     pe_.assign(static_cast<std::size_t>(L * E), T(0));
-    const T* src = param("pos_embed").data();
+    const T* src = raw("pos_embed").data();
     const auto ng = static_cast<std::int64_t>(cfg_.groups());
     std::copy_n(src, ng * E, pe_.data());
     std::int64_t dst_row = ng, src_row = ng;
     if (cfg_.data_type_token)
-      std::copy_n(param("pos_embed_token").data(), E, pe_.data() + (dst_row++) * E);
+      std::copy_n(raw("pos_embed_token").data(), E, pe_.data() + (dst_row++) * E);
     for (const auto& c : cfg_.components) {
       const std::int64_t t0 = c.tokens(), t1 = c.tokens(h, w);
       if (t0 == t1) {
@@ -631,6 +723,16 @@ class UViT {
   std::vector<cpu_kernels::AlignedVector<T>> skips_;
   std::int64_t pe_cache_h_ = -1, pe_cache_w_ = -1;
   Trace trace_;
+  bool packed_gemm_ = true;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  struct Packer {
+    onednn::Gemm gemm;
+    std::mutex mu;
+    bool on = false;                             // weights in `packed` are in oneDNN layout
+    std::map<std::string, std::int64_t> packed;  // name -> pieces
+  };
+  std::unique_ptr<Packer> packer_;
+#endif
 };
 
 //! The network as the multimodal noise predictor of GuidedPredictor / sample_task: group g's

@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file onednn.hpp
+//! Optional fp32 GEMM path of the CPU backend through oneDNN (build option UNIDIFFUSER_ONEDNN,
+//! which defines UNIDIFFUSER_WITH_ONEDNN and links DNNL::dnnl). A weight matrix is reordered
+//! once into oneDNN's blocked layout for this CPU -- in place, in the storage of the plain
+//! matrix, so the packed network needs no extra memory -- and every product then runs oneDNN's
+//! matmul (brgemm kernels on AVX-512 CPUs) on the packed weights with the bias and an optional
+//! exact-erf GELU or accumulation fused into it. Without the option `available` is false and
+//! nothing else is declared. See docs/NOTES.md, "oneDNN GEMM path".
+#pragma once
+
+#include <cstdint>
+
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "unidiffuser/core/error.hpp"
+#endif
+
+namespace unidiffuser::onednn {
+
+//! What a product does after x W^T (+ bias).
+enum class Post { none, gelu, accumulate };
+
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+inline constexpr bool available = true;
+
+//! Packs fp32 weight matrices in place and runs y = x W^T (+ b) (post) with them. One object
+//! per network: it owns the engine, the packed layouts and a cache of primitives (one per
+//! shape); `linear` may be called concurrently from several threads (each OpenMP thread of a
+//! parallel region runs its primitive single-threaded; outside a parallel region oneDNN uses
+//! OpenMP's threads itself).
+class Gemm {
+ public:
+  Gemm() : eng_(dnnl::engine::kind::cpu, 0) {}
+
+  //! Reorders W [n, pieces * k] (row-major, the weight of `pieces` products side by side: piece
+  //! p is columns [p k, (p + 1) k)) in place into `pieces` packed [k, n] blocks, one after the
+  //! other. Returns false and leaves w untouched when the packed layout would not fit in the
+  //! same storage (then the caller keeps the plain path for this matrix). The layout is the one
+  //! oneDNN picks for 1105 rows (the official sequence); a product whose row count wants another
+  //! one re-lays the weights into a per-thread buffer first (not seen on x86 CPUs so far).
+  bool pack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
+    const dnnl::memory::desc md = layout(n, k);
+    if (md.get_size() != static_cast<std::size_t>(n * k) * sizeof(float)) return false;
+    std::vector<float> tmp(static_cast<std::size_t>(n * k * pieces));
+    dnnl::stream s(eng_);
+    for (std::int64_t p = 0; p < pieces; ++p) {
+      dnnl::memory src(plain(n, k, pieces * k), eng_, w + p * k);
+      dnnl::memory dst(md, eng_, tmp.data() + p * n * k);
+      dnnl::reorder(src, dst).execute(s, src, dst);
+    }
+    s.wait();
+    std::copy(tmp.begin(), tmp.end(), w);
+    return true;
+  }
+  //! Inverse of a successful pack(w, n, k, pieces): the plain row-major matrix again.
+  void unpack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
+    const dnnl::memory::desc md = layout(n, k);
+    std::vector<float> tmp(w, w + n * k * pieces);
+    dnnl::stream s(eng_);
+    for (std::int64_t p = 0; p < pieces; ++p) {
+      dnnl::memory src(md, eng_, tmp.data() + p * n * k);
+      dnnl::memory dst(plain(n, k, pieces * k), eng_, w + p * k);
+      dnnl::reorder(src, dst).execute(s, src, dst);
+    }
+    s.wait();
+  }
+
+  //! y [m, n] (leading dimension ldy) = x [m, k] (ldx) W^T (+ b) with W packed by pack() (for a
+  //! piece p of a multi-piece matrix, pass w + p n k), then the post operation: none, exact
+  //! GELU, or accumulate (y += ...).
+  void linear(const float* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const float* w,
+              std::int64_t n, const float* b, float* y, std::int64_t ldy, Post post) {
+    const Prim& p = primitive(key_of(m, k, n, ldx, ldy, b != nullptr, post));
+    const dnnl::memory::desc packed = layout(n, k);
+    static thread_local std::vector<char> scratch;
+    static thread_local std::vector<float> relaid;
+    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
+    dnnl::stream s(eng_);
+    dnnl::memory xs(p.src, eng_, const_cast<float*>(x)), ys(p.dst, eng_, y);
+    dnnl::memory ws(packed, eng_, const_cast<float*>(w));
+    if (!(p.wmd == packed)) {  // this m wants another layout (not seen on x86 so far): re-lay
+      relaid.resize(p.wmd.get_size() / sizeof(float) + 1);
+      dnnl::memory r(p.wmd, eng_, relaid.data());
+      dnnl::reorder(ws, r).execute(s, ws, r);
+      ws = r;
+    }
+    dnnl::memory sp(p.pd.scratchpad_desc(), eng_, scratch.data());
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ws}, {DNNL_ARG_DST, ys}, {DNNL_ARG_SCRATCHPAD, sp}};
+    if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, eng_, const_cast<float*>(b)));
+    p.prim.execute(s, args);
+    s.wait();
+  }
+
+ private:
+  using Key =
+      std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool, int>;
+  struct Prim {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+    dnnl::memory::desc src, wmd, dst, bias;
+    std::size_t scratch = 0;
+  };
+  static Key key_of(std::int64_t m, std::int64_t k, std::int64_t n, std::int64_t ldx,
+                    std::int64_t ldy, bool bias, Post post) {
+    return {m, k, n, ldx, ldy, bias, static_cast<int>(post)};
+  }
+  using dt = dnnl::memory::data_type;
+  // W [n, k] with row stride ldw, seen as the [k, n] operand of x W^T.
+  static dnnl::memory::desc plain(std::int64_t n, std::int64_t k, std::int64_t ldw) {
+    return dnnl::memory::desc({k, n}, dt::f32, dnnl::memory::dims{1, ldw});
+  }
+  dnnl::memory::desc layout(std::int64_t n, std::int64_t k) {
+    return primitive(key_of(1105, k, n, k, n, false, Post::none)).wmd;
+  }
+  const Prim& primitive(const Key& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(key);
+    if (it != cache_.end()) return it->second;
+    const auto [m, k, n, ldx, ldy, bias, post] = key;
+    const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{ldx, 1});
+    const dnnl::memory::desc dst({m, n}, dt::f32, dnnl::memory::dims{ldy, 1});
+    const dnnl::memory::desc wany({k, n}, dt::f32, dnnl::memory::format_tag::any);
+    const dnnl::memory::desc bmd({1, n}, dt::f32, dnnl::memory::format_tag::ab);
+    dnnl::post_ops po;
+    if (post == static_cast<int>(Post::gelu))
+      po.append_eltwise(1.f, dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
+    else if (post == static_cast<int>(Post::accumulate))
+      po.append_sum(1.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    try {
+      auto d = bias ? dnnl::matmul::desc(src, wany, bmd, dst) : dnnl::matmul::desc(src, wany, dst);
+      dnnl::matmul::primitive_desc pd(d, attr, eng_);
+      Prim p{
+          pd, dnnl::matmul(pd), src, pd.weights_desc(), dst, bmd, pd.scratchpad_desc().get_size()};
+      return cache_.emplace(key, std::move(p)).first->second;
+    } catch (const dnnl::error& e) {
+      throw error("onednn::Gemm",
+                  "matmul [" + std::to_string(m) + ", " + std::to_string(k) + "] x [" +
+                      std::to_string(k) + ", " + std::to_string(n) + "]",
+                  std::string("oneDNN could not create the primitive: ") + e.what());
+    }
+  }
+
+  dnnl::engine eng_;
+  std::mutex mu_;
+  std::map<Key, Prim> cache_;
+};
+#else
+inline constexpr bool available = false;
+#endif
+
+}  // namespace unidiffuser::onednn
