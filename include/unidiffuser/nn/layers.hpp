@@ -156,6 +156,14 @@ inline std::int64_t pad16(std::int64_t l) {
 }
 //! Query rows per register tile group of the tiled attention.
 inline constexpr int kRows = 8;
+//! Score tile: query rows x key packets held in registers. With 32 vector registers (AVX-512)
+//! all 8 rows of a group at once (24 accumulators): each K^T element loaded from L1/L2 feeds 8
+//! rows, which matters once K^T outgrows L1 (L = 337, dh = 64: 88 KiB); with 16, 4 x 2.
+#if EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32
+inline constexpr int kQkRows = 8, kQkPackets = 3;
+#else
+inline constexpr int kQkRows = 4, kQkPackets = 2;
+#endif
 }  // namespace detail
 
 //! Per-thread scratch of attention() in elements, for sequence length l, query rows per score
@@ -297,22 +305,23 @@ void pack_transposed(const T* k, std::int64_t ldk, std::int64_t l, std::int64_t 
 #pragma GCC diagnostic pop
 #endif
 
-// kRows query rows of one (sample, head): scores against every key (two 4-row tiles), softmax
-// numerators, times V (one kRows-row tile per pair of V packets), scaled by 1 / sum.
+// kRows query rows of one (sample, head): scores against every key (kQkRows x kQkPackets tiles),
+// softmax numerators, times V (one kRows-row tile per pair of V packets), scaled by 1 / sum.
 template <class T>
 void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t lp,
                     std::int64_t dh, T scale, T* s, const T* v, T* const* o) {
-  constexpr int W = lanes<T>, R = kRows;
-  for (int r0 = 0; r0 < R; r0 += 4) {
+  constexpr int W = lanes<T>, R = kRows, QR = kQkRows, QN = kQkPackets;
+  static_assert(R % QR == 0 && QN >= 2 && QN <= 4);
+  for (int r0 = 0; r0 < R; r0 += QR) {
     std::int64_t j = 0;
-    for (; j + 4 * W <= lp; j += 4 * W)
-      qk_tile<T, 4, 4>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
-    switch ((lp - j) / W) {
-      case 3: qk_tile<T, 4, 3>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
-      case 2: qk_tile<T, 4, 2>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
-      case 1: qk_tile<T, 4, 1>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp); break;
-      default: break;
-    }
+    for (; j + QN * W <= lp; j += QN * W)
+      qk_tile<T, QR, QN>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
+    const std::int64_t rest = (lp - j) / W;  // < QN packets
+    if constexpr (QN > 3)
+      if (rest == 3) qk_tile<T, QR, 3>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
+    if constexpr (QN > 2)
+      if (rest == 2) qk_tile<T, QR, 2>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
+    if (rest == 1) qk_tile<T, QR, 1>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
   }
   T inv[R];
   for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + r * lp, l, lp);
