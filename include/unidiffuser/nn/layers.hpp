@@ -159,11 +159,8 @@ inline constexpr int kRows = 8;
 //! Score tile: query rows x key packets held in registers. With 32 vector registers (AVX-512)
 //! all 8 rows of a group at once (24 accumulators): each K^T element loaded from L1/L2 feeds 8
 //! rows, which matters once K^T outgrows L1 (L = 337, dh = 64: 88 KiB); with 16, 4 x 2.
-#if EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32
-inline constexpr int kQkRows = 8, kQkPackets = 3;
-#else
-inline constexpr int kQkRows = 4, kQkPackets = 2;
-#endif
+inline constexpr bool kWideRegisterFile = (EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS) >= 32;
+inline constexpr int kQkRows = kWideRegisterFile ? 8 : 4, kQkPackets = kWideRegisterFile ? 3 : 2;
 }  // namespace detail
 
 //! Per-thread scratch of attention() in elements, for sequence length l, query rows per score
