@@ -638,17 +638,22 @@ class UViT {
   void blocks(std::int64_t b0, std::int64_t nb, std::int64_t L) {
     const std::int64_t E = cfg_.embed_dim, M = nb * L, off = b0 * L * E;
     const std::int64_t sides = cfg_.blocks_per_side();
+    // in_blocks.i writes its output straight into skip buffer i, which the next block reads
+    // (no copy of the activations into the skip stack)
+    T* cur = x_.data();
     for (std::int64_t i = 0; i < sides; ++i) {
       const std::string name = "in_blocks." + std::to_string(i);
-      block(name, b0, nb, L, nullptr);
-      std::copy_n(x_.data() + off, M * E, skips_[static_cast<std::size_t>(i)].data() + off);
-      emit(name.c_str(), x_.data(), Shape{nb, L, E});
+      T* dst = skips_[static_cast<std::size_t>(i)].data();
+      block(name, cur, dst, b0, nb, L, nullptr);
+      emit(name.c_str(), dst, Shape{nb, L, E});
+      cur = dst;
     }
-    block("mid_block", b0, nb, L, nullptr);
+    block("mid_block", cur, x_.data(), b0, nb, L, nullptr);
     emit("mid_block", x_.data(), Shape{nb, L, E});
     for (std::int64_t i = 0; i < sides; ++i) {
       const std::string name = "out_blocks." + std::to_string(i);
-      block(name, b0, nb, L, skips_[static_cast<std::size_t>(sides - 1 - i)].data() + off);
+      block(name, x_.data(), x_.data(), b0, nb, L,
+            skips_[static_cast<std::size_t>(sides - 1 - i)].data() + off);
       emit(name.c_str(), x_.data(), Shape{nb, L, E});
     }
     cpu_kernels::layer_norm(x_.data() + off, M, E, static_cast<const T*>(nullptr),
@@ -656,12 +661,15 @@ class UViT {
     emit("norm", x_.data(), Shape{nb, L, E});
   }
 
-  // One post-LN block on samples [b0, b0 + nb) of x_ (UVIT.md §4.6); `skip` is already offset.
-  void block(const std::string& p, std::int64_t b0, std::int64_t nb, std::int64_t L,
-             const T* skip) {
+  // One post-LN block on samples [b0, b0 + nb) (UVIT.md §4.6): reads the workspace array `in`,
+  // writes `out` (may be the same array; `in` is not modified when they differ); `skip` is
+  // already offset to the samples.
+  void block(const std::string& p, const T* in, T* out, std::int64_t b0, std::int64_t nb,
+             std::int64_t L, const T* skip) {
     namespace kk = cpu_kernels;
     const std::int64_t E = cfg_.embed_dim, M = nb * L, Hm = cfg_.hidden(), r0 = b0 * L;
-    T* X = x_.data() + r0 * E;
+    const T* X = in + r0 * E;
+    T* Y = out + r0 * E;
     T* tmp = tmp_.data() + r0 * E;
     T* qkv = qkv_.data() + r0 * 3 * E;
     T* att = attn_.data() + r0 * E;
@@ -672,19 +680,20 @@ class UViT {
       lin(p + ".skip_linear.weight", 0, X, M, E, E, raw(p + ".skip_linear.bias").data(), tmp, E,
           Post::none);
       lin(p + ".skip_linear.weight", 1, skip, M, E, E, none, tmp, E, Post::accumulate);
-      kk::layer_norm(tmp, none, X, M, E, raw(p + ".norm1.weight").data(),
+      kk::layer_norm(tmp, none, Y, M, E, raw(p + ".norm1.weight").data(),
                      raw(p + ".norm1.bias").data());
+      X = Y;
     }
     const T* qb = cfg_.qkv_bias ? raw(p + ".attn.qkv.bias").data() : nullptr;
     lin(p + ".attn.qkv.weight", 0, X, M, E, E, qb, qkv, 3 * E, Post::none);
     kk::attention(qkv, nb, L, E, cfg_.num_heads, att, scores_.data(), score_block(L));
     lin(p + ".attn.proj.weight", 0, att, M, E, E, raw(p + ".attn.proj.bias").data(), tmp, E,
         Post::none);
-    kk::layer_norm(X, M, E, tmp, raw(p + ".norm2.weight").data(), raw(p + ".norm2.bias").data());
-    lin(p + ".mlp.fc1.weight", 0, X, M, E, E, raw(p + ".mlp.fc1.bias").data(), hid, Hm, Post::gelu);
+    kk::layer_norm(X, tmp, Y, M, E, raw(p + ".norm2.weight").data(), raw(p + ".norm2.bias").data());
+    lin(p + ".mlp.fc1.weight", 0, Y, M, E, E, raw(p + ".mlp.fc1.bias").data(), hid, Hm, Post::gelu);
     lin(p + ".mlp.fc2.weight", 0, hid, M, Hm, Hm, raw(p + ".mlp.fc2.bias").data(), tmp, E,
         Post::none);
-    kk::layer_norm(X, M, E, tmp, raw(p + ".norm3.weight").data(), raw(p + ".norm3.bias").data());
+    kk::layer_norm(Y, M, E, tmp, raw(p + ".norm3.weight").data(), raw(p + ".norm3.bias").data());
   }
 
   // The positional table actually added, [L, E] for latent side h x w (cached).
