@@ -3,6 +3,7 @@
 // H = 8, MLP 2048; attention also at the demo config's) with FLOP and byte counters.
 #include <benchmark/benchmark.h>
 
+#include <utility>
 #include <vector>
 
 #include "unidiffuser/backend/cpu/onednn.hpp"
@@ -22,48 +23,37 @@ std::vector<float> randn(std::int64_t n, std::uint64_t seed) {
   return v;
 }
 
+// Args: k, n, GEMM path (0: Eigen; 1: oneDNN on weights packed once, outside the timing --
+// builds with UNIDIFFUSER_ONEDNN only).
 void BM_Linear(benchmark::State& st) {
-  const std::int64_t k = st.range(0), n = st.range(1);
-  const auto x = randn(M * k, 1), w = randn(n * k, 2), b = randn(n, 3);
-  std::vector<float> y(static_cast<std::size_t>(M * n));
-  for (auto _ : st) {
-    kk::linear(x.data(), M, k, k, w.data(), n, k, b.data(), y.data(), n);
-    benchmark::DoNotOptimize(y.data());
-  }
-  st.counters["FLOP/s"] =
-      benchmark::Counter(2.0 * M * n * k, benchmark::Counter::kIsIterationInvariantRate);
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * k + n * k + M * n) * 4);
-}
-BENCHMARK(BM_Linear)
-    ->Args({E, 3 * E})
-    ->Args({E, E})
-    ->Args({E, Hm})
-    ->Args({Hm, E})
-    ->Unit(benchmark::kMillisecond);
-
-#if defined(UNIDIFFUSER_WITH_ONEDNN)
-// The oneDNN path of builds with UNIDIFFUSER_ONEDNN: weights packed once (outside the timing).
-void BM_LinearOneDnnPacked(benchmark::State& st) {
   const std::int64_t k = st.range(0), n = st.range(1);
   auto x = randn(M * k, 1), w = randn(n * k, 2), b = randn(n, 3);
   std::vector<float> y(static_cast<std::size_t>(M * n));
+#if defined(UNIDIFFUSER_WITH_ONEDNN)
   ud::onednn::Gemm gemm;
-  if (!gemm.pack(w.data(), n, k)) st.SkipWithError("layout does not fit in place");
+  const bool packed = st.range(2) == 1;
+  if (packed && !gemm.pack(w.data(), n, k)) st.SkipWithError("layout does not fit in place");
+#else
+  const bool packed = false;
+#endif
   for (auto _ : st) {
-    gemm.linear(x.data(), M, k, k, w.data(), n, b.data(), y.data(), n, ud::onednn::Post::none);
+#if defined(UNIDIFFUSER_WITH_ONEDNN)
+    if (packed)
+      gemm.linear(x.data(), M, k, k, w.data(), n, b.data(), y.data(), n, ud::onednn::Post::none);
+#endif
+    if (!packed) kk::linear(x.data(), M, k, k, w.data(), n, k, b.data(), y.data(), n);
     benchmark::DoNotOptimize(y.data());
   }
   st.counters["FLOP/s"] =
       benchmark::Counter(2.0 * M * n * k, benchmark::Counter::kIsIterationInvariantRate);
   st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations()) * (M * k + n * k + M * n) * 4);
 }
-BENCHMARK(BM_LinearOneDnnPacked)
-    ->Args({E, 3 * E})
-    ->Args({E, E})
-    ->Args({E, Hm})
-    ->Args({Hm, E})
-    ->Unit(benchmark::kMillisecond);
-#endif
+void linear_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"k", "n", "onednn"});
+  for (std::int64_t path = 0; path <= (ud::onednn::available ? 1 : 0); ++path)
+    for (auto [k, n] : {std::pair{E, 3 * E}, {E, E}, {E, Hm}, {Hm, E}}) b->Args({k, n, path});
+}
+BENCHMARK(BM_Linear)->Apply(linear_args)->Unit(benchmark::kMillisecond);
 
 // Args: batch, tokens, width, heads, query rows per score block (0 = all).
 void BM_Attention(benchmark::State& st) {
