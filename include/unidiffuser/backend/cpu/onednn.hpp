@@ -46,7 +46,8 @@ class Gemm {
   //! other. Returns false and leaves w untouched when the packed layout would not fit in the
   //! same storage (then the caller keeps the plain path for this matrix). The layout is the one
   //! oneDNN picks for 1105 rows (the official sequence); a product whose row count wants another
-  //! one re-lays the weights into a per-thread buffer first (not seen on x86 CPUs so far).
+  //! one re-lays the weights into a per-thread buffer first (not seen on the test CPU for 1 to
+  //! 5000 rows).
   bool pack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
     const dnnl::memory::desc md = layout(n, k);
     if (md.get_size() != static_cast<std::size_t>(n * k) * sizeof(float)) return false;
@@ -87,7 +88,7 @@ class Gemm {
     dnnl::stream s(eng_);
     dnnl::memory xs(p.src, eng_, const_cast<float*>(x)), ys(p.dst, eng_, y);
     dnnl::memory ws(packed, eng_, const_cast<float*>(w));
-    if (!(p.wmd == packed)) {  // this m wants another layout (not seen on x86 so far): re-lay
+    if (!(p.wmd == packed)) {  // this m wants another layout (not seen so far): re-lay
       relaid.resize(p.wmd.get_size() / sizeof(float) + 1);
       dnnl::memory r(p.wmd, eng_, relaid.data());
       dnnl::reorder(ws, r).execute(s, ws, r);
