@@ -5,8 +5,10 @@
 set -euo pipefail
 packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-dev doctest-dev
           libbenchmark-dev clang-14 libclang-rt-14-dev clang-format)
-# --onednn: also oneDNN, for the optional GEMM path (CMake option UNIDIFFUSER_ONEDNN, preset onednn)
-if [ "${1:-}" = "--onednn" ]; then packages+=(libdnnl-dev); fi
+# --onednn: also oneDNN, for the optional GEMM path (CMake option UNIDIFFUSER_ONEDNN, preset onednn).
+# Debian's dnnl-config.cmake calls find_package(OpenCL) unconditionally, so the OpenCL headers and
+# loader (a Recommends of libdnnl-dev, skipped by --no-install-recommends) are needed as well.
+if [ "${1:-}" = "--onednn" ]; then packages+=(libdnnl-dev ocl-icd-opencl-dev); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
