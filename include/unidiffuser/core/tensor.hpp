@@ -10,9 +10,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -24,17 +26,16 @@ namespace unidiffuser {
 //! Maximum tensor rank.
 inline constexpr int max_rank = 4;
 
-//! A shape of rank 0..4 (rank 0 is a scalar with one element).
+//! A shape of rank 0..4 (rank 0 is a scalar with one element). Extents are non-negative and the
+//! product of the non-zero extents fits in int64, so numel(), inner() and every partial product
+//! of the extents are representable (a zero extent does not excuse an overflowing rest).
 class Shape {
  public:
   constexpr Shape() = default;
   Shape(std::initializer_list<std::int64_t> dims) {
     if (dims.size() > static_cast<std::size_t>(max_rank))
       throw_mismatch("Shape", "dims", "rank too large", "<= 4", dims.size());
-    for (std::int64_t d : dims) {
-      if (d < 0) throw_mismatch("Shape", "dims", "negative extent", ">= 0", d);
-      dims_[static_cast<std::size_t>(rank_++)] = d;
-    }
+    for (std::int64_t d : dims) push("dims", d);
   }
   template <class It>
   static Shape from_range(It first, It last, std::string_view subject = "dims") {
@@ -42,9 +43,7 @@ class Shape {
     for (; first != last; ++first) {
       if (s.rank_ >= max_rank)
         throw error("Shape", std::string(subject), "rank larger than 4 is not supported");
-      const auto d = static_cast<std::int64_t>(*first);
-      if (d < 0) throw_mismatch("Shape", std::string(subject), "negative extent", ">= 0", d);
-      s.dims_[static_cast<std::size_t>(s.rank_++)] = d;
+      s.push(subject, static_cast<std::int64_t>(*first));
     }
     return s;
   }
@@ -86,6 +85,22 @@ class Shape {
   }
 
  private:
+  // Appends extent d, rejecting a negative one and a product of non-zero extents above int64.
+  void push(std::string_view subject, std::int64_t d) {
+    if (d < 0) throw_mismatch("Shape", std::string(subject), "negative extent", ">= 0", d);
+    dims_[static_cast<std::size_t>(rank_++)] = d;
+    std::int64_t nonzero = 1;
+    for (int i = 0; i < rank_; ++i) {
+      const std::int64_t e = dims_[static_cast<std::size_t>(i)];
+      if (e == 0) continue;
+      if (nonzero > std::numeric_limits<std::int64_t>::max() / e)
+        throw_mismatch("Shape", std::string(subject),
+                       "product of the non-zero extents of " + str() + " (element count)",
+                       "<= " + std::to_string(std::numeric_limits<std::int64_t>::max()),
+                       "an int64 overflow");
+      nonzero *= e;
+    }
+  }
   std::array<std::int64_t, max_rank> dims_{};
   int rank_ = 0;
 };

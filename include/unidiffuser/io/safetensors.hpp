@@ -5,9 +5,11 @@
 //! Format: 8-byte little-endian header length N, N bytes of JSON mapping names to
 //! {"dtype", "shape", "data_offsets": [begin, end]} plus an optional "__metadata__" object of
 //! strings, then the data block. The reader validates everything before any tensor is used:
-//! header length bounds, well-formed JSON, known dtypes, non-negative shapes, offsets in bounds,
-//! shape x dtype size = byte length, no duplicate names, no overlap and no holes in the data
-//! block. Errors name the file and the tensor. Tensors convert to the requested working type.
+//! header length bounds, well-formed JSON, known dtypes, non-negative shapes whose non-zero
+//! extents multiply to at most INT64_MAX, offsets in bounds, shape x dtype size = byte length, no
+//! duplicate names, no overlap and no holes in the data block. Errors name the file and the
+//! tensor. Tensors (zero-element ones included) convert to the requested working type. The writer
+//! is atomic and durable (exclusive temporary, fsync, rename, directory fsync). POSIX only.
 #pragma once
 
 #include <algorithm>
@@ -16,7 +18,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -27,6 +31,10 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "unidiffuser/core/dtype.hpp"
 #include "unidiffuser/core/error.hpp"
@@ -46,6 +54,8 @@ struct TensorInfo {
   dtype type = dtype::f32;
   std::vector<std::int64_t> shape;   //!< any rank (the library's tensors take rank <= 4)
   std::uint64_t begin = 0, end = 0;  //!< byte range inside the data block
+  //! Element count; representable for every entry of a parsed File (the reader rejects shapes
+  //! whose non-zero extents multiply beyond int64).
   std::int64_t numel() const {
     std::int64_t n = 1;
     for (auto d : shape) n *= d;
@@ -77,6 +87,59 @@ T load_elem(const unsigned char* p, dtype t) {
   }
   return T{};
 }
+
+//! A temporary file `<path>.tmp-XXXXXX` beside `path` (mkstemp: created exclusively), removed
+//! unless commit() moved it over `path`. Errors name `path`.
+class TempFile {
+ public:
+  explicit TempFile(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp-XXXXXX") {
+    fd_ = ::mkstemp(tmp_.data());
+    if (fd_ < 0) fail("cannot create a temporary file in the destination's directory");
+    if (::fchmod(fd_, 0644) != 0) fail("cannot set the mode of the temporary file");
+  }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(tmp_.c_str());
+  }
+  //! Appends `size` bytes (retrying short writes and interrupts).
+  void put(const void* data, std::size_t size) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    while (size > 0) {
+      const ::ssize_t w = ::write(fd_, p, size);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) fail("write failed (disk full?); nothing was replaced");
+      p += w;
+      size -= static_cast<std::size_t>(w);
+    }
+  }
+  //! fsync, close, rename over the destination, fsync the directory.
+  void commit() {
+    if (::fsync(fd_) != 0) fail("fsync of the temporary file failed; nothing was replaced");
+    const int fd = std::exchange(fd_, -1);
+    if (::close(fd) != 0) fail("closing the temporary file failed; nothing was replaced");
+    if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
+      fail("cannot move the finished file into place");
+    committed_ = true;
+    std::string dir = std::filesystem::path(path_).parent_path().string();
+    if (dir.empty()) dir = ".";
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) fail("the file was replaced but its directory cannot be opened to sync it");
+    const bool synced = ::fsync(dfd) == 0 || errno == EINVAL;  // EINVAL: no directory sync here
+    ::close(dfd);
+    if (!synced) fail("the file was replaced but syncing its directory failed");
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    const int e = errno;
+    throw error("safetensors::write", path_, what + ": " + std::strerror(e));
+  }
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
 }  // namespace detail
 
 //! A parsed, validated safetensors file held in memory.
@@ -90,23 +153,29 @@ class File {
     f.validate();
     return f;
   }
-  //! Reads and validates the file at `path`.
+  //! Reads and validates the regular file at `path` (a directory, device or pipe is an error).
+  //! Allocates exactly the file's size, never more.
   static File read(const std::string& path) {
     const char* op = "safetensors::read";
     std::FILE* fp = std::fopen(path.c_str(), "rb");
     if (!fp) throw error(op, path, std::string("cannot open: ") + std::strerror(errno));
     std::unique_ptr<std::FILE, int (*)(std::FILE*)> guard(fp, &std::fclose);
+    struct stat st {};
+    if (::fstat(::fileno(fp), &st) != 0)
+      throw error(op, path, std::string("cannot stat: ") + std::strerror(errno));
+    if (!S_ISREG(st.st_mode)) throw error(op, path, "not a regular file");
+    const auto size = static_cast<std::uint64_t>(st.st_size);
     std::vector<unsigned char> buf;
-    if (std::fseek(fp, 0, SEEK_END) == 0) {
-      const long size = std::ftell(fp);
-      if (size > 0) buf.reserve(static_cast<std::size_t>(size));
-      std::fseek(fp, 0, SEEK_SET);
+    try {
+      buf.resize(static_cast<std::size_t>(size));
+    } catch (const std::exception&) {  // std::bad_alloc or std::length_error
+      throw error(op, path, "cannot allocate " + std::to_string(size) + " bytes for the file");
     }
-    unsigned char chunk[1 << 16];
-    std::size_t n;
-    while ((n = std::fread(chunk, 1, sizeof chunk, fp)) > 0)
-      buf.insert(buf.end(), chunk, chunk + n);
-    if (std::ferror(fp)) throw error(op, path, "read error");
+    if (size != 0 && std::fread(buf.data(), 1, buf.size(), fp) != buf.size())
+      throw error(op, path,
+                  std::ferror(fp) ? std::string("read error: ") + std::strerror(errno)
+                                  : std::string("the file shrank while it was being read"));
+    if (std::fgetc(fp) != EOF) throw error(op, path, "the file grew while it was being read");
     return parse(std::move(buf), path);
   }
 
@@ -174,6 +243,7 @@ class File {
     const unsigned char* p = bytes_.data() + data_start_ + i.begin;
     const std::size_t es = dtype_size(i.type);
     const auto n = static_cast<std::size_t>(i.numel());
+    if (n == 0) return;  // zero-element tensor: `out` may be null
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       if (i.type == dtype_of<T>::value) {
         std::memcpy(out, p, n * sizeof(T));
@@ -250,19 +320,27 @@ class File {
                        "\"; expected one of F64, F32, F16, BF16, I64, I32, U8");
       auto sh = v.find("shape");
       if (sh == v.end() || !sh->is_array()) fail(name, "missing or non-array \"shape\"");
-      std::uint64_t numel = 1;
-      bool overflow = false;
+      // Every accepted shape has a representable element count: the product of its non-zero
+      // extents must fit in int64 (a zero extent does not excuse an overflowing rest), so numel()
+      // and every partial product of the extents are representable.
+      constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+      std::uint64_t nonzero = 1;
+      bool zero = false;
       for (const json& d : *sh) {
-        if (!d.is_number_integer() ||
-            (d.is_number_integer() && !d.is_number_unsigned() && d.get<std::int64_t>() < 0))
+        if (!d.is_number_integer() || (!d.is_number_unsigned() && d.get<std::int64_t>() < 0))
           fail(name, "shape entries must be non-negative integers; got " + d.dump());
         const std::uint64_t e = d.get<std::uint64_t>();
-        if (e > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
-          overflow = true;
-        if (e != 0 && numel > std::numeric_limits<std::uint64_t>::max() / e) overflow = true;
-        numel *= e;
+        if (e > kMax || (e != 0 && nonzero > kMax / e))
+          fail(name, "shape " + sh->dump() +
+                         ": the product of its non-zero extents exceeds the int64 maximum " +
+                         std::to_string(kMax));
+        if (e == 0)
+          zero = true;
+        else
+          nonzero *= e;
         ti.shape.push_back(static_cast<std::int64_t>(e));
       }
+      const std::uint64_t numel = zero ? 0 : nonzero;
       auto off = v.find("data_offsets");
       if (off == v.end() || !off->is_array() || off->size() != 2 ||
           !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
@@ -276,8 +354,8 @@ class File {
         fail(name, unidiffuser::detail::expected_got("data_offsets end beyond the data block",
                                                      "<= " + std::to_string(data_size), ti.end));
       const std::uint64_t es = dtype_size(ti.type);
-      if (overflow || numel > std::numeric_limits<std::uint64_t>::max() / es ||
-          numel * es != ti.end - ti.begin)
+      const bool overflow = numel > std::numeric_limits<std::uint64_t>::max() / es;
+      if (overflow || numel * es != ti.end - ti.begin)
         fail(name, "byte length " + std::to_string(ti.end - ti.begin) + " does not match shape " +
                        detail::shape_str(ti.shape) + " x " + std::string(dtype_name(ti.type)) +
                        (overflow ? " (overflow)" : " = " + std::to_string(numel * es) + " bytes"));
@@ -342,9 +420,11 @@ class Writer {
     meta_[key] = value;
     return *this;
   }
-  //! Writes the file: `path + ".tmp-<n>"` first, renamed over `path` only when complete.
+  //! Writes the file atomically: a temporary `<path>.tmp-XXXXXX` created exclusively in the
+  //! destination's directory receives everything and is fsync'ed, renamed over `path`, and the
+  //! directory is fsync'ed. On failure the temporary is removed and `path` is left untouched.
+  //! The file gets mode 0644.
   void write(const std::string& path) const {
-    const char* op = "safetensors::write";
     nlohmann::ordered_json h = nlohmann::ordered_json::object();
     if (!meta_.empty()) {
       nlohmann::ordered_json m = nlohmann::ordered_json::object();
@@ -360,27 +440,13 @@ class Writer {
     }
     std::string header = h.dump();
     header.append((8 - header.size() % 8) % 8, ' ');
-    const std::string tmp = path + ".tmp-" + std::to_string(reinterpret_cast<std::uintptr_t>(this));
-    std::FILE* fp = std::fopen(tmp.c_str(), "wb");
-    if (!fp)
-      throw error(op, path, std::string("cannot create temporary file: ") + std::strerror(errno));
-    bool ok = true;
     const std::uint64_t n = header.size();
-    ok = ok && std::fwrite(&n, 8, 1, fp) == 1;
-    ok = ok && std::fwrite(header.data(), 1, header.size(), fp) == header.size();
-    for (const auto& e : entries_)
-      ok = ok && (e.bytes.empty() ||
-                  std::fwrite(e.bytes.data(), 1, e.bytes.size(), fp) == e.bytes.size());
-    ok = (std::fclose(fp) == 0) && ok;
-    if (!ok) {
-      std::remove(tmp.c_str());
-      throw error(op, path, "write failed (disk full?); nothing was replaced");
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-      const std::string why = std::strerror(errno);
-      std::remove(tmp.c_str());
-      throw error(op, path, "cannot move the finished file into place: " + why);
-    }
+
+    detail::TempFile tmp(path);
+    tmp.put(&n, 8);
+    tmp.put(header.data(), header.size());
+    for (const auto& e : entries_) tmp.put(e.bytes.data(), e.bytes.size());
+    tmp.commit();
   }
 
  private:
