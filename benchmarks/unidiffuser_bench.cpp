@@ -15,11 +15,14 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
+#include <iostream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
+#include "cli.hpp"
+#include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 
 #if defined(_OPENMP)
@@ -30,35 +33,33 @@ namespace ud = unidiffuser;
 
 namespace {
 
-std::map<std::string, std::string> flags(int argc, char** argv, int first) {
-  std::map<std::string, std::string> m;
-  for (int i = first; i < argc; ++i) {
-    std::string k = argv[i];
-    if (k.rfind("--", 0) != 0) throw ud::error("unidiffuser-bench", k, "expected --flag");
-    k = k.substr(2);
-    if (k == "double" || k == "serve") {
-      m[k] = "1";
-      continue;
-    }
-    if (i + 1 >= argc) throw ud::error("unidiffuser-bench", "--" + k, "missing value");
-    m[k] = argv[++i];
+// "AxBxC": exactly n integers joined by 'x', each in 1..hi.
+std::vector<std::int64_t> dims(const std::string& s, std::size_t n, const std::string& what,
+                               std::int64_t hi) {
+  std::vector<std::string> parts(1);
+  for (char c : s) {
+    if (c == 'x')
+      parts.emplace_back();
+    else
+      parts.back().push_back(c);
   }
-  return m;
-}
-std::vector<std::int64_t> dims(const std::string& s, std::size_t n, const char* what) {
+  if (parts.size() != n)
+    ud::throw_mismatch(ud::cli::op, what, "dimensions",
+                       std::to_string(n) + " integers joined by 'x'", "'" + s + "'");
   std::vector<std::int64_t> d;
-  std::size_t p = 0;
-  while (p <= s.size()) {
-    const auto q = s.find('x', p);
-    d.push_back(
-        std::atoll(s.substr(p, q == std::string::npos ? std::string::npos : q - p).c_str()));
-    if (q == std::string::npos) break;
-    p = q + 1;
-  }
-  if (d.size() != n)
-    throw ud::error("unidiffuser-bench", what,
-                    "expected " + std::to_string(n) + " values joined by 'x', got '" + s + "'");
+  for (const auto& p : parts)
+    d.push_back(ud::cli::parse_integer<std::int64_t>(p, what + " '" + s + "'", 1, hi));
   return d;
+}
+// The next request line of --serve, trimmed; false at end of input.
+bool next_request(std::string& line) {
+  while (std::getline(std::cin, line)) {
+    const auto b = line.find_first_not_of(" \t\r");
+    if (b == std::string::npos) continue;  // blank line
+    line = line.substr(b, line.find_last_not_of(" \t\r") - b + 1);
+    return true;
+  }
+  return false;
 }
 double peak_rss_mib() {
   rusage u{};
@@ -67,23 +68,23 @@ double peak_rss_mib() {
 }
 
 template <class T>
-int bench_uvit(const std::map<std::string, std::string>& f) {
-  auto get = [&](const char* k, const char* def) {
-    auto it = f.find(k);
-    return it == f.end() ? std::string(def) : it->second;
-  };
-  const auto lat = dims(get("latent", "4x32x32"), 3, "--latent");
-  const auto txt = dims(get("text", "77x64"), 2, "--text");
+int bench_uvit(const ud::cli::Args& a) {
+  const auto lat = dims(a.text("latent", "4x32x32"), 3, "--latent", 65536);
+  const auto txt = dims(a.text("text", "77x64"), 2, "--text", 65536);
   if (lat[1] != lat[2])
-    throw ud::error("unidiffuser-bench", "--latent", "the U-ViT needs a square latent");
+    ud::throw_mismatch(ud::cli::op, "--latent", "the U-ViT needs a square latent", "H == W",
+                       a.text("latent"));
   const auto cfg = ud::nn::UViTConfig::official(
-      get("version", "v1"), lat[1], lat[0], std::atoll(get("patch", "2").c_str()),
-      std::atoll(get("embed", "512").c_str()), std::atoll(get("depth", "12").c_str()),
-      std::atoll(get("heads", "8").c_str()), 4.0, false, false, txt[1], txt[0],
-      std::atoll(get("clip", "512").c_str()));
-  const std::int64_t B = std::atoll(get("batch", "1").c_str());
-  const int threads = std::atoi(get("threads", "0").c_str()),
-            repeat = std::max(1, std::atoi(get("repeat", "7").c_str()));
+      a.choice("version", "v1", {"v0", "v1"}), lat[1], lat[0],
+      a.integer<std::int64_t>("patch", 2, 1, 65536),
+      a.integer<std::int64_t>("embed", 512, 1, 65536),
+      a.integer<std::int64_t>("depth", 12, 1, 4096), a.integer<std::int64_t>("heads", 8, 1, 65536),
+      4.0, false, false, txt[1], txt[0], a.integer<std::int64_t>("clip", 512, 1, 65536));
+  const std::int64_t B = a.integer<std::int64_t>("batch", 1, 1, 65536);
+  const int threads = a.threads(), repeat = a.integer("repeat", 7, 1, 100000);
+  const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
+  ud::check_config_bounds(cfg);
+  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B), "unidiffuser-bench uvit");
 #if defined(_OPENMP)
   if (threads > 0) omp_set_num_threads(threads);
 #endif
@@ -91,14 +92,11 @@ int bench_uvit(const std::map<std::string, std::string>& f) {
   const double rss0 = peak_rss_mib();
   ud::nn::UViT<T> net(cfg);
   net.init_random(1);
-  const std::string gemm = get("gemm", "auto");
   if (gemm == "eigen")
     net.use_packed_gemm(false);
   else if (gemm == "onednn" && !net.packed_gemm_available())
     throw ud::error("unidiffuser-bench", "--gemm onednn",
                     "this build has no oneDNN path (configure with -DUNIDIFFUSER_ONEDNN=ON)");
-  else if (gemm != "auto" && gemm != "onednn")
-    throw ud::error("unidiffuser-bench", "--gemm", "expected auto, eigen or onednn; got " + gemm);
   const char* gemm_used = net.packed_gemm() ? "onednn" : "eigen";
   ud::nn::UViTPredictor<T, 2> model(net);
   const auto& layout = model.layout();
@@ -128,17 +126,19 @@ int bench_uvit(const std::map<std::string, std::string>& f) {
   const double gflop = net.flops() * static_cast<double>(B) / 1e9;
   const double weight_mib =
       static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0);
-  if (f.count("serve")) {
+  if (a.has("serve")) {
     std::printf(
         "{\"bench\": \"uvit\", \"serve\": true, \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
         "%lld, \"gflop\": %.4f}\n",
         gemm_used, static_cast<long long>(cfg.tokens()),
         static_cast<long long>(net.parameter_count()), gflop);
     std::fflush(stdout);
-    int n = 0;
-    while (std::scanf("%d", &n) == 1) {
+    std::string request;
+    while (next_request(request)) {
+      const int n =
+          ud::cli::parse_integer<int>(request, "--serve request (forward count)", 1, 100000);
       std::string line = "{\"ms\": [";
-      for (double v : timed(std::max(1, n))) line += std::to_string(v) + ", ";
+      for (double v : timed(n)) line += std::to_string(v) + ", ";
       line.resize(line.size() - 2);
       std::printf("%s]}\n", line.c_str());
       std::fflush(stdout);
@@ -183,6 +183,7 @@ double fma_thread(double seconds, float* sink) {
   *sink = s;
   return static_cast<double>(iters) * 12 * 16 * 2 / el;
 }
+constexpr double kMinSeconds = 1e-3, kMaxSeconds = 3600;
 double fma_rate(int threads, double secs) {
   std::vector<double> rate(static_cast<std::size_t>(threads));
   std::vector<float> sink(static_cast<std::size_t>(threads));
@@ -196,14 +197,18 @@ double fma_rate(int threads, double secs) {
   for (double r : rate) total += r;
   return total;
 }
-int bench_fma(const std::map<std::string, std::string>& f) {
-  const int threads = f.count("threads") ? std::atoi(f.at("threads").c_str()) : 2;
-  double secs = f.count("seconds") ? std::atof(f.at("seconds").c_str()) : 1.0;
-  if (f.count("serve")) {
+int bench_fma(const ud::cli::Args& a) {
+  int threads = a.threads(2);  // 0: one per hardware thread
+  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const double secs = a.real("seconds", 1.0, kMinSeconds, kMaxSeconds);
+  if (a.has("serve")) {
     std::printf("{\"bench\": \"fma\", \"serve\": true, \"threads\": %d}\n", threads);
     std::fflush(stdout);
-    while (std::scanf("%lf", &secs) == 1) {
-      std::printf("{\"gflops\": %.1f}\n", fma_rate(threads, secs) / 1e9);
+    std::string request;
+    while (next_request(request)) {
+      const double s =
+          ud::cli::parse_real(request, "--serve request (seconds)", kMinSeconds, kMaxSeconds);
+      std::printf("{\"gflops\": %.1f}\n", fma_rate(threads, s) / 1e9);
       std::fflush(stdout);
     }
     return 0;
@@ -215,18 +220,64 @@ int bench_fma(const std::map<std::string, std::string>& f) {
   return 0;
 }
 
+const char* kUsage = R"(usage: unidiffuser-bench uvit [options]
+       unidiffuser-bench fma [--threads T] [--seconds S] [--serve]
+
+Whole-component timings printed as one JSON line.
+
+uvit options (U-ViT forward on random weights):
+  --embed E             embedding width                                  1..65536   [512]
+  --depth D             blocks                                           1..4096    [12]
+  --heads H             attention heads                                  1..65536   [8]
+  --latent CxHxW        image latent, H == W                             each 1..65536 [4x32x32]
+  --patch P             patch size                                       1..65536   [2]
+  --text LxD            text tokens x text dim                           each 1..65536 [77x64]
+  --clip D              CLIP image embedding dim                         1..65536   [512]
+  --batch B             samples per forward                              1..65536   [1]
+  --repeat R            timed forwards (median reported)                 1..100000  [7]
+  --version V           v0 | v1                                                     [v1]
+  --gemm G              auto | eigen | onednn (onednn needs UNIDIFFUSER_ONEDNN)     [auto]
+  --double              float64 instead of float32
+fma options (FP32 FMA peak of this machine):
+  --seconds S           measuring time                                   0.001..3600 [1]
+common:
+  --threads T           threads, 0 = all (fma: one per hardware thread)  0..4 x hardware threads
+                        (at most 1024)                                   [uvit 0, fma 2]
+  --serve               after the warm-up print one JSON line describing the run, then for every
+                        line of stdin (uvit: a forward count 1..100000; fma: seconds) run and print
+                        one JSON line; ends at end of input. A malformed line is an error.
+
+Errors: one line "unidiffuser-bench: error: ..." on stderr and exit code 1.)";
+
+int bench_main(int argc, char** argv) {
+  if (argc >= 2 && (std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h")) {
+    std::puts(kUsage);
+    return 0;
+  }
+  if (argc < 2)
+    throw ud::error(ud::cli::op, "subcommand", "missing; expected 'uvit' or 'fma' (see --help)");
+  const std::string cmd = argv[1];
+  std::vector<ud::cli::Option> known;
+  if (cmd == "uvit")
+    known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},      {"patch"},
+             {"text"},    {"clip"},  {"batch"},         {"threads"},     {"repeat"},
+             {"version"}, {"gemm"},  {"double", false}, {"serve", false}};
+  else if (cmd == "fma")
+    known = {{"threads"}, {"seconds"}, {"serve", false}};
+  else
+    ud::throw_mismatch(ud::cli::op, "subcommand", "unknown subcommand", "'uvit' or 'fma'",
+                       "'" + cmd + "'");
+  const ud::cli::Args a(known, argc, argv, 2);
+  if (a.help()) {
+    std::puts(kUsage);
+    return 0;
+  }
+  if (cmd == "fma") return bench_fma(a);
+  return a.has("double") ? bench_uvit<double>(a) : bench_uvit<float>(a);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    if (argc < 2) throw ud::error("unidiffuser-bench", "subcommand", "expected 'uvit' or 'fma'");
-    const std::string cmd = argv[1];
-    const auto f = flags(argc, argv, 2);
-    if (cmd == "uvit") return f.count("double") ? bench_uvit<double>(f) : bench_uvit<float>(f);
-    if (cmd == "fma") return bench_fma(f);
-    throw ud::error("unidiffuser-bench", cmd, "unknown subcommand; expected 'uvit' or 'fma'");
-  } catch (const ud::error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
+  return ud::cli::run_main("unidiffuser-bench", [&] { return bench_main(argc, argv); });
 }

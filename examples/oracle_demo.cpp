@@ -7,11 +7,15 @@
 #include <Eigen/Dense>
 #include <chrono>
 #include <cstdio>
+#include <exception>
+#include <string_view>
 #include <unidiffuser/unidiffuser.hpp>
 
 namespace ud = unidiffuser;
 
-int main() {
+namespace {
+
+int demo() {
   // image group: z (3 values) + c (1 value); text group: y (2 values)
   ud::GroupLayout<2> layout({ud::GroupSpec{"image", {{"z", ud::Shape{3}}, {"c", ud::Shape{1}}}},
                              ud::GroupSpec{"text", {{"y", ud::Shape{2}}}}});
@@ -91,4 +95,31 @@ int main() {
       " contains the start bias of N(0, I) versus p_T, alpha_T = %.3f.)\n",
       1.0 / std::sqrt(static_cast<double>(batch)), ns.marginal_alpha(1.0));
   return 0;
+}
+
+}  // namespace
+
+// The demo takes no options; anything but --help is an error (exit 1, one line on stderr).
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::puts(
+          "usage: oracle_demo  (no options)\n\n"
+          "Samples the five basic UniDiffuser modes on a Gaussian toy with an exact noise\n"
+          "predictor and prints how far the sample moments are from the exact laws.");
+      return 0;
+    }
+    std::fprintf(stderr,
+                 "oracle_demo: error: command line: '%s': unexpected argument; the demo takes no "
+                 "options (see --help)\n",
+                 argv[i]);
+    return 1;
+  }
+  try {
+    return demo();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "oracle_demo: error: %s\n", e.what());
+    return 1;
+  }
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
 #include "unidiffuser/diffusion/forward.hpp"
 #include "unidiffuser/diffusion/guidance.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
@@ -561,22 +562,29 @@ void run_sample_modes(const ud::safetensors::File& f, const std::filesystem::pat
   }
 }
 
-}  // namespace
+const char* kUsage = R"(usage: unidiffuser-golden GOLDEN_DIR
 
-int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s GOLDEN_DIR\n", argv[0]);
-    return 2;
+Runs every golden case it recognises in GOLDEN_DIR (*.safetensors) against the library and prints
+one line per check, then "N passed, M failed, K skipped".
+
+Exit codes: 0 every check passed; 1 a check failed, nothing was recognised, or an error (one line
+"unidiffuser-golden: error: ..." on stderr).)";
+
+int golden_main(int argc, char** argv) {
+  const ud::cli::Args a({}, argc, argv, 1, 1);
+  if (a.help()) {
+    std::puts(kUsage);
+    return 0;
   }
+  if (a.positional().size() != 1)
+    throw ud::error(ud::cli::op, "GOLDEN_DIR", "missing argument (see --help)");
+  const std::string dir = a.positional()[0];
   namespace fs = std::filesystem;
   std::vector<fs::path> files;
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(argv[1], ec))
+  for (const auto& e : fs::directory_iterator(dir, ec))
     if (e.path().extension() == ".safetensors") files.push_back(e.path());
-  if (ec) {
-    std::fprintf(stderr, "unidiffuser-golden: cannot read %s: %s\n", argv[1], ec.message().c_str());
-    return 2;
-  }
+  if (ec) throw ud::error("golden directory", dir, "cannot read the directory: " + ec.message());
   std::sort(files.begin(), files.end());
   Report r;
   int recognised = 0;
@@ -609,9 +617,12 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("%d passed, %d failed, %d skipped\n", r.passed, r.failed, r.skipped);
-  if (recognised == 0) {
-    std::fprintf(stderr, "unidiffuser-golden: no golden file recognised in %s\n", argv[1]);
-    return 1;
-  }
+  if (recognised == 0) throw ud::error("golden directory", dir, "no golden file recognised");
   return r.failed == 0 && r.passed > 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return ud::cli::run_main("unidiffuser-golden", [&] { return golden_main(argc, argv); });
 }
