@@ -1,0 +1,211 @@
+# SPDX-License-Identifier: Apache-2.0
+# Command-line tests: unidiffuser-sample runs every mode end to end on the golden tiny model, and
+# every bad input of every program (sample, golden, bench, oracle_demo) ends with exit code 1 and
+# one line "<program>: error: <message>" naming the option or file (checked by cli_expect.cmake).
+set(_tiny ${CMAKE_CURRENT_SOURCE_DIR}/data/golden/uvit_v1_tiny.safetensors)
+set(_tiny_cond ${CMAKE_CURRENT_SOURCE_DIR}/data/tiny_conditions.safetensors)
+set(_cli ${CMAKE_CURRENT_BINARY_DIR}/cli)
+set(_sample $<TARGET_FILE:unidiffuser-sample>)
+set(_run_tiny ${_sample} --checkpoint ${_tiny} --prefix param/)
+file(MAKE_DIRECTORY ${_cli})
+
+foreach(mode joint t2i i2t i t i2t2i t2i2t)
+  add_test(NAME sample_cli_${mode}
+           COMMAND unidiffuser-sample --checkpoint ${_tiny} --prefix param/ --mode ${mode} --steps 6 --batch 2
+                   --conditions ${_tiny_cond}
+                   --out ${CMAKE_CURRENT_BINARY_DIR}/sample_${mode}.safetensors --quiet)
+endforeach()
+
+# cli_expect(NAME RC <code> [STDERR re] [STDOUT re] [FORBID re] [INPUT file] [CREATES file]
+#            [FILE_CONTAINS text] [UNCHANGED a|b] [HOSTILE] COMMAND ...)
+# Exit code 1 also requires stderr to be exactly one line. HOSTILE: needs the
+# files cli_make_hostile writes into ${_cli}.
+function(cli_expect name)
+  cmake_parse_arguments(PARSE_ARGV 1 X "HOSTILE"
+                        "RC;STDERR;STDOUT;FORBID;INPUT;CREATES;FILE_CONTAINS;UNCHANGED" "COMMAND")
+  set(defs -DEXPECT_RC=${X_RC})
+  foreach(k STDERR STDOUT FORBID INPUT CREATES FILE_CONTAINS UNCHANGED)
+    if(DEFINED X_${k})
+      list(APPEND defs "-D${k}=${X_${k}}")
+    endif()
+  endforeach()
+  if(X_RC EQUAL 1)
+    list(APPEND defs -DONE_LINE=ON)
+  endif()
+  add_test(NAME ${name}
+           COMMAND ${CMAKE_COMMAND} ${defs} -P ${CMAKE_CURRENT_SOURCE_DIR}/cli_expect.cmake --
+                   ${X_COMMAND})
+  set_tests_properties(${name} PROPERTIES TIMEOUT 120)
+  if(X_HOSTILE)
+    set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED cli_hostile)
+  endif()
+endfunction()
+
+# Hostile inputs made at test time from the tiny checkpoint (tests/cli_make_hostile.cpp).
+add_executable(cli_make_hostile cli_make_hostile.cpp)
+target_link_libraries(cli_make_hostile PRIVATE unidiffuser_project_options)
+add_test(NAME cli_make_hostile COMMAND cli_make_hostile ${_tiny} ${_cli})
+set_tests_properties(cli_make_hostile PROPERTIES FIXTURES_SETUP cli_hostile)
+
+set(_err "unidiffuser-sample: error: ")
+set(_opt "${_err}command line: ")
+# ---- unidiffuser-sample: options ---------------------------------------------------------------
+cli_expect(sample_cli_missing_conditions RC 1
+           STDERR "${_opt}--conditions: required for mode t2i"
+           COMMAND ${_run_tiny} --mode t2i --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_bad_checkpoint RC 1
+           STDERR "${_err}input file: --checkpoint /nonexistent.safetensors: no such file"
+           COMMAND ${_sample} --checkpoint /nonexistent.safetensors --mode joint --out x.safetensors)
+cli_expect(sample_cli_wrong_prefix RC 1 STDERR "${_err}.*uvit_v1_tiny.safetensors"
+           COMMAND ${_sample} --checkpoint ${_tiny} --mode joint --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_unknown_option RC 1 STDERR "${_opt}--bogus: unknown option"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --bogus 7)
+cli_expect(cli_sample_missing_value RC 1 STDERR "${_opt}--steps: missing value"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --steps)
+cli_expect(cli_sample_missing_value_before_option RC 1 STDERR "${_opt}--seed: missing value"
+           COMMAND ${_run_tiny} --mode joint --seed --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_repeated_option RC 1 STDERR "${_opt}--steps: given more than once"
+           COMMAND ${_run_tiny} --mode joint --steps 2 --steps 3 --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_steps_wrap RC 1
+           STDERR "${_opt}--steps: integer out of range. expected 1..100000, got '4294967297'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --steps 4294967297)
+cli_expect(cli_sample_steps_zero RC 1
+           STDERR "${_opt}--steps: integer out of range. expected 1..100000, got '0'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --steps 0)
+cli_expect(cli_sample_order_wrap RC 1
+           STDERR "${_opt}--order: integer out of range. expected 1..3, got '4294967299'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --order 4294967299)
+cli_expect(cli_sample_seed_2_64 RC 1
+           STDERR "${_opt}--seed: integer out of range. expected 0..18446744073709551615, got '18446744073709551616'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --seed 18446744073709551616)
+cli_expect(cli_sample_seed_negative RC 1 STDERR "${_opt}--seed: not an integer.* got '-1'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --seed -1)
+cli_expect(cli_sample_seed_junk RC 1 STDERR "${_opt}--seed: not an integer.* got '12x'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --seed 12x)
+cli_expect(cli_sample_seed_max RC 0
+           CREATES ${_cli}/seed_max.safetensors FILE_CONTAINS "18446744073709551615"
+           COMMAND ${_run_tiny} --mode joint --steps 2 --quiet --seed 18446744073709551615
+                   --out ${_cli}/seed_max.safetensors)
+cli_expect(cli_sample_threads_5000 RC 1 STDERR "${_opt}--threads: integer out of range. expected 0..[0-9]+, got '5000'"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --threads 5000)
+cli_expect(cli_sample_batch_zero RC 1 STDERR "${_opt}--batch: integer out of range. expected 1..4096"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --batch 0)
+cli_expect(cli_sample_data_type RC 1 STDERR "${_opt}--data-type: integer out of range. expected 0..1"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --data-type 2)
+cli_expect(cli_sample_scale_nan RC 1 STDERR "${_opt}--scale: not a finite number"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --scale nan)
+cli_expect(cli_sample_sampler RC 1 STDERR "${_opt}--sampler: unknown value. expected dpm_solver"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --sampler euler)
+# ---- unidiffuser-sample: files -----------------------------------------------------------------
+cli_expect(cli_sample_config_array RC 1 HOSTILE
+           STDERR "${_err}config: --config .*config_array.json: config JSON. expected an object .*, got array"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --config ${_cli}/config_array.json)
+cli_expect(cli_sample_checkpoint_directory RC 1 STDERR "${_err}input file: --checkpoint /tmp: not a regular file"
+           COMMAND ${_sample} --checkpoint /tmp --mode joint --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_embed_dim_2_26 RC 1 HOSTILE STDERR "${_err}check_config_bounds: embed_dim: value out of range. expected .1, [0-9]+., got 67108864"
+           COMMAND ${_sample} --checkpoint ${_cli}/embed_huge.safetensors --prefix param/ --mode joint
+                   --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_text_tokens_2_40 RC 1 HOSTILE
+           STDERR "${_err}check_config_bounds: text.length: value out of range. expected .1, [0-9]+., got 1099511627776"
+           COMMAND ${_sample} --checkpoint ${_cli}/text_tokens_huge.safetensors --prefix param/
+                   --mode joint --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_out_is_checkpoint RC 1 HOSTILE
+           STDERR "${_err}output file: --out .*ckpt_copy.safetensors: is the same file as --checkpoint"
+           UNCHANGED "${_cli}/ckpt_copy.safetensors|${_tiny}"
+           COMMAND ${_sample} --checkpoint ${_cli}/ckpt_copy.safetensors --prefix param/ --mode joint
+                   --steps 2 --out ${_cli}/../cli/./ckpt_copy.safetensors)
+cli_expect(cli_sample_out_is_conditions RC 1
+           STDERR "${_err}output file: --out .*: is the same file as --conditions"
+           UNCHANGED "${_tiny_cond}|${_tiny_cond}"
+           COMMAND ${_run_tiny} --mode t2i --conditions ${_tiny_cond} --out ${_tiny_cond})
+# Fails before sampling: 100000 steps would not finish in the timeout, and no progress appears.
+cli_expect(cli_sample_out_missing_directory RC 1 FORBID "step"
+           STDERR "${_err}output file: --out /nonexistent-dir/x.safetensors: the output directory /nonexistent-dir does not exist"
+           COMMAND ${_run_tiny} --mode joint --steps 100000 --out /nonexistent-dir/x.safetensors)
+cli_expect(cli_sample_nan_weight RC 1 HOSTILE STDERR "${_err}load_checkpoint: .*nan_weight.safetensors: non-finite weights .NaN or Inf. in 1 tensor.s.: param/pos_embed"
+           COMMAND ${_sample} --checkpoint ${_cli}/nan_weight.safetensors --prefix param/ --mode joint
+                   --steps 2 --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_nan_weight_allowed RC 2 HOSTILE CREATES ${_cli}/nan_out.safetensors
+           STDERR "${_err}the output holds NaN or infinite values .img: [1-9][0-9]* of 256, clip_img: [1-9][0-9]* of 12, text: [1-9][0-9]* of 48.. the file was written anyway"
+           COMMAND ${_sample} --checkpoint ${_cli}/nan_weight.safetensors --prefix param/ --mode joint
+                   --steps 2 --quiet --allow-nonfinite-weights --out ${_cli}/nan_out.safetensors)
+cli_expect(cli_sample_condition_transposed RC 1 HOSTILE
+           STDERR "${_err}conditions: .*cond_transposed.safetensors: text: condition shape. expected .6, 8. .one sample. or .1, 6, 8. .the batch., got .8, 6."
+           COMMAND ${_run_tiny} --mode t2i --steps 2 --conditions ${_cli}/cond_transposed.safetensors
+                   --out ${_cli}/x.safetensors)
+cli_expect(cli_sample_condition_i64 RC 1 HOSTILE
+           STDERR "${_err}conditions: .*cond_i64.safetensors: text: condition dtype. expected F32, F16, BF16 or F64, got I64"
+           COMMAND ${_run_tiny} --mode t2i --steps 2 --conditions ${_cli}/cond_i64.safetensors
+                   --out ${_cli}/x.safetensors)
+
+# ---- unidiffuser-golden ------------------------------------------------------------------------
+set(_golden $<TARGET_FILE:unidiffuser-golden>)
+cli_expect(cli_golden_unknown_option RC 1
+           STDERR "unidiffuser-golden: error: command line: --bogus: unknown option"
+           COMMAND ${_golden} --bogus ${CMAKE_CURRENT_SOURCE_DIR}/data/golden)
+cli_expect(cli_golden_too_many_arguments RC 1
+           STDERR "unidiffuser-golden: error: command line: 'b': too many arguments"
+           COMMAND ${_golden} a b)
+cli_expect(cli_golden_missing_directory RC 1
+           STDERR "unidiffuser-golden: error: command line: GOLDEN_DIR: missing argument"
+           COMMAND ${_golden})
+cli_expect(cli_golden_unreadable_directory RC 1
+           STDERR "unidiffuser-golden: error: golden directory: /nonexistent-dir: cannot read the directory"
+           COMMAND ${_golden} /nonexistent-dir)
+
+# ---- unidiffuser-bench -------------------------------------------------------------------------
+if(UNIDIFFUSER_BUILD_BENCHMARKS)
+  set(_bench $<TARGET_FILE:unidiffuser-bench>)
+  set(_berr "unidiffuser-bench: error: command line: ")
+  set(_tiny_uvit uvit --embed 64 --depth 4 --heads 4 --latent 4x8x8 --patch 2 --text 6x8 --clip 12)
+  cli_expect(cli_bench_uvit_runs RC 0 STDOUT "\"ms_median\""
+             COMMAND ${_bench} ${_tiny_uvit} --repeat 1 --threads 1)
+  cli_expect(cli_bench_uvit_unknown_option RC 1 STDERR "${_berr}--bogus: unknown option"
+             COMMAND ${_bench} ${_tiny_uvit} --bogus 7)
+  cli_expect(cli_bench_uvit_dtype RC 1 STDERR "${_berr}--dtype: unknown option"
+             COMMAND ${_bench} ${_tiny_uvit} --dtype bf16)
+  cli_expect(cli_bench_uvit_missing_value RC 1 STDERR "${_berr}--repeat: missing value"
+             COMMAND ${_bench} ${_tiny_uvit} --repeat)
+  cli_expect(cli_bench_uvit_embed_wrap RC 1
+             STDERR "${_berr}--embed: integer out of range. expected 1..65536, got '18446744073709551680'"
+             COMMAND ${_bench} uvit --embed 18446744073709551680)
+  cli_expect(cli_bench_uvit_latent RC 1
+             STDERR "${_berr}--latent '4x8x': not an integer"
+             COMMAND ${_bench} uvit --latent 4x8x)
+  cli_expect(cli_bench_uvit_gemm RC 1 STDERR "${_berr}--gemm: unknown value. expected auto . eigen . onednn"
+             COMMAND ${_bench} ${_tiny_uvit} --gemm mkl)
+  cli_expect(cli_bench_uvit_threads_5000 RC 1 STDERR "${_berr}--threads: integer out of range"
+             COMMAND ${_bench} ${_tiny_uvit} --threads 5000)
+  cli_expect(cli_bench_uvit_out_of_bounds RC 1
+             STDERR "unidiffuser-bench: error: check_config_bounds: depth: value out of range"
+             COMMAND ${_bench} uvit --depth 4096)
+  cli_expect(cli_bench_uvit_out_of_memory RC 1
+             STDERR "unidiffuser-bench: error: check_memory_fits: .*needs [0-9]+ MiB"
+             COMMAND ${_bench} uvit --embed 16384 --depth 201 --heads 64)
+  file(WRITE ${_cli}/serve_bad.txt "2\nthree\n")
+  cli_expect(cli_bench_uvit_serve_bad_request RC 1 STDOUT "\"serve\": true"
+             STDERR "${_berr}--serve request .forward count.: not an integer.* got 'three'"
+             INPUT ${_cli}/serve_bad.txt COMMAND ${_bench} ${_tiny_uvit} --threads 1 --serve)
+  cli_expect(cli_bench_fma_unknown_option RC 1 STDERR "${_berr}--bogus: unknown option"
+             COMMAND ${_bench} fma --bogus 1)
+  cli_expect(cli_bench_fma_threads_5000 RC 1 STDERR "${_berr}--threads: integer out of range"
+             COMMAND ${_bench} fma --threads 5000)
+  cli_expect(cli_bench_fma_seconds_inf RC 1 STDERR "${_berr}--seconds: not a finite number"
+             COMMAND ${_bench} fma --seconds inf)
+  file(WRITE ${_cli}/serve_fma.txt "0.01\n\n0.01\n")
+  cli_expect(cli_bench_fma_serve RC 0 STDOUT "\"serve\": true.*gflops.*gflops"
+             INPUT ${_cli}/serve_fma.txt COMMAND ${_bench} fma --threads 1 --serve)
+  file(WRITE ${_cli}/serve_fma_bad.txt "0.01\n1e400\n")
+  cli_expect(cli_bench_fma_serve_bad_request RC 1
+             STDERR "${_berr}--serve request .seconds.: not a finite number.* got '1e400'"
+             INPUT ${_cli}/serve_fma_bad.txt COMMAND ${_bench} fma --threads 1 --serve)
+  cli_expect(cli_bench_unknown_subcommand RC 1 STDERR "${_berr}subcommand: unknown subcommand"
+             COMMAND ${_bench} gemm)
+endif()
+
+# ---- oracle_demo -------------------------------------------------------------------------------
+if(UNIDIFFUSER_BUILD_EXAMPLES)
+  cli_expect(cli_oracle_demo_unknown_option RC 1
+             STDERR "oracle_demo: error: command line: '--bogus': unexpected argument"
+             COMMAND $<TARGET_FILE:oracle_demo> --bogus)
+endif()

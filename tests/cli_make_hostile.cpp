@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: Apache-2.0
+// cli_make_hostile TINY_CHECKPOINT OUT_DIR: writes the hostile inputs the command-line tests
+// (tests/cli.cmake) feed to unidiffuser-sample, derived from the tiny golden checkpoint (tensors
+// under "param/"):
+//   ckpt_copy.safetensors         a byte copy (the --out == --checkpoint test must not touch the
+//                                 project's data)
+//   embed_huge.safetensors        config metadata with embed_dim = 2^26
+//   text_tokens_huge.safetensors  config metadata with num_text_tokens = 2^40
+//   nan_weight.safetensors        one NaN in param/pos_embed
+//   cond_transposed.safetensors   text condition of shape [8, 6] (the model wants [6, 8])
+//   cond_i64.safetensors          text condition of shape [6, 8] stored as I64
+//   config_array.json             the JSON text [1, 2]
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "unidiffuser/io/safetensors.hpp"
+
+namespace ud = unidiffuser;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The checkpoint's tensors and metadata, with the config's `key` set to `value` and, when
+// `poison` names a tensor, its first element set to NaN.
+void rewrite(const ud::safetensors::File& f, const fs::path& out, const std::string& key,
+             std::int64_t value, const std::string& poison = "") {
+  ud::safetensors::Writer w;
+  for (const auto& info : f.tensors()) {
+    auto t = f.get<float>(info.name);
+    if (info.name == poison) t.data()[0] = std::numeric_limits<float>::quiet_NaN();
+    w.add<float>(info.name, t);
+  }
+  for (const auto& [k, v] : f.metadata()) w.metadata(k, v);
+  auto cfg = nlohmann::json::parse(f.metadata("config"));
+  if (!key.empty()) cfg[key] = value;
+  w.metadata("config", cfg.dump());
+  w.write(out.string());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: cli_make_hostile TINY_CHECKPOINT OUT_DIR\n");
+    return 1;
+  }
+  try {
+    const fs::path dir = argv[2];
+    fs::create_directories(dir);
+    fs::copy_file(argv[1], dir / "ckpt_copy.safetensors", fs::copy_options::overwrite_existing);
+    const auto f = ud::safetensors::File::read(argv[1]);
+    rewrite(f, dir / "embed_huge.safetensors", "embed_dim", std::int64_t{1} << 26);
+    rewrite(f, dir / "text_tokens_huge.safetensors", "num_text_tokens", std::int64_t{1} << 40);
+    rewrite(f, dir / "nan_weight.safetensors", "", 0, "param/pos_embed");
+
+    ud::Tensor<float> transposed(ud::Shape{8, 6});
+    for (std::int64_t i = 0; i < transposed.size(); ++i)
+      transposed.data()[i] = 0.01f * static_cast<float>(i);
+    ud::safetensors::Writer()
+        .add<float>("text", transposed)
+        .write((dir / "cond_transposed.safetensors").string());
+    ud::Tensor<std::int64_t> integers(ud::Shape{6, 8});
+    for (std::int64_t i = 0; i < integers.size(); ++i) integers.data()[i] = i;
+    ud::safetensors::Writer()
+        .add<std::int64_t>("text", integers)
+        .write((dir / "cond_i64.safetensors").string());
+
+    std::ofstream(dir / "config_array.json") << "[1, 2]\n";
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cli_make_hostile: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
