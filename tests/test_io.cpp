@@ -200,6 +200,8 @@ TEST_CASE("safetensors::read refuses what is not a regular file") {
   TempDir d("unidiffuser_test_io_dir");
   CHECK(has(message_of([&] { st::File::read(d.dir.string()); }), "not a regular file"));
   CHECK(has(message_of([] { st::File::read("/dev/null"); }), "not a regular file"));
+  REQUIRE(::mkfifo((d / "fifo").c_str(), 0600) == 0);  // no writer: opening must not block
+  CHECK(has(message_of([&] { st::File::read(d / "fifo"); }), "not a regular file"));
   CHECK(has(message_of([&] { st::File::read(d / "missing"); }), "cannot open"));
   // an empty regular file is read (0 bytes) and refused by the parser
   std::ofstream(d / "empty").close();

@@ -153,16 +153,19 @@ class File {
     f.validate();
     return f;
   }
-  //! Reads and validates the regular file at `path` (a directory, device or pipe is an error).
-  //! Allocates exactly the file's size, never more.
+  //! Reads and validates the regular file at `path` (a directory, device or FIFO is an error;
+  //! opening does not block on a FIFO). Allocates exactly the file's size, never more.
   static File read(const std::string& path) {
     const char* op = "safetensors::read";
-    std::FILE* fp = std::fopen(path.c_str(), "rb");
-    if (!fp) throw error(op, path, std::string("cannot open: ") + std::strerror(errno));
-    std::unique_ptr<std::FILE, int (*)(std::FILE*)> guard(fp, &std::fclose);
+    const auto fail = [&](const std::string& what) {
+      const int e = errno;
+      throw error(op, path, what + ": " + std::strerror(e));
+    };
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail("cannot open");
+    std::unique_ptr<const int, void (*)(const int*)> guard(&fd, [](const int* f) { ::close(*f); });
     struct stat st {};
-    if (::fstat(::fileno(fp), &st) != 0)
-      throw error(op, path, std::string("cannot stat: ") + std::strerror(errno));
+    if (::fstat(fd, &st) != 0) fail("cannot stat");
     if (!S_ISREG(st.st_mode)) throw error(op, path, "not a regular file");
     const auto size = static_cast<std::uint64_t>(st.st_size);
     std::vector<unsigned char> buf;
@@ -171,11 +174,16 @@ class File {
     } catch (const std::exception&) {  // std::bad_alloc or std::length_error
       throw error(op, path, "cannot allocate " + std::to_string(size) + " bytes for the file");
     }
-    if (size != 0 && std::fread(buf.data(), 1, buf.size(), fp) != buf.size())
-      throw error(op, path,
-                  std::ferror(fp) ? std::string("read error: ") + std::strerror(errno)
-                                  : std::string("the file shrank while it was being read"));
-    if (std::fgetc(fp) != EOF) throw error(op, path, "the file grew while it was being read");
+    std::size_t got = 0;
+    while (got < buf.size()) {
+      const ::ssize_t r = ::read(fd, buf.data() + got, buf.size() - got);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) fail("read error");
+      if (r == 0) throw error(op, path, "the file shrank while it was being read");
+      got += static_cast<std::size_t>(r);
+    }
+    unsigned char extra;
+    if (::read(fd, &extra, 1) > 0) throw error(op, path, "the file grew while it was being read");
     return parse(std::move(buf), path);
   }
 
@@ -332,8 +340,8 @@ class File {
         const std::uint64_t e = d.get<std::uint64_t>();
         if (e > kMax || (e != 0 && nonzero > kMax / e))
           fail(name, "shape " + sh->dump() +
-                         ": the product of its non-zero extents exceeds the int64 maximum " +
-                         std::to_string(kMax));
+                         ": the product of its non-zero extents overflows int64 (exceeds " +
+                         std::to_string(kMax) + ")");
         if (e == 0)
           zero = true;
         else
