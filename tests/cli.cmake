@@ -44,7 +44,7 @@ endfunction()
 # Hostile inputs made at test time from the tiny checkpoint (tests/cli_make_hostile.cpp).
 add_executable(cli_make_hostile cli_make_hostile.cpp)
 target_link_libraries(cli_make_hostile PRIVATE unidiffuser_project_options)
-add_test(NAME cli_make_hostile COMMAND cli_make_hostile ${_tiny} ${_cli})
+add_test(NAME cli_make_hostile COMMAND cli_make_hostile ${_tiny} ${_tiny_cond} ${_cli})
 set_tests_properties(cli_make_hostile PROPERTIES FIXTURES_SETUP cli_hostile)
 
 set(_err "unidiffuser-sample: error: ")
@@ -114,10 +114,11 @@ cli_expect(cli_sample_out_is_checkpoint RC 1 HOSTILE
            UNCHANGED "${_cli}/ckpt_copy.safetensors|${_tiny}"
            COMMAND ${_sample} --checkpoint ${_cli}/ckpt_copy.safetensors --prefix param/ --mode joint
                    --steps 2 --out ${_cli}/../cli/./ckpt_copy.safetensors)
-cli_expect(cli_sample_out_is_conditions RC 1
-           STDERR "${_err}output file: --out .*: is the same file as --conditions"
-           UNCHANGED "${_tiny_cond}|${_tiny_cond}"
-           COMMAND ${_run_tiny} --mode t2i --conditions ${_tiny_cond} --out ${_tiny_cond})
+cli_expect(cli_sample_out_is_conditions RC 1 HOSTILE
+           STDERR "${_err}output file: --out .*cond_copy.safetensors: is the same file as --conditions"
+           UNCHANGED "${_cli}/cond_copy.safetensors|${_tiny_cond}"
+           COMMAND ${_run_tiny} --mode t2i --batch 2 --steps 2 --conditions ${_cli}/cond_copy.safetensors
+                   --out ${_cli}/cond_copy.safetensors)
 # Fails before sampling: 100000 steps would not finish in the timeout, and no progress appears.
 cli_expect(cli_sample_out_missing_directory RC 1 FORBID "step"
            STDERR "${_err}output file: --out /nonexistent-dir/x.safetensors: the output directory /nonexistent-dir does not exist"

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// cli_make_hostile TINY_CHECKPOINT OUT_DIR: writes the hostile inputs the command-line tests
-// (tests/cli.cmake) feed to unidiffuser-sample, derived from the tiny golden checkpoint (tensors
-// under "param/"):
-//   ckpt_copy.safetensors         a byte copy (the --out == --checkpoint test must not touch the
-//                                 project's data)
+// cli_make_hostile TINY_CHECKPOINT TINY_CONDITIONS OUT_DIR: writes the hostile inputs the
+// command-line tests (tests/cli.cmake) feed to unidiffuser-sample, derived from the tiny golden
+// checkpoint (tensors under "param/"):
+//   ckpt_copy.safetensors,        byte copies of the inputs (the --out == input tests must not
+//   cond_copy.safetensors         put the project's data at risk)
 //   embed_huge.safetensors        config metadata with embed_dim = 2^26
 //   text_tokens_huge.safetensors  config metadata with num_text_tokens = 2^40
 //   nan_weight.safetensors        one NaN in param/pos_embed
@@ -46,14 +46,15 @@ void rewrite(const ud::safetensors::File& f, const fs::path& out, const std::str
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: cli_make_hostile TINY_CHECKPOINT OUT_DIR\n");
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: cli_make_hostile TINY_CHECKPOINT TINY_CONDITIONS OUT_DIR\n");
     return 1;
   }
   try {
-    const fs::path dir = argv[2];
+    const fs::path dir = argv[3];
     fs::create_directories(dir);
     fs::copy_file(argv[1], dir / "ckpt_copy.safetensors", fs::copy_options::overwrite_existing);
+    fs::copy_file(argv[2], dir / "cond_copy.safetensors", fs::copy_options::overwrite_existing);
     const auto f = ud::safetensors::File::read(argv[1]);
     rewrite(f, dir / "embed_huge.safetensors", "embed_dim", std::int64_t{1} << 26);
     rewrite(f, dir / "text_tokens_huge.safetensors", "num_text_tokens", std::int64_t{1} << 40);
