@@ -374,7 +374,7 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   const std::uint64_t scores =
       u(nn::cpu_kernels::max_threads()) *
       u(nn::cpu_kernels::attention_scratch(L, block, cfg.embed_dim / cfg.num_heads));
-  std::uint64_t elems = sat_add(sat_mul(u(batch), per_sample), sat_add(scores, LE));  // + pe
+  const std::uint64_t elems = sat_add(sat_mul(u(batch), per_sample), sat_add(scores, LE));  // + pe
   const std::uint64_t ws = sat_mul(elems, sizeof(T));
   MemoryEstimate m;
   m.workspace = sat_add(ws, ws / 4);
