@@ -58,27 +58,56 @@ using MapRM = Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>;
 template <class T>
 using CMapRM = Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>;
 
-//! y[M, N] (+)= x[M, K] W[N, K]^T (+ b[N]): nn.Linear with row-major weight [out, in].
-//! Without `accumulate` the bias is the GEMM's initial value (y = b; y += x W^T), which saves the
-//! zero fill and the separate bias pass of y = x W^T; y += b. Inside an OpenMP parallel region
-//! (the U-ViT's sample-parallel blocks) Eigen runs the product on the calling thread.
+namespace detail {
+//! y [m, n] (ldy) += x [m, k] (ldx) W^T, W [n, k] (ldw) row-major (`WOrder` RowMajor) or
+//! W^T [k, n] row-major, i.e. y += x V with V = W^T (`WOrder` ColMajor): Eigen's blocked GEMM
+//! kernel called directly, always on the calling thread with single-thread blocking. `Y.noalias()
+//! += X * W^T` would pick multi-threaded blocking outside an OpenMP region and a coefficient-wise
+//! product for tiny sizes, so the rounding of an element would depend on the thread count and the
+//! problem size; here it depends only on (m, n, k) and the data -- the basis of the U-ViT's
+//! bit-identical per-sample results (docs/NOTES.md, "Reproducibility").
+template <class T, int WOrder = Eigen::RowMajor>
+void gemm_nt_accumulate(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const T* w,
+                        std::int64_t n, std::int64_t ldw, T* y, std::int64_t ldy) {
+  if (m == 0 || n == 0 || k == 0) return;
+  namespace ei = Eigen::internal;
+  using Index = Eigen::Index;
+  // column-major view: Y^T [n, m] (stride ldy) += W [n, k] (row-major, ldw) X^T [k, m] (ldx)
+  ei::gemm_blocking_space<Eigen::ColMajor, T, T, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic>
+      blocking(static_cast<Index>(n), static_cast<Index>(m), static_cast<Index>(k), 1, true);
+  ei::general_matrix_matrix_product<Index, T, WOrder, false, T, Eigen::ColMajor, false,
+                                    Eigen::ColMajor, 1>::run(static_cast<Index>(n),
+                                                             static_cast<Index>(m),
+                                                             static_cast<Index>(k), w,
+                                                             static_cast<Index>(ldw), x,
+                                                             static_cast<Index>(ldx), y, 1,
+                                                             static_cast<Index>(ldy), T(1),
+                                                             blocking, nullptr);
+}
+}  // namespace detail
+
+//! y[M, N] (+)= x[M, K] W[N, K]^T (+ b[N]): nn.Linear with row-major weight [out, in], on the
+//! calling thread. Without `accumulate` the bias is the GEMM's initial value (y = b; y += x W^T),
+//! which saves the zero fill and the separate bias pass of y = x W^T; y += b. The result of an
+//! element depends only on (M, N, K) and the data, never on threads or where the call runs.
 template <class T>
 void linear(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const T* w,
             std::int64_t n, std::int64_t ldw, const T* b, T* y, std::int64_t ldy,
             bool accumulate = false) {
-  CMapRM<T> X(x, m, k, Eigen::OuterStride<>(ldx));
-  CMapRM<T> W(w, n, k, Eigen::OuterStride<>(ldw));
-  MapRM<T> Y(y, m, n, Eigen::OuterStride<>(ldy));
-  using CRowVec = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
-  if (accumulate) {
-    Y.noalias() += X * W.transpose();
-    if (b) Y.rowwise() += CRowVec(b, n);
-  } else if (b) {
-    Y.rowwise() = CRowVec(b, n);
-    Y.noalias() += X * W.transpose();
-  } else {
-    Y.noalias() = X * W.transpose();
-  }
+  if (!accumulate)
+    for (std::int64_t i = 0; i < m; ++i) {
+      T* yr = y + i * ldy;
+      if (b)
+        std::copy_n(b, n, yr);
+      else
+        std::fill_n(yr, n, T(0));
+    }
+  detail::gemm_nt_accumulate(x, m, k, ldx, w, n, ldw, y, ldy);
+  if (accumulate && b)
+    for (std::int64_t i = 0; i < m; ++i) {
+      T* yr = y + i * ldy;
+      for (std::int64_t j = 0; j < n; ++j) yr[j] += b[j];
+    }
 }
 
 //! Over rows of x [M, N]: y = LayerNorm(x (+ r)) with gain g and bias b (eps 1e-5, biased
@@ -343,64 +372,85 @@ void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t
 //! needs max_threads() * attention_scratch(L, block, E / heads) elements (64-byte aligned for the
 //! fastest loads).
 template <class T>
-void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
-               T* out, T* scores, std::int64_t block) {
+bool attention_tiled(std::int64_t dh) {
+  if constexpr (detail::attention_tiled_type<T>()) return dh % detail::lanes<T> == 0;
+  return false;
+}
+
+//! One head h of one sample: qkv [l, 3e] (fused q | k | v, heads side by side), out [l, e]
+//! (columns of head h written), `sc` a scratch of attention_scratch(l, block, e / heads)
+//! elements (64-byte aligned). Runs on the calling thread; the result depends only on the data
+//! and the sizes.
+template <class T>
+void attention_head(const T* qkv, std::int64_t l, std::int64_t e, std::int64_t heads,
+                    std::int64_t h, T* out, T* sc, std::int64_t block) {
   const std::int64_t dh = e / heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dh)));
-  const std::int64_t scratch = attention_scratch(l, block, dh);
-  bool tiled = false;
-  if constexpr (detail::attention_tiled_type<T>()) tiled = dh % detail::lanes<T> == 0;
+  const T* base = qkv;
+  if constexpr (detail::attention_tiled_type<T>()) {
+    if (attention_tiled<T>(dh)) {
+      // scratch: K^T [dh, lp] (zero padded), V [l, dh] contiguous (rows of the fused layout
+      // are 3E apart and alias in L1), scores [kRows, lp], a sink for rows past the end
+      const std::int64_t lp = detail::pad16(l);
+      constexpr int R = detail::kRows;
+      T* kt = sc;
+      T* vp = kt + dh * lp;
+      T* s = vp + dh * lp;
+      T* sink = s + R * lp;
+      const T* k = base + e + h * dh;
+      detail::pack_transposed(k, 3 * e, l, dh, kt, lp);
+      for (std::int64_t j = 0; j < l; ++j)
+        std::copy_n(base + j * 3 * e + 2 * e + h * dh, dh, vp + j * dh);
+      const T* q[R];
+      T* o[R];
+      for (std::int64_t i = 0; i < l; i += R) {
+        // a last group past the end repeats the last query row into the sink
+        for (int r = 0; r < R; ++r) {
+          const std::int64_t row = std::min(i + r, l - 1);
+          q[r] = base + row * 3 * e + h * dh;
+          o[r] = i + r < l ? out + (i + r) * e + h * dh : sink + r * dh;
+        }
+        detail::attention_rows<T>(q, kt, l, lp, dh, scale, s, vp, o);
+      }
+      return;
+    }
+  }
+  CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
+  CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
+  for (std::int64_t q0 = 0; q0 < l; q0 += block) {
+    const std::int64_t rb = std::min(block, l - q0);
+    CMapRM<T> Q(base + q0 * 3 * e + h * dh, rb, dh, Eigen::OuterStride<>(3 * e));
+    MapRM<T> S(sc, rb, l, Eigen::OuterStride<>(l));
+    S.setZero();
+    detail::gemm_nt_accumulate<T>(Q.data(), rb, dh, 3 * e, K.data(), l, 3 * e, S.data(), l);
+    S *= scale;
+    for (std::int64_t i = 0; i < rb; ++i) {
+      auto row = S.row(i).array();
+      row = (row - row.maxCoeff()).exp();
+      row *= T(1) / row.sum();
+    }
+    MapRM<T> O(out + q0 * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
+    O.setZero();
+    detail::gemm_nt_accumulate<T, Eigen::ColMajor>(sc, rb, l, l, V.data(), dh, 3 * e, O.data(), e);
+  }
+}
+
+//! Multi-head self-attention over the fused qkv [batch, l, 3e] into out [batch, l, e]: one
+//! attention_head per (sample, head), in parallel over the pairs outside an OpenMP region and on
+//! the calling thread inside one. detail::kRows (8) query rows at a time through register tiles
+//! where the head dim is a whole number of packets; otherwise scores are formed `block` query
+//! rows at a time ([block, L] per thread, never [L, L] per head). `scores` needs max_threads() *
+//! attention_scratch(L, block, E / heads) elements (64-byte aligned for the fastest loads).
+template <class T>
+void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
+               T* out, T* scores, std::int64_t block) {
+  const std::int64_t scratch = attention_scratch(l, block, e / heads);
   auto pair = [&](std::int64_t bh, T* sc) {
     const std::int64_t b = bh / heads, h = bh % heads;
-    const T* base = qkv + b * l * 3 * e;
-    if constexpr (detail::attention_tiled_type<T>()) {
-      if (tiled) {
-        // scratch: K^T [dh, lp] (zero padded), V [l, dh] contiguous (rows of the fused layout
-        // are 3E apart and alias in L1), scores [kRows, lp], a sink for rows past the end
-        const std::int64_t lp = detail::pad16(l);
-        constexpr int R = detail::kRows;
-        T* kt = sc;
-        T* vp = kt + dh * lp;
-        T* s = vp + dh * lp;
-        T* sink = s + R * lp;
-        const T* k = base + e + h * dh;
-        detail::pack_transposed(k, 3 * e, l, dh, kt, lp);
-        for (std::int64_t j = 0; j < l; ++j)
-          std::copy_n(base + j * 3 * e + 2 * e + h * dh, dh, vp + j * dh);
-        const T* q[R];
-        T* o[R];
-        for (std::int64_t i = 0; i < l; i += R) {
-          // a last group past the end repeats the last query row into the sink
-          for (int r = 0; r < R; ++r) {
-            const std::int64_t row = std::min(i + r, l - 1);
-            q[r] = base + row * 3 * e + h * dh;
-            o[r] = i + r < l ? out + (b * l + i + r) * e + h * dh : sink + r * dh;
-          }
-          detail::attention_rows<T>(q, kt, l, lp, dh, scale, s, vp, o);
-        }
-        return;
-      }
-    }
-    CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
-    CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
-    for (std::int64_t q0 = 0; q0 < l; q0 += block) {
-      const std::int64_t rb = std::min(block, l - q0);
-      CMapRM<T> Q(base + q0 * 3 * e + h * dh, rb, dh, Eigen::OuterStride<>(3 * e));
-      MapRM<T> S(sc, rb, l, Eigen::OuterStride<>(l));
-      S.noalias() = (Q * K.transpose()) * scale;
-      for (std::int64_t i = 0; i < rb; ++i) {
-        auto row = S.row(i).array();
-        row = (row - row.maxCoeff()).exp();
-        row *= T(1) / row.sum();
-      }
-      MapRM<T> O(out + (b * l + q0) * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
-      O.noalias() = S * V;
-    }
+    attention_head<T>(qkv + b * l * 3 * e, l, e, heads, h, out + b * l * e, sc, block);
   };
 #if defined(_OPENMP)
   if (omp_in_parallel()) {
-    // called by one thread of an enclosing team (the U-ViT's sample-parallel blocks): run here,
-    // in that thread's scratch slot
     T* sc = scores + static_cast<std::int64_t>(omp_get_thread_num()) * scratch;
     for (std::int64_t bh = 0; bh < batch * heads; ++bh) pair(bh, sc);
     return;

@@ -12,8 +12,10 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -408,37 +410,35 @@ class UViT {
     }
 
     const std::int64_t L = cfg_.tokens(lh, lw);
-    reserve(B, L);
     std::int64_t colsz = 0;  // im2col rows of one sample's patched components
     for (const auto& c : C)
       if (c.kind == ComponentKind::patched_image)
         colsz = std::max(colsz, c.tokens(lh, lw) * c.in_features());
-    if (col_.size() < static_cast<std::size_t>(B * colsz))
-      col_.assign(static_cast<std::size_t>(B * colsz), T(0));
-    const T* pe = positional(lh, lw);  // cached and shared: computed before any parallel region
+    const int threads = ctx.threads > 0 ? ctx.threads : cpu_kernels::max_threads();
+    reserve(B, L, colsz, threads);
+    const Pass ps{&in, out, B, L, lh, lw, positional(lh, lw)};  // positions cached before threads
     if (packed_gemm()) pack_weights();
+    ErrorSlot err;
+    err_ = &err;
 
-    // Samples are independent from the embeddings to the heads, so with at least as many samples
-    // as threads each thread runs the whole network on its own contiguous samples (no
-    // synchronisation between layers; the GEMMs run on the calling thread); the remaining
-    // B mod threads samples, a smaller batch, or a traced run use threads inside each layer.
-    auto run = [&](std::int64_t b0, std::int64_t nb) {
-      embed(in, b0, nb, lh, lw, pe, colsz);
-      blocks(b0, nb, L);
-      heads(out, b0, nb, lh, lw, colsz);
-    };
-    std::int64_t done = 0;
-    if (!trace_ && B >= 2 && cpu_kernels::max_threads() > 1) {
+    // Every sample runs the same sequence of single-threaded calls with the same sizes on its own
+    // 64-byte aligned workspace slot, so its result is bit-identical whatever the batch size, its
+    // position and the thread count (docs/NOTES.md, "Reproducibility"). Scheduling: with at least
+    // as many samples as threads each thread runs whole samples (no synchronisation between
+    // layers); the remaining B mod threads samples (all of them when tracing) go layer by layer
+    // with the team sharing each layer's fixed work items (column chunks of the products, heads,
+    // row chunks of the norms).
 #if defined(_OPENMP)
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
-      {
-        const std::int64_t team = cpu_kernels::team_size(), per = B / team;
-        if (per > 0) run(cpu_kernels::thread_id() * per, per);
-        if (cpu_kernels::thread_id() == 0) done = per * team;
-      }
+    {
+      const std::int64_t team = cpu_kernels::team_size(), tid = cpu_kernels::thread_id();
+      const std::int64_t per = trace_ ? 0 : B / team;
+      for (std::int64_t b = tid * per; b < (tid + 1) * per; ++b) sample_pass(ps, b);
+      layer_pass(ps, per * team, B);
     }
-    if (done < B) run(done, B - done);
+    err_ = nullptr;
+    if (err.error) std::rethrow_exception(err.error);
   }
 
  private:
@@ -447,6 +447,23 @@ class UViT {
     if (it == params_.end()) throw error("UViT::param", n, "no such parameter");
     return it->second;
   }
+  // Per-call state of a forward.
+  struct Pass {
+    const UViTInputs<T>* in;
+    std::span<const RowBlock<T, cpu>> out;
+    std::int64_t B, L, lh, lw;
+    const T* pe;
+  };
+  // Output columns of one work item of a product: the chunks (and so every call's sizes) depend
+  // only on the product's shape, never on the thread count.
+  static constexpr std::int64_t kColChunk = 256, kRowChunk = 32;
+  static std::int64_t chunks(std::int64_t n, std::int64_t w) {
+    return n <= w ? 1 : (n + w - 1) / w;
+  }
+  static std::int64_t pad16(std::int64_t n) {
+    return (n + 15) / 16 * 16;
+  }
+
   // Block weights the packed GEMM path takes: (name, pieces) -- skip_linear's [E, 2E] weight is
   // two [E, E] products, over x and over the skip.
   std::vector<std::pair<std::string, std::int64_t>> packable() const {
@@ -463,6 +480,8 @@ class UViT {
         r.emplace_back(n, 2);
     return r;
   }
+  // oneDNN: each column chunk (a contiguous block of weight rows) is packed on its own, in place,
+  // so a chunk's product addresses its packed block directly.
   void pack_weights() {
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
     if constexpr (std::is_same_v<T, float>) {
@@ -472,7 +491,15 @@ class UViT {
       for (const auto& [n, pieces] : packable()) {
         Tensor<T>& w = raw(n);
         const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
-        if (packer_->gemm.pack(w.data(), rows, k, pieces)) packer_->packed.emplace(n, pieces);
+        bool fits = true;
+        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c)
+          fits = fits && packer_->gemm.fits(std::min(kColChunk, rows - c * kColChunk), k);
+        if (!fits) continue;
+        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c) {
+          const std::int64_t r0 = c * kColChunk, nr = std::min(kColChunk, rows - r0);
+          packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
+        }
+        packer_->packed.emplace(n, pieces);
       }
       packer_->on = true;
     }
@@ -486,59 +513,108 @@ class UViT {
       if (!packer_->on) return;
       for (const auto& [n, pieces] : packer_->packed) {
         Tensor<T>& w = raw(n);
-        packer_->gemm.unpack(w.data(), w.shape()[0], w.shape()[1] / pieces, pieces);
+        const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
+        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c) {
+          const std::int64_t r0 = c * kColChunk, nr = std::min(kColChunk, rows - r0);
+          packer_->gemm.unpack(w.data() + r0 * pieces * k, nr, k, pieces);
+        }
       }
       packer_->packed.clear();
       packer_->on = false;
     }
 #endif
   }
-  // y [m, n] (ldy) = x [m, k] (ldx) W_piece^T (+ b), then `post`, where W_piece is columns
-  // [piece k, (piece + 1) k) of the weight `wname`: oneDNN on packed weights where forward()
-  // packed them, else Eigen (with the separate exact-GELU pass).
+  // Column chunk c of y [m, n] (ldy) = x [m, k] (ldx) W_piece^T (+ b), then `post`, where W_piece
+  // is columns [piece k, (piece + 1) k) of the weight `wname` ([n, pieces k]): oneDNN on packed
+  // weights where forward() packed them, else Eigen (with the separate exact-GELU pass).
   void lin(const std::string& wname, std::int64_t piece, const T* x, std::int64_t m, std::int64_t k,
-           std::int64_t ldx, const T* b, T* y, std::int64_t ldy, onednn::Post post) {
+           std::int64_t ldx, const T* b, T* y, std::int64_t ldy, onednn::Post post,
+           std::int64_t c) {
     const Tensor<T>& w = raw(wname);
-    const std::int64_t n = w.shape()[0], ldw = w.shape()[1];
+    const std::int64_t n = w.shape()[0], ldw = w.shape()[1], pieces = ldw / k;
+    const std::int64_t c0 = c * kColChunk,
+                       nc = std::min(n - c0, chunks(n, kColChunk) == 1 ? n : kColChunk);
+    const T* bc = b ? b + c0 : nullptr;
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
     if constexpr (std::is_same_v<T, float>) {
       if (packer_ && packer_->on && packer_->packed.count(wname)) {
-        packer_->gemm.linear(x, m, k, ldx, w.data() + piece * n * k, n, b, y, ldy, post);
+        packer_->gemm.linear(x, m, k, ldx, w.data() + c0 * ldw + piece * nc * k, nc, bc, y + c0,
+                             ldy, post);
         return;
       }
     }
 #endif
-    cpu_kernels::linear(x, m, k, ldx, w.data() + piece * k, n, ldw, b, y, ldy,
+    (void)pieces;
+    cpu_kernels::linear(x, m, k, ldx, w.data() + c0 * ldw + piece * k, nc, ldw, bc, y + c0, ldy,
                         post == onednn::Post::accumulate);
-    if (post == onednn::Post::gelu) {
-      const T* none = nullptr;
-      if (ldy == n)
-        cpu_kernels::bias_gelu(y, m, n, none);
-      else
-        for (std::int64_t i = 0; i < m; ++i) cpu_kernels::bias_gelu(y + i * ldy, 1, n, none);
+    if (post == onednn::Post::gelu)
+      for (std::int64_t i = 0; i < m; ++i)
+        cpu_kernels::bias_gelu(y + i * ldy + c0, 1, nc, static_cast<const T*>(nullptr));
+  }
+  // Runs f(sample, item) for samples [s0, s1) and items [0, items): on the calling thread, or
+  // (`shared`, inside the forward's parallel region) shared by the team, with the barrier at the
+  // end of the loop. An exception is kept (the first one) and rethrown after the region, so every
+  // thread still meets every barrier.
+  template <class F>
+  void stage(std::int64_t s0, std::int64_t s1, std::int64_t items, bool shared, F&& f) {
+    const std::int64_t n = (s1 - s0) * items;
+    auto one = [&](std::int64_t w) {
+      if (err_->failed.load(std::memory_order_relaxed)) return;
+      try {
+        f(s0 + w / items, w % items);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(err_->mu);
+        if (!err_->failed.exchange(true)) err_->error = std::current_exception();
+      }
+    };
+    if (!shared) {
+      for (std::int64_t w = 0; w < n; ++w) one(w);
+      return;
+    }
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (std::int64_t w = 0; w < n; ++w) one(w);
+  }
+  // The trace callback sees [samples, L, E] contiguous (workspace slots are padded).
+  void emit(const char* name, const T* d, std::int64_t stride, std::int64_t nb, std::int64_t per,
+            Shape s) {
+    if (!trace_) return;
+#if defined(_OPENMP)
+#pragma omp single
+#endif
+    {
+      const T* p = d;
+      if (stride != per && nb > 1) {
+        trace_buf_.resize(static_cast<std::size_t>(nb * per));
+        for (std::int64_t b = 0; b < nb; ++b)
+          std::copy_n(d + b * stride, per, trace_buf_.data() + b * per);
+        p = trace_buf_.data();
+      }
+      trace_(name, p, s);
     }
   }
-  void emit(const char* name, const T* d, Shape s) const {
-    if (trace_) trace_(name, d, s);
-  }
-  void reserve(std::int64_t B, std::int64_t L) {
-    const std::int64_t E = cfg_.embed_dim, M = B * L;
-    const auto need = static_cast<std::size_t>(M * E);
-    if (x_.size() < need) {
-      x_.assign(need, T(0));
-      tmp_.assign(need, T(0));
-      attn_.assign(need, T(0));
-      qkv_.assign(need * 3, T(0));
-      hid_.assign(static_cast<std::size_t>(M * cfg_.hidden()), T(0));
-      skips_.assign(static_cast<std::size_t>(cfg_.blocks_per_side()),
-                    cpu_kernels::AlignedVector<T>(need));
-    }
-    const auto sc = static_cast<std::size_t>(
-        cpu_kernels::max_threads() *
-        cpu_kernels::attention_scratch(L, score_block(L), cfg_.embed_dim / cfg_.num_heads));
-    if (scores_.size() < sc) scores_.assign(sc, T(0));
-    const auto te = static_cast<std::size_t>(B + B * E + (cfg_.mlp_time_embed ? B * 4 * E : 0));
-    if (temb_.size() < te) temb_.assign(te, T(0));
+  void reserve(std::int64_t B, std::int64_t L, std::int64_t colsz, int threads) {
+    const std::int64_t E = cfg_.embed_dim;
+    sx_ = pad16(L * E);
+    sq_ = pad16(L * 3 * E);
+    sh_ = pad16(L * cfg_.hidden());
+    scol_ = pad16(colsz);
+    st_ = pad16(1 + E + (cfg_.mlp_time_embed ? 4 * E : 0));
+    auto fit = [](cpu_kernels::AlignedVector<T>& v, std::int64_t n) {
+      if (v.size() < static_cast<std::size_t>(n)) v.assign(static_cast<std::size_t>(n), T(0));
+    };
+    fit(x_, B * sx_);
+    fit(tmp_, B * sx_);
+    fit(attn_, B * sx_);
+    fit(qkv_, B * sq_);
+    fit(hid_, B * sh_);
+    fit(col_, B * scol_);
+    fit(temb_, B * st_);
+    skips_.resize(static_cast<std::size_t>(cfg_.blocks_per_side()));
+    for (auto& v : skips_) fit(v, B * sx_);
+    scratch_ = cpu_kernels::attention_scratch(L, score_block(L), E / cfg_.num_heads);
+    fit(scores_, std::max(threads, cpu_kernels::max_threads()) * scratch_);
   }
   // Query rows per attention score block: the whole sequence while its L x L scores fit in 1 MiB
   // per thread (one pass over K and V per head), else 128 rows (the official 1105 tokens).
@@ -546,154 +622,190 @@ class UViT {
     return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
   }
 
-  // Token sequence x_ of samples [b0, b0 + nb): time tokens, data-type token, component
-  // embeddings, positional table pe (UVIT.md §4.2-4.5).
-  void embed(const UViTInputs<T>& in, std::int64_t b0, std::int64_t nb, std::int64_t lh,
-             std::int64_t lw, const T* pe, std::int64_t colsz) {
+  // One sample start to end on the calling thread.
+  void sample_pass(const Pass& ps, std::int64_t b) {
+    stage(b, b + 1, 1, false, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
+    blocks(ps, b, b + 1, false);
+    stage(b, b + 1, 1, false, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
+  }
+  // Samples [s0, s1) layer by layer, each layer's work items shared by the team.
+  void layer_pass(const Pass& ps, std::int64_t s0, std::int64_t s1) {
+    if (s0 >= s1) return;
+    const std::int64_t E = cfg_.embed_dim, nb = s1 - s0;
+    stage(s0, s1, 1, true, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
+    emit("x_embedded", x_.data() + s0 * sx_, sx_, nb, ps.L * E, Shape{nb, ps.L, E});
+    blocks(ps, s0, s1, true);
+    stage(s0, s1, 1, true, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
+  }
+
+  // Token sequence of sample b in its slot of x_: time tokens, data-type token, component
+  // embeddings, positional table (UVIT.md §4.2-4.5).
+  void embed(const Pass& ps, std::int64_t b) {
     namespace kk = cpu_kernels;
     const auto& C = cfg_.components;
-    const std::int64_t B = in.x[0].rows, E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
-    T* X = x_.data();
+    const UViTInputs<T>& in = *ps.in;
+    const std::int64_t E = cfg_.embed_dim, L = ps.L;
+    T* X = x_.data() + b * sx_;
+    T* tslot = temb_.data() + b * st_;
     for (std::size_t g = 0; g < cfg_.groups(); ++g) {
-      // workspace views of this range (no allocation per forward once the batch has been seen)
-      TensorView<T> tt(temb_.data() + b0, Shape{nb}), emb(temb_.data() + B + b0 * E, Shape{nb, E});
-      for (std::int64_t b = 0; b < nb; ++b)
-        tt[b] = static_cast<T>(in.t[g][static_cast<std::size_t>(b0 + b)]);
+      TensorView<T> tt(tslot, Shape{1}), emb(tslot + 1, Shape{1, E});
+      tt[0] = static_cast<T>(in.t[g][static_cast<std::size_t>(b)]);
       timestep_embedding<T>(Context<cpu>{}, TensorView<const T>(tt), emb);
+      T* dst = X + static_cast<std::int64_t>(g) * E;
       if (cfg_.mlp_time_embed) {
         const std::string& n = cfg_.time_names[g];
-        T* h = temb_.data() + B + B * E + b0 * 4 * E;
-        kk::linear(emb.data(), nb, E, E, raw(n + ".0.weight").data(), 4 * E, E,
+        T* h = tslot + 1 + E;
+        kk::linear(emb.data(), 1, E, E, raw(n + ".0.weight").data(), 4 * E, E,
                    raw(n + ".0.bias").data(), h, 4 * E);
-        kk::silu(h, nb * 4 * E);
-        kk::linear(h, nb, 4 * E, 4 * E, raw(n + ".2.weight").data(), E, 4 * E,
-                   raw(n + ".2.bias").data(), X + (b0 * L + static_cast<std::int64_t>(g)) * E,
-                   L * E);
+        kk::silu(h, 4 * E);
+        kk::linear(h, 1, 4 * E, 4 * E, raw(n + ".2.weight").data(), E, 4 * E,
+                   raw(n + ".2.bias").data(), dst, E);
       } else {
-        for (std::int64_t b = 0; b < nb; ++b)
-          std::copy_n(emb.data() + b * E, E, X + ((b0 + b) * L + static_cast<std::int64_t>(g)) * E);
+        std::copy_n(emb.data(), E, dst);
       }
     }
-    if (cfg_.data_type_token) {
-      const T* te = raw("token_embedding.weight").data();
-      for (std::int64_t b = b0; b < b0 + nb; ++b)
-        std::copy_n(te + in.data_type[static_cast<std::size_t>(b)] * E, E,
-                    X + (b * L + static_cast<std::int64_t>(cfg_.groups())) * E);
-    }
+    if (cfg_.data_type_token)
+      std::copy_n(
+          raw("token_embedding.weight").data() + in.data_type[static_cast<std::size_t>(b)] * E, E,
+          X + static_cast<std::int64_t>(cfg_.groups()) * E);
     std::int64_t off = cfg_.lead_tokens();
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto& c = C[k];
-      const std::int64_t tk = c.tokens(lh, lw);
+      const std::int64_t tk = c.tokens(ps.lh, ps.lw);
       const T* w = raw(c.in_name + ".weight").data();
       const T* bias = raw(c.in_name + ".bias").data();
-      for (std::int64_t b = b0; b < b0 + nb; ++b) {
-        const T* src = in.x[k].data + b * in.x[k].ld;
-        T* dst = X + (b * L + off) * E;
-        if (c.kind == ComponentKind::tokens) {
-          kk::linear(src, tk, c.dim, c.dim, w, E, c.dim, bias, dst, E);
-        } else {
-          const std::int64_t pd = c.in_features();
-          T* col = col_.data() + b * colsz;
-          kk::patchify_conv(src, c.channels, lh, lw, c.patch, col);
-          kk::linear(col, tk, pd, pd, w, E, pd, bias, dst, E);
-        }
+      const T* src = in.x[k].data + b * in.x[k].ld;
+      T* dst = X + off * E;
+      if (c.kind == ComponentKind::tokens) {
+        kk::linear(src, tk, c.dim, c.dim, w, E, c.dim, bias, dst, E);
+      } else {
+        const std::int64_t pd = c.in_features();
+        T* col = col_.data() + b * scol_;
+        kk::patchify_conv(src, c.channels, ps.lh, ps.lw, c.patch, col);
+        kk::linear(col, tk, pd, pd, w, E, pd, bias, dst, E);
       }
       off += tk;
     }
-    for (std::int64_t b = b0; b < b0 + nb; ++b)
-      for (std::int64_t i = 0; i < L * E; ++i) X[b * L * E + i] += pe[i];
-    emit("x_embedded", X, Shape{nb, L, E});
+    for (std::int64_t i = 0; i < L * E; ++i) X[i] += ps.pe[i];
   }
 
-  // Per-component outputs of samples [b0, b0 + nb) from the normed tokens (UVIT.md §4.7).
-  void heads(std::span<const RowBlock<T, cpu>> out, std::int64_t b0, std::int64_t nb,
-             std::int64_t lh, std::int64_t lw, std::int64_t colsz) {
+  // Outputs of sample b from its normed tokens (UVIT.md §4.7).
+  void heads(const Pass& ps, std::int64_t b) {
     namespace kk = cpu_kernels;
     const auto& C = cfg_.components;
-    const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(lh, lw);
-    const T* X = x_.data();
+    const std::int64_t E = cfg_.embed_dim;
+    const T* X = x_.data() + b * sx_;
     std::int64_t off = cfg_.lead_tokens();
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto& c = C[k];
-      const std::int64_t tk = c.tokens(lh, lw);
+      const std::int64_t tk = c.tokens(ps.lh, ps.lw);
       const T* w = raw(c.out_name + ".weight").data();
       const T* bias = raw(c.out_name + ".bias").data();
-      for (std::int64_t b = b0; b < b0 + nb; ++b) {
-        const T* src = X + (b * L + off) * E;
-        T* dst = out[k].data + b * out[k].ld;
-        if (c.kind == ComponentKind::tokens) {
-          kk::linear(src, tk, E, E, w, c.dim, E, bias, dst, c.dim);
-        } else {
-          const std::int64_t pd = c.patch * c.patch * c.channels;
-          T* col = col_.data() + b * colsz;
-          kk::linear(src, tk, E, E, w, pd, E, bias, col, pd);
-          kk::unpatchify(col, pd, c.channels, lh, lw, c.patch, dst);
-        }
+      const T* src = X + off * E;
+      T* dst = ps.out[k].data + b * ps.out[k].ld;
+      if (c.kind == ComponentKind::tokens) {
+        kk::linear(src, tk, E, E, w, c.dim, E, bias, dst, c.dim);
+      } else {
+        const std::int64_t pd = c.patch * c.patch * c.channels;
+        T* col = col_.data() + b * scol_;
+        kk::linear(src, tk, E, E, w, pd, E, bias, col, pd);
+        kk::unpatchify(col, pd, c.channels, ps.lh, ps.lw, c.patch, dst);
       }
       off += tk;
     }
   }
 
-  // Every block and the final norm for samples [b0, b0 + nb) of the workspace (UVIT.md §4.6).
-  void blocks(std::int64_t b0, std::int64_t nb, std::int64_t L) {
-    const std::int64_t E = cfg_.embed_dim, M = nb * L, off = b0 * L * E;
+  // Every block and the final norm for samples [s0, s1) (UVIT.md §4.6).
+  void blocks(const Pass& ps, std::int64_t s0, std::int64_t s1, bool shared) {
+    const std::int64_t E = cfg_.embed_dim, L = ps.L, nb = s1 - s0;
     const std::int64_t sides = cfg_.blocks_per_side();
+    const Shape shape{nb, L, E};
     // in_blocks.i writes its output straight into skip buffer i, which the next block reads
     // (no copy of the activations into the skip stack)
     T* cur = x_.data();
     for (std::int64_t i = 0; i < sides; ++i) {
       const std::string name = "in_blocks." + std::to_string(i);
       T* dst = skips_[static_cast<std::size_t>(i)].data();
-      block(name, cur, dst, b0, nb, L, nullptr);
-      emit(name.c_str(), dst, Shape{nb, L, E});
+      block(name, cur, dst, s0, s1, L, nullptr, shared);
+      emit(name.c_str(), dst + s0 * sx_, sx_, nb, L * E, shape);
       cur = dst;
     }
-    block("mid_block", cur, x_.data(), b0, nb, L, nullptr);
-    emit("mid_block", x_.data(), Shape{nb, L, E});
+    block("mid_block", cur, x_.data(), s0, s1, L, nullptr, shared);
+    emit("mid_block", x_.data() + s0 * sx_, sx_, nb, L * E, shape);
     for (std::int64_t i = 0; i < sides; ++i) {
       const std::string name = "out_blocks." + std::to_string(i);
-      block(name, x_.data(), x_.data(), b0, nb, L,
-            skips_[static_cast<std::size_t>(sides - 1 - i)].data() + off);
-      emit(name.c_str(), x_.data(), Shape{nb, L, E});
+      block(name, x_.data(), x_.data(), s0, s1, L,
+            skips_[static_cast<std::size_t>(sides - 1 - i)].data(), shared);
+      emit(name.c_str(), x_.data() + s0 * sx_, sx_, nb, L * E, shape);
     }
-    cpu_kernels::layer_norm(x_.data() + off, M, E, static_cast<const T*>(nullptr),
-                            raw("norm.weight").data(), raw("norm.bias").data());
-    emit("norm", x_.data(), Shape{nb, L, E});
+    const T* g = raw("norm.weight").data();
+    const T* bn = raw("norm.bias").data();
+    stage(s0, s1, chunks(L, kRowChunk), shared, [&](std::int64_t b, std::int64_t r) {
+      const std::int64_t r0 = r * kRowChunk, nr = std::min(kRowChunk, L - r0);
+      cpu_kernels::layer_norm(x_.data() + b * sx_ + r0 * E, nr, E, static_cast<const T*>(nullptr),
+                              g, bn);
+    });
+    emit("norm", x_.data() + s0 * sx_, sx_, nb, L * E, shape);
   }
 
-  // One post-LN block on samples [b0, b0 + nb) (UVIT.md §4.6): reads the workspace array `in`,
-  // writes `out` (may be the same array; `in` is not modified when they differ); `skip` is
-  // already offset to the samples.
-  void block(const std::string& p, const T* in, T* out, std::int64_t b0, std::int64_t nb,
-             std::int64_t L, const T* skip) {
+  // One post-LN block on samples [s0, s1) (UVIT.md §4.6): reads the workspace array `in`,
+  // writes `out` (may be the same array; `in` is not modified when they differ), `skip` the
+  // array of the skip input (out blocks). Arrays hold one slot of sx_ elements per sample.
+  void block(const std::string& p, const T* in, T* out, std::int64_t s0, std::int64_t s1,
+             std::int64_t L, const T* skip, bool shared) {
     namespace kk = cpu_kernels;
-    const std::int64_t E = cfg_.embed_dim, M = nb * L, Hm = cfg_.hidden(), r0 = b0 * L;
-    const T* X = in + r0 * E;
-    T* Y = out + r0 * E;
-    T* tmp = tmp_.data() + r0 * E;
-    T* qkv = qkv_.data() + r0 * 3 * E;
-    T* att = attn_.data() + r0 * E;
-    T* hid = hid_.data() + r0 * Hm;
     using onednn::Post;
+    const std::int64_t E = cfg_.embed_dim, Hm = cfg_.hidden();
     const T* none = nullptr;
+    const std::int64_t ce = chunks(E, kColChunk), rows = chunks(L, kRowChunk);
+    auto norm = [&](const T* x, const T* r, T* y, const std::string& n) {
+      const T* g = raw(n + ".weight").data();
+      const T* bn = raw(n + ".bias").data();
+      stage(s0, s1, rows, shared, [&, x, r, y, g, bn](std::int64_t b, std::int64_t i) {
+        const std::int64_t o = b * sx_ + i * kRowChunk * E,
+                           nr = std::min(kRowChunk, L - i * kRowChunk);
+        kk::layer_norm(x + o, r ? r + o : nullptr, y + o, nr, E, g, bn);
+      });
+    };
+    const T* X = in;
     if (skip) {  // skip_linear([x, skip]) as two products over the halves of its weight
-      lin(p + ".skip_linear.weight", 0, X, M, E, E, raw(p + ".skip_linear.bias").data(), tmp, E,
-          Post::none);
-      lin(p + ".skip_linear.weight", 1, skip, M, E, E, none, tmp, E, Post::accumulate);
-      kk::layer_norm(tmp, none, Y, M, E, raw(p + ".norm1.weight").data(),
-                     raw(p + ".norm1.bias").data());
-      X = Y;
+      const std::string w = p + ".skip_linear.weight";
+      const T* sb = raw(p + ".skip_linear.bias").data();
+      stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
+        T* t = tmp_.data() + b * sx_;
+        lin(w, 0, X + b * sx_, L, E, E, sb, t, E, Post::none, c);
+        lin(w, 1, skip + b * sx_, L, E, E, none, t, E, Post::accumulate, c);
+      });
+      norm(tmp_.data(), nullptr, out, p + ".norm1");
+      X = out;
     }
     const T* qb = cfg_.qkv_bias ? raw(p + ".attn.qkv.bias").data() : nullptr;
-    lin(p + ".attn.qkv.weight", 0, X, M, E, E, qb, qkv, 3 * E, Post::none);
-    kk::attention(qkv, nb, L, E, cfg_.num_heads, att, scores_.data(), score_block(L));
-    lin(p + ".attn.proj.weight", 0, att, M, E, E, raw(p + ".attn.proj.bias").data(), tmp, E,
-        Post::none);
-    kk::layer_norm(X, tmp, Y, M, E, raw(p + ".norm2.weight").data(), raw(p + ".norm2.bias").data());
-    lin(p + ".mlp.fc1.weight", 0, Y, M, E, E, raw(p + ".mlp.fc1.bias").data(), hid, Hm, Post::gelu);
-    lin(p + ".mlp.fc2.weight", 0, hid, M, Hm, Hm, raw(p + ".mlp.fc2.bias").data(), tmp, E,
-        Post::none);
-    kk::layer_norm(Y, M, E, tmp, raw(p + ".norm3.weight").data(), raw(p + ".norm3.bias").data());
+    stage(s0, s1, chunks(3 * E, kColChunk), shared, [&](std::int64_t b, std::int64_t c) {
+      lin(p + ".attn.qkv.weight", 0, X + b * sx_, L, E, E, qb, qkv_.data() + b * sq_, 3 * E,
+          Post::none, c);
+    });
+    const std::int64_t heads = cfg_.num_heads, sb = score_block(L);
+    stage(s0, s1, heads, shared, [&](std::int64_t b, std::int64_t h) {
+      kk::attention_head(qkv_.data() + b * sq_, L, E, heads, h, attn_.data() + b * sx_,
+                         scores_.data() + kk::thread_id() * scratch_, sb);
+    });
+    const T* pb = raw(p + ".attn.proj.bias").data();
+    stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
+      lin(p + ".attn.proj.weight", 0, attn_.data() + b * sx_, L, E, E, pb, tmp_.data() + b * sx_, E,
+          Post::none, c);
+    });
+    norm(X, tmp_.data(), out, p + ".norm2");
+    const T* b1 = raw(p + ".mlp.fc1.bias").data();
+    stage(s0, s1, chunks(Hm, kColChunk), shared, [&](std::int64_t b, std::int64_t c) {
+      lin(p + ".mlp.fc1.weight", 0, out + b * sx_, L, E, E, b1, hid_.data() + b * sh_, Hm,
+          Post::gelu, c);
+    });
+    const T* b2 = raw(p + ".mlp.fc2.bias").data();
+    stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
+      lin(p + ".mlp.fc2.weight", 0, hid_.data() + b * sh_, L, Hm, Hm, b2, tmp_.data() + b * sx_, E,
+          Post::none, c);
+    });
+    norm(out, tmp_.data(), out, p + ".norm3");
   }
 
   // The positional table actually added, [L, E] for latent side h x w (cached).
@@ -715,7 +827,8 @@ class UViT {
         const std::int64_t g0 = c.size / c.patch;
         cpu_kernels::bilinear_resize(src + src_row * E, g0, g0, E, h / c.patch, w / c.patch,
                                      pe_.data() + dst_row * E);
-        emit("pos_embed_patches_interp", pe_.data() + dst_row * E, Shape{1, t1, E});
+        emit("pos_embed_patches_interp", pe_.data() + dst_row * E, t1 * E, 1, t1 * E,
+             Shape{1, t1, E});
       }
       src_row += t0;
       dst_row += t1;
@@ -730,6 +843,17 @@ class UViT {
   std::vector<std::string> order_;
   cpu_kernels::AlignedVector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_, temb_;
   std::vector<cpu_kernels::AlignedVector<T>> skips_;
+  // per-sample slot sizes (multiples of 16 elements: every slot starts 64-byte aligned) and the
+  // per-thread attention scratch
+  std::int64_t sx_ = 0, sq_ = 0, sh_ = 0, scol_ = 0, st_ = 0, scratch_ = 0;
+  std::vector<T> trace_buf_;
+  // the first exception of a work item inside the forward's parallel region (set per forward)
+  struct ErrorSlot {
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    std::exception_ptr error;
+  };
+  ErrorSlot* err_ = nullptr;
   std::int64_t pe_cache_h_ = -1, pe_cache_w_ = -1;
   Trace trace_;
   bool packed_gemm_ = true;

@@ -48,6 +48,11 @@ class Gemm {
   //! oneDNN picks for 1105 rows (the official sequence); a product whose row count wants another
   //! one re-lays the weights into a per-thread buffer first (not seen on the test CPU for 1 to
   //! 5000 rows).
+  //! Whether pack(w, n, k) would succeed: the packed layout of W [n, k] takes exactly the plain
+  //! matrix's storage.
+  bool fits(std::int64_t n, std::int64_t k) {
+    return layout(n, k).get_size() == static_cast<std::size_t>(n * k) * sizeof(float);
+  }
   bool pack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
     const dnnl::memory::desc md = layout(n, k);
     if (md.get_size() != static_cast<std::size_t>(n * k) * sizeof(float)) return false;
