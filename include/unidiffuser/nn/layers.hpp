@@ -59,6 +59,59 @@ template <class T>
 using CMapRM = Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>;
 
 namespace detail {
+//! f(i) for rows i in [0, m): OpenMP threads when the work (elements) is large and no region is
+//! active, else a plain loop -- even a disabled `omp parallel if (...)` costs libgomp calls and a
+//! system call, which per-chunk kernel calls would pay thousands of times per forward.
+//! Set on a thread while a caller that manages threads itself (UViT::forward) runs kernels on it:
+//! they then never start threads of their own.
+inline bool& serial_kernels() {
+  thread_local bool on = false;
+  return on;
+}
+struct SerialKernels {
+  bool saved = serial_kernels();
+  SerialKernels() { serial_kernels() = true; }
+  ~SerialKernels() { serial_kernels() = saved; }
+  SerialKernels(const SerialKernels&) = delete;
+  SerialKernels& operator=(const SerialKernels&) = delete;
+};
+template <class F>
+void parallel_rows(std::int64_t m, std::int64_t work, F&& f) {
+#if defined(_OPENMP)
+  if (work >= 32768 && m > 1 && !serial_kernels() && !omp_in_parallel() &&
+      omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < m; ++i) f(i);
+    return;
+  }
+#endif
+  (void)work;
+  for (std::int64_t i = 0; i < m; ++i) f(i);
+}
+
+//! Eigen's single-thread blocking sizes for a column-major [rows, cols] += [rows, depth] x
+//! [depth, cols] product (what gemm_blocking_space computes for one thread), with the packing
+//! buffers taken from per-thread storage that grows and is kept: no allocation per product
+//! (Eigen would heap-allocate packing buffers over 128 KiB on every call).
+template <class T>
+class GemmBlocking : public Eigen::internal::level3_blocking<T, T> {
+ public:
+  GemmBlocking(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth) {
+    this->m_mc = rows;
+    this->m_nc = cols;
+    this->m_kc = depth;
+    Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc,
+                                                          Eigen::Index{1});
+    thread_local AlignedVector<T> a, b;
+    const auto sa = static_cast<std::size_t>(this->m_mc * this->m_kc);
+    const auto sb = static_cast<std::size_t>(this->m_kc * this->m_nc);
+    if (a.size() < sa) a.resize(sa);
+    if (b.size() < sb) b.resize(sb);
+    this->m_blockA = a.data();
+    this->m_blockB = b.data();
+  }
+};
+
 //! y [m, n] (ldy) += x [m, k] (ldx) W^T, W [n, k] (ldw) row-major (`WOrder` RowMajor) or
 //! W^T [k, n] row-major, i.e. y += x V with V = W^T (`WOrder` ColMajor): Eigen's blocked GEMM
 //! kernel called directly, always on the calling thread with single-thread blocking. `Y.noalias()
@@ -73,8 +126,7 @@ void gemm_nt_accumulate(const T* x, std::int64_t m, std::int64_t k, std::int64_t
   namespace ei = Eigen::internal;
   using Index = Eigen::Index;
   // column-major view: Y^T [n, m] (stride ldy) += W [n, k] (row-major, ldw) X^T [k, m] (ldx)
-  ei::gemm_blocking_space<Eigen::ColMajor, T, T, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic>
-      blocking(static_cast<Index>(n), static_cast<Index>(m), static_cast<Index>(k), 1, true);
+  GemmBlocking<T> blocking(static_cast<Index>(n), static_cast<Index>(m), static_cast<Index>(k));
   ei::general_matrix_matrix_product<Index, T, WOrder, false, T, Eigen::ColMajor, false,
                                     Eigen::ColMajor, 1>::run(static_cast<Index>(n),
                                                              static_cast<Index>(m),
@@ -118,10 +170,7 @@ void layer_norm(const T* x, const T* r, T* y, std::int64_t m, std::int64_t n, co
   using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
   using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
   const CRow G(g, n), Bv(b, n);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (m * n >= 32768 && !omp_in_parallel())
-#endif
-  for (std::int64_t i = 0; i < m; ++i) {
+  auto one = [&](std::int64_t i) {
     Row row(y + i * n, n);
     if (r)
       row = CRow(x + i * n, n) + CRow(r + i * n, n);
@@ -131,7 +180,8 @@ void layer_norm(const T* x, const T* r, T* y, std::int64_t m, std::int64_t n, co
     const T var = (row - mean).square().sum() / static_cast<T>(n);
     const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
     row = (row - mean) * inv * G + Bv;
-  }
+  };
+  detail::parallel_rows(m, m * n, one);
 }
 //! In place: x = LayerNorm(x (+ r)).
 template <class T>
@@ -147,14 +197,12 @@ void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
   using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
   using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
   const T r = static_cast<T>(0.70710678118654752440);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (m * n >= 32768 && !omp_in_parallel())
-#endif
-  for (std::int64_t i = 0; i < m; ++i) {
+  auto one = [&](std::int64_t i) {
     Row row(y + i * n, n);
     if (bias) row += CRow(bias, n);
     row = T(0.5) * row * (T(1) + (row * r).erf());
-  }
+  };
+  detail::parallel_rows(m, m * n, one);
 }
 //! Exact GELU in place over n contiguous values.
 template <class T>

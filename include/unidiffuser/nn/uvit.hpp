@@ -140,9 +140,11 @@ struct UViTConfig {
       if (!j.contains(k)) throw error(op, k, "missing key in the config");
       return j.at(k);
     };
-    std::string v = j.value("version", default_version);
-    if (v.empty()) throw error(op, "version", "missing; expected \"v0\" or \"v1\"");
+    if (!j.is_object())
+      throw_mismatch(op, "config", "JSON type", "an object {...}", std::string(j.type_name()));
     try {
+      const std::string v = j.value("version", default_version);
+      if (v.empty()) throw error(op, "version", "missing; expected \"v0\" or \"v1\"");
       return official(v, need("img_size").get<std::int64_t>(), need("in_chans").get<std::int64_t>(),
                       need("patch_size").get<std::int64_t>(), need("embed_dim").get<std::int64_t>(),
                       need("depth").get<std::int64_t>(), need("num_heads").get<std::int64_t>(),
@@ -176,6 +178,12 @@ struct UViTConfig {
 
   void validate() const {
     const char* op = "UViTConfig";
+    // hidden() converts embed_dim x mlp_ratio to an integer: both must keep it representable
+    if (!(mlp_ratio > 0 && mlp_ratio <= 1024))
+      throw error(op, "mlp_ratio",
+                  "expected a finite value in (0, 1024]; got " + std::to_string(mlp_ratio));
+    if (embed_dim > (std::int64_t{1} << 40))
+      throw_mismatch(op, "embed_dim", "embed_dim", "<= 2^40", embed_dim);
     if (embed_dim <= 0 || num_heads <= 0 || embed_dim % num_heads != 0)
       throw error(op, "embed_dim/num_heads",
                   "embed_dim must be a positive multiple of num_heads; got " +
@@ -424,17 +432,18 @@ class UViT {
     // Every sample runs the same sequence of single-threaded calls with the same sizes on its own
     // 64-byte aligned workspace slot, so its result is bit-identical whatever the batch size, its
     // position and the thread count (docs/NOTES.md, "Reproducibility"). Scheduling: with at least
-    // as many samples as threads each thread runs whole samples (no synchronisation between
-    // layers); the remaining B mod threads samples (all of them when tracing) go layer by layer
-    // with the team sharing each layer's fixed work items (column chunks of the products, heads,
-    // row chunks of the norms).
+    // as many samples as threads each thread takes B / threads contiguous samples through every
+    // layer (no synchronisation between layers); the remaining B mod threads samples (all of them
+    // when tracing) go layer by layer with the team sharing each layer's fixed work items (column
+    // chunks of the products, heads, row chunks of the norms).
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
     {
+      const cpu_kernels::detail::SerialKernels serial;  // the kernels below start no threads
       const std::int64_t team = cpu_kernels::team_size(), tid = cpu_kernels::thread_id();
       const std::int64_t per = trace_ ? 0 : B / team;
-      for (std::int64_t b = tid * per; b < (tid + 1) * per; ++b) sample_pass(ps, b);
+      sample_pass(ps, tid * per, (tid + 1) * per);
       layer_pass(ps, per * team, B);
     }
     err_ = nullptr;
@@ -454,11 +463,20 @@ class UViT {
     std::int64_t B, L, lh, lw;
     const T* pe;
   };
-  // Output columns of one work item of a product: the chunks (and so every call's sizes) depend
-  // only on the product's shape, never on the thread count.
-  static constexpr std::int64_t kColChunk = 256, kRowChunk = 32;
+  // Output columns of one work item of a product: about a quarter of the outputs, 64 to 256 wide
+  // (a multiple of 16), so a small layer still splits over threads and a large one makes few
+  // calls. The chunks (and so every call's sizes) depend only on the product's shape, never on
+  // the thread count.
+  static constexpr std::int64_t kRowChunk = 32;
+  static std::int64_t col_width(std::int64_t n) {
+    if (n <= 64) return std::max<std::int64_t>(n, 1);
+    return std::min<std::int64_t>(256, std::max<std::int64_t>(64, pad16((n + 3) / 4)));
+  }
+  static std::int64_t col_chunks(std::int64_t n) {
+    return (n + col_width(n) - 1) / col_width(n);
+  }
   static std::int64_t chunks(std::int64_t n, std::int64_t w) {
-    return n <= w ? 1 : (n + w - 1) / w;
+    return (n + w - 1) / w;
   }
   static std::int64_t pad16(std::int64_t n) {
     return (n + 15) / 16 * 16;
@@ -492,11 +510,13 @@ class UViT {
         Tensor<T>& w = raw(n);
         const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
         bool fits = true;
-        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c)
-          fits = fits && packer_->gemm.fits(std::min(kColChunk, rows - c * kColChunk), k);
+        const std::int64_t cw = col_width(rows);
+        for (std::int64_t c = 0; c < col_chunks(rows); ++c)
+          fits = fits && packer_->gemm.fits(std::min(cw, rows - c * cw), k);
         if (!fits) continue;
-        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c) {
-          const std::int64_t r0 = c * kColChunk, nr = std::min(kColChunk, rows - r0);
+        const std::int64_t cw = col_width(rows);
+        for (std::int64_t c = 0; c < col_chunks(rows); ++c) {
+          const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
           packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
         }
         packer_->packed.emplace(n, pieces);
@@ -514,8 +534,9 @@ class UViT {
       for (const auto& [n, pieces] : packer_->packed) {
         Tensor<T>& w = raw(n);
         const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
-        for (std::int64_t c = 0; c < chunks(rows, kColChunk); ++c) {
-          const std::int64_t r0 = c * kColChunk, nr = std::min(kColChunk, rows - r0);
+        const std::int64_t cw = col_width(rows);
+        for (std::int64_t c = 0; c < col_chunks(rows); ++c) {
+          const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
           packer_->gemm.unpack(w.data() + r0 * pieces * k, nr, k, pieces);
         }
       }
@@ -532,8 +553,7 @@ class UViT {
            std::int64_t c) {
     const Tensor<T>& w = raw(wname);
     const std::int64_t n = w.shape()[0], ldw = w.shape()[1], pieces = ldw / k;
-    const std::int64_t c0 = c * kColChunk,
-                       nc = std::min(n - c0, chunks(n, kColChunk) == 1 ? n : kColChunk);
+    const std::int64_t cw = col_width(n), c0 = c * cw, nc = std::min(cw, n - c0);
     const T* bc = b ? b + c0 : nullptr;
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
     if constexpr (std::is_same_v<T, float>) {
@@ -558,10 +578,11 @@ class UViT {
   template <class F>
   void stage(std::int64_t s0, std::int64_t s1, std::int64_t items, bool shared, F&& f) {
     const std::int64_t n = (s1 - s0) * items;
+    // w -> (sample, item), samples fastest: consecutive work items share a chunk of weights
     auto one = [&](std::int64_t w) {
       if (err_->failed.load(std::memory_order_relaxed)) return;
       try {
-        f(s0 + w / items, w % items);
+        f(s0 + w % (s1 - s0), w / (s1 - s0));
       } catch (...) {
         std::lock_guard<std::mutex> lock(err_->mu);
         if (!err_->failed.exchange(true)) err_->error = std::current_exception();
@@ -622,11 +643,13 @@ class UViT {
     return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
   }
 
-  // One sample start to end on the calling thread.
-  void sample_pass(const Pass& ps, std::int64_t b) {
-    stage(b, b + 1, 1, false, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
-    blocks(ps, b, b + 1, false);
-    stage(b, b + 1, 1, false, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
+  // Samples [s0, s1) start to end on the calling thread, layer by layer (a layer's weights stay
+  // in cache across the samples; each sample still makes its own calls).
+  void sample_pass(const Pass& ps, std::int64_t s0, std::int64_t s1) {
+    if (s0 >= s1) return;
+    stage(s0, s1, 1, false, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
+    blocks(ps, s0, s1, false);
+    stage(s0, s1, 1, false, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
   }
   // Samples [s0, s1) layer by layer, each layer's work items shared by the team.
   void layer_pass(const Pass& ps, std::int64_t s0, std::int64_t s1) {
@@ -757,7 +780,7 @@ class UViT {
     using onednn::Post;
     const std::int64_t E = cfg_.embed_dim, Hm = cfg_.hidden();
     const T* none = nullptr;
-    const std::int64_t ce = chunks(E, kColChunk), rows = chunks(L, kRowChunk);
+    const std::int64_t ce = col_chunks(E), rows = chunks(L, kRowChunk);
     auto norm = [&](const T* x, const T* r, T* y, const std::string& n) {
       const T* g = raw(n + ".weight").data();
       const T* bn = raw(n + ".bias").data();
@@ -780,9 +803,10 @@ class UViT {
       X = out;
     }
     const T* qb = cfg_.qkv_bias ? raw(p + ".attn.qkv.bias").data() : nullptr;
-    stage(s0, s1, chunks(3 * E, kColChunk), shared, [&](std::int64_t b, std::int64_t c) {
-      lin(p + ".attn.qkv.weight", 0, X + b * sx_, L, E, E, qb, qkv_.data() + b * sq_, 3 * E,
-          Post::none, c);
+    const std::string wq = p + ".attn.qkv.weight", wp = p + ".attn.proj.weight",
+                      w1 = p + ".mlp.fc1.weight", w2 = p + ".mlp.fc2.weight";
+    stage(s0, s1, col_chunks(3 * E), shared, [&](std::int64_t b, std::int64_t c) {
+      lin(wq, 0, X + b * sx_, L, E, E, qb, qkv_.data() + b * sq_, 3 * E, Post::none, c);
     });
     const std::int64_t heads = cfg_.num_heads, sb = score_block(L);
     stage(s0, s1, heads, shared, [&](std::int64_t b, std::int64_t h) {
@@ -791,19 +815,16 @@ class UViT {
     });
     const T* pb = raw(p + ".attn.proj.bias").data();
     stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
-      lin(p + ".attn.proj.weight", 0, attn_.data() + b * sx_, L, E, E, pb, tmp_.data() + b * sx_, E,
-          Post::none, c);
+      lin(wp, 0, attn_.data() + b * sx_, L, E, E, pb, tmp_.data() + b * sx_, E, Post::none, c);
     });
     norm(X, tmp_.data(), out, p + ".norm2");
     const T* b1 = raw(p + ".mlp.fc1.bias").data();
-    stage(s0, s1, chunks(Hm, kColChunk), shared, [&](std::int64_t b, std::int64_t c) {
-      lin(p + ".mlp.fc1.weight", 0, out + b * sx_, L, E, E, b1, hid_.data() + b * sh_, Hm,
-          Post::gelu, c);
+    stage(s0, s1, col_chunks(Hm), shared, [&](std::int64_t b, std::int64_t c) {
+      lin(w1, 0, out + b * sx_, L, E, E, b1, hid_.data() + b * sh_, Hm, Post::gelu, c);
     });
     const T* b2 = raw(p + ".mlp.fc2.bias").data();
     stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
-      lin(p + ".mlp.fc2.weight", 0, hid_.data() + b * sh_, L, Hm, Hm, b2, tmp_.data() + b * sx_, E,
-          Post::none, c);
+      lin(w2, 0, hid_.data() + b * sh_, L, Hm, Hm, b2, tmp_.data() + b * sx_, E, Post::none, c);
     });
     norm(out, tmp_.data(), out, p + ".norm3");
   }
