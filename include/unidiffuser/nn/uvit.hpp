@@ -514,7 +514,6 @@ class UViT {
         for (std::int64_t c = 0; c < col_chunks(rows); ++c)
           fits = fits && packer_->gemm.fits(std::min(cw, rows - c * cw), k);
         if (!fits) continue;
-        const std::int64_t cw = col_width(rows);
         for (std::int64_t c = 0; c < col_chunks(rows); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
           packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
