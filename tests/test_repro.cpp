@@ -106,6 +106,7 @@ TEST_CASE("every sample is bit-identical for batch sizes 1-6 and 1-4 threads, in
         const auto got = fx.run(mode, batch);
         for (std::size_t k = 0; k < 2; ++k) {
           REQUIRE(got[k].size() * kMaxBatch == ref[k].size() * batch);
+          if (got[k].empty()) continue;  // a group this mode does not produce
           // sample b of this run against sample b of the reference, bit for bit
           CHECK(std::memcmp(got[k].data(), ref[k].data(), got[k].size() * sizeof(float)) == 0);
         }
