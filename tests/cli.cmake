@@ -44,7 +44,8 @@ endfunction()
 # Hostile inputs made at test time from the tiny checkpoint (tests/cli_make_hostile.cpp).
 add_executable(cli_make_hostile cli_make_hostile.cpp)
 target_link_libraries(cli_make_hostile PRIVATE unidiffuser_project_options)
-add_test(NAME cli_make_hostile COMMAND cli_make_hostile ${_tiny} ${_tiny_cond} ${_cli})
+add_test(NAME cli_make_hostile COMMAND cli_make_hostile ${_tiny} ${_tiny_cond} ${_cli}
+                                       ${CMAKE_CURRENT_SOURCE_DIR}/data/golden)
 set_tests_properties(cli_make_hostile PROPERTIES FIXTURES_SETUP cli_hostile)
 
 set(_err "unidiffuser-sample: error: ")
@@ -150,6 +151,15 @@ cli_expect(cli_golden_too_many_arguments RC 1
 cli_expect(cli_golden_missing_directory RC 1
            STDERR "unidiffuser-golden: error: command line: GOLDEN_DIR: missing argument"
            COMMAND ${_golden})
+# a reference without a tolerance in the file's checks fails (it is never skipped), and a run in
+# which no check passed fails
+cli_expect(cli_golden_missing_tolerance RC 1 HOSTILE
+           STDOUT "no tolerance 'embedding' in the file's checks  FAIL"
+           STDERR "unidiffuser-golden: error: golden: .*: [0-9]+ of [0-9]+ checks failed"
+           COMMAND ${_golden} ${_cli}/golden_no_tolerance)
+cli_expect(cli_golden_nothing_recognised RC 1 HOSTILE
+           STDERR "unidiffuser-golden: error: golden directory: .*golden_unknown: no golden file recognised"
+           COMMAND ${_golden} ${_cli}/golden_unknown)
 cli_expect(cli_golden_unreadable_directory RC 1
            STDERR "unidiffuser-golden: error: golden directory: /nonexistent-dir: cannot read the directory"
            COMMAND ${_golden} /nonexistent-dir)

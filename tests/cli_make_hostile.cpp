@@ -46,8 +46,9 @@ void rewrite(const ud::safetensors::File& f, const fs::path& out, const std::str
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: cli_make_hostile TINY_CHECKPOINT TINY_CONDITIONS OUT_DIR\n");
+  if (argc != 4 && argc != 5) {
+    std::fprintf(stderr,
+                 "usage: cli_make_hostile TINY_CHECKPOINT TINY_CONDITIONS OUT_DIR [GOLDEN_DIR]\n");
     return 1;
   }
   try {
@@ -73,6 +74,25 @@ int main(int argc, char** argv) {
         .write((dir / "cond_i64.safetensors").string());
 
     std::ofstream(dir / "config_array.json") << "[1, 2]\n";
+
+    if (argc == 5) {  // golden directories the checker must fail on
+      // a reference whose tolerance is missing from the file's checks
+      const auto g = ud::safetensors::File::read(
+          (fs::path(argv[4]) / "timestep_embedding.safetensors").string());
+      ud::safetensors::Writer w;
+      for (const auto& info : g.tensors()) w.add<double>(info.name, g.get<double>(info.name));
+      for (const auto& [k, v] : g.metadata()) w.metadata(k, v);
+      auto checks = nlohmann::json::parse(g.metadata("checks"));
+      checks["tolerances"].erase("embedding");
+      w.metadata("checks", checks.dump());
+      fs::create_directories(dir / "golden_no_tolerance");
+      w.write((dir / "golden_no_tolerance" / "timestep_embedding.safetensors").string());
+      // nothing the checker recognises: no check passes
+      fs::create_directories(dir / "golden_unknown");
+      ud::safetensors::Writer()
+          .add<float>("x", transposed)
+          .write((dir / "golden_unknown" / "x.safetensors").string());
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cli_make_hostile: error: %s\n", e.what());
     return 1;

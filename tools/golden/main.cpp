@@ -6,6 +6,7 @@
 // tolerances (`checks`, pass rule |x - ref| <= atol + rtol |ref| element-wise). Prints one line
 // per check and "N passed, M failed" last; exits non-zero if anything failed or nothing ran.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -13,11 +14,13 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cli.hpp"
 #include "unidiffuser/diffusion/forward.hpp"
 #include "unidiffuser/diffusion/guidance.hpp"
+#include "unidiffuser/diffusion/objective.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/io/safetensors.hpp"
 #include "unidiffuser/nn/time_embedding.hpp"
@@ -53,6 +56,13 @@ struct Report {
       std::printf("%-58s max_abs %.3e  max_rel %.3e  tol(atol %.1e, rtol %.1e)  %s\n", name.c_str(),
                   max_abs, max_rel, tol.atol, tol.rtol, ok ? "PASS" : "FAIL");
     ok ? ++passed : ++failed;
+  }
+  // A check whose tolerance must come from the file: a reference without a rule fails (it is
+  // never skipped silently).
+  void check(const std::string& name, const std::vector<double>& got,
+             const std::vector<double>& ref, const std::optional<Tol>& tol, const std::string& q) {
+    if (!tol) return error(name, "no tolerance '" + q + "' in the file's checks");
+    check(name, got, ref, *tol);
   }
   void exact(const std::string& name, bool ok, const std::string& detail) {
     std::printf("%-58s %s  %s\n", name.c_str(), detail.c_str(), ok ? "PASS" : "FAIL");
@@ -99,6 +109,16 @@ std::optional<Tol> tolerance(const json& checks, const std::string& q,
   return tol;
 }
 
+// The tolerance of quantity q, or for a float64 reference that the file gives no rule for, the
+// golden README's float64 rule ("compare against the *_f64 tensors with much tighter tolerances
+// (1e-9 relative is typical)"); a float32 reference without a rule has none (the check fails).
+std::optional<Tol> tolerance_for(const json& checks, const std::string& q, bool f64_reference,
+                                 const json* case_params = nullptr) {
+  if (auto t = tolerance(checks, q, case_params)) return t;
+  if (f64_reference) return Tol{0.0, 1e-9};
+  return std::nullopt;
+}
+
 std::vector<double> as_double(const ud::safetensors::File& f, const std::string& name) {
   return f.get_vector<double>(name);
 }
@@ -121,12 +141,11 @@ void run_schedule(const ud::safetensors::File& f, Report& r) {
       gen = ud::scaled_linear_betas(static_cast<int>(betas.size()));
     if (s == "linear") gen = ud::linear_betas(static_cast<int>(betas.size()));
     if (gen) {
-      if (auto tol = tolerance(checks, "betas"))
-        r.check("schedule/" + s + "/betas", *gen, betas, *tol);
+      r.check("schedule/" + s + "/betas", *gen, betas, tolerance(checks, "betas"), "betas");
       if (f.contains(s + "/alphas_cumprod"))
-        if (auto tol = tolerance(checks, "alphas_cumprod"))
-          r.check("schedule/" + s + "/alphas_cumprod", ud::DiscreteSchedule(*gen).alphas_cumprod(),
-                  as_double(f, s + "/alphas_cumprod"), *tol);
+        r.check("schedule/" + s + "/alphas_cumprod", ud::DiscreteSchedule(*gen).alphas_cumprod(),
+                as_double(f, s + "/alphas_cumprod"), tolerance(checks, "alphas_cumprod"),
+                "alphas_cumprod");
     } else {
       r.skip("schedule/" + s + "/betas", "no generator for schedule name '" + s + "'");
     }
@@ -139,12 +158,10 @@ void run_schedule(const ud::safetensors::File& f, Report& r) {
       const auto t = as_double(f, "t_" + p);
       auto eval = [&](const std::string& q, auto fn, const std::vector<double>& x) {
         if (!f.contains(pre + q)) return;
-        auto tol = tolerance(checks, q + suffix);
-        if (!tol)
-          return r.skip("schedule/" + pre + q, "no tolerance '" + q + suffix + "' in checks");
         std::vector<double> got(x.size());
         for (std::size_t i = 0; i < x.size(); ++i) got[i] = fn(x[i]);
-        r.check("schedule/" + pre + q, got, as_double(f, pre + q), *tol);
+        r.check("schedule/" + pre + q, got, as_double(f, pre + q), tolerance(checks, q + suffix),
+                q + suffix);
       };
       eval(
           "marginal_log_mean_coeff", [&](double x) { return ns.marginal_log_mean_coeff(x); }, t);
@@ -160,9 +177,10 @@ void run_schedule(const ud::safetensors::File& f, Report& r) {
             as_double(f, s + "/lambda_" + p));
       // the knot table itself, judged with the log-alpha tolerance
       if (f.contains(pre + "log_alpha_discrete"))
-        if (auto tol = tolerance(checks, "marginal_log_mean_coeff" + suffix))
-          r.check("schedule/" + pre + "log_alpha_discrete", ns.log_alpha_knots(),
-                  as_double(f, pre + "log_alpha_discrete"), *tol);
+        r.check("schedule/" + pre + "log_alpha_discrete", ns.log_alpha_knots(),
+                as_double(f, pre + "log_alpha_discrete"),
+                tolerance(checks, "marginal_log_mean_coeff" + suffix),
+                "marginal_log_mean_coeff" + suffix);
     }
   }
 }
@@ -189,13 +207,13 @@ void run_embedding(const ud::safetensors::File& f, Report& r) {
     const auto& info = f.info(n);
     if (info.shape.size() != 2) continue;
     const std::string set = n.substr(7);
-    if (auto tol = tolerance(checks, "embedding"))
-      r.check("timestep_embedding/" + set, embed<float>(t, info.shape[1]), as_double(f, n), *tol);
+    r.check("timestep_embedding/" + set, embed<float>(t, info.shape[1]), as_double(f, n),
+            tolerance(checks, "embedding"), "embedding");
     const std::string n64 = "output_f64/" + set;
     if (f.contains(n64) && f.contains("input/t_f64")) {
-      if (auto tol = tolerance(checks, "embedding_f64"))
-        r.check("timestep_embedding/" + set + "_f64",
-                embed<double>(as_double(f, "input/t_f64"), info.shape[1]), as_double(f, n64), *tol);
+      r.check("timestep_embedding/" + set + "_f64",
+              embed<double>(as_double(f, "input/t_f64"), info.shape[1]), as_double(f, n64),
+              tolerance_for(checks, "embedding_f64", true), "embedding_f64");
     }
   }
 }
@@ -279,16 +297,15 @@ void dpm_case(const ud::safetensors::File& f, const json& checks, const std::str
   solver.sample(ud::Context<ud::cpu>{}, x.view(), model, ws);
   const std::string tag = "dpm_solver/" + name + (f64 ? "/f64" : "");
   json cpt = cp;
-  if (auto tol = tolerance(checks, xname, &cpt))
-    r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()), as_double(f, pre + xname),
-            *tol);
+  r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()), as_double(f, pre + xname),
+          tolerance(checks, xname, &cpt), xname);
   const std::string ts = f64 ? "timesteps_f64" : "timesteps";
   if (f.contains(pre + ts))
-    if (auto tol = tolerance(checks, "timesteps"))
-      r.check(tag + "/timesteps", solver.timesteps(), as_double(f, pre + ts), *tol);
+    r.check(tag + "/timesteps", solver.timesteps(), as_double(f, pre + ts),
+            tolerance(checks, "timesteps"), "timesteps");
   if (!f64 && f.contains(pre + "eval_t"))
-    if (auto tol = tolerance(checks, "timesteps"))
-      r.check(tag + "/eval_t", eval_t, as_double(f, pre + "eval_t"), *tol);
+    r.check(tag + "/eval_t", eval_t, as_double(f, pre + "eval_t"), tolerance(checks, "timesteps"),
+            "timesteps");
   if (!f64 && f.contains(pre + "orders")) {
     const auto ref = f.get_vector<std::int64_t>(pre + "orders");
     const std::vector<std::int64_t> got(solver.orders().begin(), solver.orders().end());
@@ -320,7 +337,111 @@ bool is_loss(const ud::safetensors::File& f) {
   return !f.names("input/x_n/").empty();
 }
 
-void run_loss(const ud::safetensors::File& f, Report& r) {
+// ---- training objective: prediction, per-modality MSE, loss ------------------------------------
+// The network of loss.safetensors (weights from its `weights_file`, config from its `config`) on
+// input/x_n/<component> at the integer levels of each component's group; the loss through the
+// library's unidiffuser_loss. `groups` are the level names (input/n_<group>), longest first.
+template <class T>
+void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File& wf,
+                    const ud::nn::UViTConfig& cfg, const std::vector<std::string>& groups,
+                    const json& checks, Report& r) {
+  const bool f64 = std::is_same_v<T, double>;
+  const std::string tag = f64 ? "loss/f64/" : "loss/";
+  auto need_tol = [&](const std::string& q) {
+    const auto t = tolerance(checks, q);
+    if (!t) throw ud::error("golden loss", q, "no tolerance for this quantity in checks");
+    return *t;
+  };
+  auto modality_group = [&](const std::string& m) {
+    for (const auto& g : groups)
+      if (m.size() >= g.size() && m.compare(m.size() - g.size(), g.size(), g) == 0) return g;
+    throw ud::error("golden loss", m, "no input/n_<group> matches this modality");
+  };
+  ud::nn::UViT<T> net(cfg);
+  ud::load_checkpoint(net, wf, "param/");
+  const auto& C = cfg.components;
+  std::vector<ud::Tensor<T>> xs, eps, pred;
+  ud::nn::UViTInputs<T> in;
+  std::vector<ud::RowBlock<T>> ob;
+  for (const auto& c : C) {
+    eps.push_back(f.get<T>("input/eps/" + c.name));
+    if (f64) {  // the float64 reference noises x0 itself in float64 (input/x_n is its float32 run)
+      const auto x0 = f.get<T>("input/x0/" + c.name);
+      xs.emplace_back(x0.shape());
+      ud::q_sample<T>(ud::Context<ud::cpu>{}, ud::DiscreteSchedule::stable_diffusion(), x0.view(),
+                      eps.back().view(),
+                      f.get_vector<std::int64_t>("input/n_" + modality_group(c.name)),
+                      xs.back().view());
+    } else {
+      xs.push_back(f.get<T>("input/x_n/" + c.name));
+    }
+    pred.emplace_back(xs.back().shape());
+  }
+  std::int64_t lh = 0, lw = 0;
+  for (std::size_t k = 0; k < C.size(); ++k) {
+    if (C[k].kind == ud::nn::ComponentKind::patched_image) lh = xs[k].dim(2), lw = xs[k].dim(3);
+    in.x.push_back(ud::as_rows(ud::TensorView<const T>(xs[k].view())));
+    ob.push_back(ud::as_rows(pred[k].view()));
+  }
+  std::vector<std::vector<double>> times(cfg.groups());
+  for (std::size_t g = 0; g < cfg.groups(); ++g) {
+    for (const auto& c : C)
+      if (c.group == g) {
+        times[g] = f.get_vector<double>("input/n_" + modality_group(c.name));
+        break;
+      }
+    in.t.push_back(times[g]);
+  }
+  std::vector<std::int64_t> dt;
+  if (cfg.data_type_token) dt = f.get_vector<std::int64_t>("input/data_type");
+  in.data_type = dt;
+  in.latent_h = lh;
+  in.latent_w = lw;
+  net.forward(ud::Context<ud::cpu>{}, in, ob);
+  if (!f64) {
+    const Tol tp = need_tol("pred"), tm = need_tol("mse");
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      r.check(tag + "pred/" + C[k].name, std::vector<double>(pred[k].begin(), pred[k].end()),
+              as_double(f, "output/pred/" + C[k].name), tp);
+      double sq = 0;  // per-modality MSE (batch included), from this run's prediction
+      for (std::int64_t i = 0; i < pred[k].size(); ++i) {
+        const double d = double(pred[k].data()[i]) - double(eps[k].data()[i]);
+        sq += d * d;
+      }
+      r.check(tag + "mse/" + C[k].name, {sq / static_cast<double>(pred[k].size())},
+              as_double(f, "output/mse/" + C[k].name), tm);
+    }
+  }
+  // the objective through the library: predictions and noises as group rows [B, D_g]
+  const auto layout = cfg.template layout<2>(lh, lw);
+  const std::int64_t B = xs[0].dim(0);
+  std::array<ud::Tensor<T>, 2> pg, eg;
+  for (std::size_t g = 0; g < 2; ++g) {
+    pg[g] = ud::Tensor<T>(ud::Shape{B, layout.size(g)});
+    eg[g] = ud::Tensor<T>(ud::Shape{B, layout.size(g)});
+  }
+  for (std::size_t k = 0; k < C.size(); ++k) {
+    const std::size_t g = C[k].group;
+    const std::int64_t off = layout.offset(g, C[k].slot), n = C[k].numel(lh, lw);
+    for (std::int64_t b = 0; b < B; ++b) {
+      std::copy_n(pred[k].data() + b * n, n, pg[g].data() + b * layout.size(g) + off);
+      std::copy_n(eps[k].data() + b * n, n, eg[g].data() + b * layout.size(g) + off);
+    }
+  }
+  const auto lv = ud::unidiffuser_loss<T, 2>(ud::Context<ud::cpu>{},
+                                             {ud::TensorView<const T>(pg[0].view()), pg[1].view()},
+                                             {ud::TensorView<const T>(eg[0].view()), eg[1].view()});
+  if (f64) {
+    r.check(tag + "loss", {lv.loss}, as_double(f, "output_f64/loss"), need_tol("loss_f64"));
+  } else {
+    const Tol tl = need_tol("loss");
+    r.check(tag + "loss", {lv.loss}, as_double(f, "output/loss"), tl);
+    if (f.contains("output/loss_per_sample"))
+      r.check(tag + "loss_per_sample", lv.per_sample, as_double(f, "output/loss_per_sample"), tl);
+  }
+}
+
+void run_loss(const ud::safetensors::File& f, const std::filesystem::path& dir, Report& r) {
   const json checks = meta_json(f, "checks");
   // groups: input/n_<group>; a modality takes the level of the group whose name it ends with
   std::vector<std::string> groups;
@@ -328,8 +449,10 @@ void run_loss(const ud::safetensors::File& f, Report& r) {
   std::sort(groups.begin(), groups.end(), [](auto& a, auto& b) { return a.size() > b.size(); });
   const auto sched = ud::DiscreteSchedule::stable_diffusion();
   if (f.contains("alphas_cumprod"))
-    if (auto tol = tolerance(checks, "alphas_cumprod"))
-      r.check("loss/alphas_cumprod", sched.alphas_cumprod(), as_double(f, "alphas_cumprod"), *tol);
+    r.check(
+        "loss/alphas_cumprod", sched.alphas_cumprod(), as_double(f, "alphas_cumprod"),
+        tolerance_for(checks, "alphas_cumprod", f.info("alphas_cumprod").type == ud::dtype::f64),
+        "alphas_cumprod");
   for (const std::string& xn : f.names("input/x_n/")) {
     const std::string m = xn.substr(10);
     std::string grp;
@@ -347,12 +470,25 @@ void run_loss(const ud::safetensors::File& f, Report& r) {
     const auto levels = f.get_vector<std::int64_t>("input/n_" + grp);
     ud::Tensor<float> out(x0.shape());
     ud::q_sample<float>(ud::Context<ud::cpu>{}, sched, x0.view(), eps.view(), levels, out.view());
-    if (auto tol = tolerance(checks, "x_n"))
-      r.check("loss/x_n/" + m, std::vector<double>(out.begin(), out.end()), as_double(f, xn), *tol);
+    r.check("loss/x_n/" + m, std::vector<double>(out.begin(), out.end()), as_double(f, xn),
+            tolerance(checks, "x_n"), "x_n");
   }
-  for (const std::string q : {"pred", "mse", "loss", "grad"})
-    if (checks.contains("tolerances") && checks["tolerances"].contains(q))
-      r.skip("loss/" + q, "needs the training issue (network backward pass)");
+  // the network's prediction and the objective (weights from the file the metadata names)
+  if (!f.names("output/").empty()) {
+    try {
+      const std::string wname = f.metadata("weights_file");
+      if (wname.empty())
+        throw ud::error("golden loss", f.source(), "outputs but no weights_file metadata");
+      const auto wf = ud::safetensors::File::read((dir / wname).string());
+      const auto cfg = ud::checkpoint_config(wf, "param/", meta_json(f, "config"));
+      loss_objective<float>(f, wf, cfg, groups, checks, r);
+      if (f.contains("output_f64/loss")) loss_objective<double>(f, wf, cfg, groups, checks, r);
+    } catch (const std::exception& e) {
+      r.error("loss/objective", e.what());
+    }
+  }
+  if (!f.names("grad/").empty())
+    r.skip("loss/grad", "parameter gradients need the network's backward pass (not built yet)");
 }
 
 // ---- U-ViT forward -----------------------------------------------------------------------------
@@ -383,7 +519,9 @@ void uvit_set(const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg, con
   const std::string outp = f64 ? "output_f64/" + set + "/" : "output/" + set + "/";
   if (f.names(outp).empty()) return;
   const auto tol = tolerance(checks, f64 ? "output_f64" : "output");
-  if (!tol) return r.skip(tag + "/" + set, "no output tolerance in checks");
+  if (!tol)
+    return r.error(tag + "/" + set, std::string("no tolerance '") +
+                                        (f64 ? "output_f64" : "output") + "' in the file's checks");
   ud::nn::UViT<T> net(cfg);
   ud::load_checkpoint(net, f, "param/");
   const std::string in = "input/" + set + "/";
@@ -531,12 +669,10 @@ void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const
   auto flat = x.view().reshape(ud::Shape{B, pred.state_size()});
   auto ws = solver.make_workspace(B, pred.state_size());
   solver.sample(ud::Context<ud::cpu>{}, flat, recorder, ws);
-  if (auto tol = tolerance(checks, "first_model_out", &cp))
-    r.check(tag + "/first_model_out", first, as_double(f, "mode/" + name + "/first_model_out"),
-            *tol);
-  if (auto tol = tolerance(checks, "x_final", &cp))
-    r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()),
-            as_double(f, "mode/" + name + "/x_final"), *tol);
+  r.check(tag + "/first_model_out", first, as_double(f, "mode/" + name + "/first_model_out"),
+          tolerance(checks, "first_model_out", &cp), "first_model_out");
+  r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()),
+          as_double(f, "mode/" + name + "/x_final"), tolerance(checks, "x_final", &cp), "x_final");
   if (f.contains("mode/" + name + "/eval_t"))
     r.exact(tag + "/nfe",
             static_cast<std::int64_t>(calls) == f.info("mode/" + name + "/eval_t").numel(),
@@ -605,7 +741,7 @@ int golden_main(int argc, char** argv) {
         run_sample_modes(f, p.parent_path(), r);
       } else if (is_loss(f)) {
         ++recognised;
-        run_loss(f, r);
+        run_loss(f, p.parent_path(), r);
       } else if (is_uvit(f)) {
         ++recognised;
         run_uvit(f, r);
@@ -618,7 +754,12 @@ int golden_main(int argc, char** argv) {
   }
   std::printf("%d passed, %d failed, %d skipped\n", r.passed, r.failed, r.skipped);
   if (recognised == 0) throw ud::error("golden directory", dir, "no golden file recognised");
-  return r.failed == 0 && r.passed > 0 ? 0 : 1;
+  if (r.failed > 0)
+    throw ud::error(
+        "golden", dir,
+        std::to_string(r.failed) + " of " + std::to_string(r.passed + r.failed) + " checks failed");
+  if (r.passed == 0) throw ud::error("golden", dir, "no check passed");
+  return 0;
 }
 
 }  // namespace
