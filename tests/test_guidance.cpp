@@ -111,23 +111,50 @@ TEST_CASE("i / t: marginal noise is drawn before the only call; no guidance even
   CHECK(one_call(ud::tasks::t(), 7) == "draw0.0 draw0.1 call(N,tau)[xi0,state]");
 }
 
-TEST_CASE("guided output is e + s (e - r) on the generated groups only") {
-  // With LogNet, e = 0.5 x + t/1000: for t2i at tau the main output is 0.5 + 0.5 and the
-  // reference output (same image input and time) is identical, so guidance leaves e unchanged;
-  // for joint the reference of the image group sees the text replaced, which LogNet ignores.
+// Network whose output for a group also depends on the other group's input:
+// out_g = 0.5 x_g + 0.1 x_other[0] + t_g / 1000, so a reference call with the other group replaced
+// by noise gives r != e.
+struct CoupledNet {
+  void operator()(const std::array<ud::TensorView<const double>, 2>& x,
+                  const std::array<std::span<const double>, 2>& t,
+                  const std::array<ud::TensorView<double>, 2>& out) {
+    for (int g = 0; g < 2; ++g)
+      for (std::int64_t b = 0; b < x[g].dim(0); ++b)
+        for (std::int64_t j = 0; j < x[g].dim(1); ++j)
+          out[g](b, j) =
+              0.5 * x[g](b, j) + 0.1 * x[1 - g](b, 0) + t[g][static_cast<std::size_t>(b)] / 1000;
+  }
+};
+
+TEST_CASE("guided output is (1 + s) e - s r on each generated group, r from its own reference") {
+  // joint, s = 3, state 2 everywhere, tau = 0.25 (time input 250): e = 1 + 0.2 + 0.25 for both
+  // groups. Guidance draws xi0 = 100 (z), xi1 = 101 (clip), xi2 = 102 (text); the image reference
+  // sees the text replaced by 102, the text reference the image replaced by 100 (its first
+  // element).
   std::vector<std::string> log;
-  LogNet net{&log};
+  CoupledNet net;
   LogNoise noise{&log};
   ud::GuidanceOptions g;
   g.scale = 3;
   g.float32_time_input = false;
-  ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(net, noise, layout(), ud::tasks::joint(), g,
-                                                     1);
+  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p(net, noise, layout(), ud::tasks::joint(),
+                                                         g, 1);
   CHECK(p.forwards_per_call() == 3);
   ud::Tensor<double> x(ud::Shape{1, 13}), e(ud::Shape{1, 13});
   for (auto& v : x) v = 2;
   p(x.view(), 0.25, e.view());
-  for (double v : e) CHECK(v == doctest::Approx(0.5 * 2 + 0.25));
+  const double main = 0.5 * 2 + 0.1 * 2 + 0.25;
+  const double r_img = 0.5 * 2 + 0.1 * 102 + 0.25, r_text = 0.5 * 2 + 0.1 * 100 + 0.25;
+  for (std::int64_t j = 0; j < 7; ++j)  // the image group: z (4) and clip (3)
+    CHECK(e(0, j) == doctest::Approx(4 * main - 3 * r_img));
+  for (std::int64_t j = 7; j < 13; ++j)  // the text group
+    CHECK(e(0, j) == doctest::Approx(4 * main - 3 * r_text));
+  // s = 0: the unguided output, one call
+  g.scale = 0;
+  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p0(net, noise, layout(), ud::tasks::joint(),
+                                                          g, 1);
+  p0(x.view(), 0.25, e.view());
+  for (double v : e) CHECK(v == doctest::Approx(main));
 }
 
 TEST_CASE("a sampling run draws every group's initial noise first, then per-NFE noise") {
