@@ -24,6 +24,7 @@
 #include "cli.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>

@@ -16,6 +16,7 @@
 #include "unidiffuser/diffusion/noise.hpp"
 #include "unidiffuser/diffusion/pipeline.hpp"
 #include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
 
 namespace ud = unidiffuser;

@@ -25,6 +25,7 @@
 #include "unidiffuser/io/safetensors.hpp"
 #include "unidiffuser/nn/time_embedding.hpp"
 #include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
 #include "unidiffuser/schedule/discrete.hpp"
 #include "unidiffuser/schedule/vp.hpp"

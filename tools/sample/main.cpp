@@ -19,6 +19,7 @@
 #include "unidiffuser/diffusion/pipeline.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/sampler/ddim.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
 

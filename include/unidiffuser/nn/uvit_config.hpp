@@ -1,0 +1,284 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file uvit_config.hpp
+//! Configuration of the multimodal U-ViT (UVIT.md): hyper-parameters, the token layout over K
+//! timestep groups, the official v0 / v1 presets and their JSON form (the official constructor
+//! arguments), the parameter list in state-dict order and the GroupLayout of the inputs.
+//!
+//! Token layout: one time token per group (group order), an optional learned data-type token
+//! (v1), then the content tokens of the components in `components` order. A component is a
+//! patched image latent (strided-conv embedding, linear head + unpatchify) or a token sequence
+//! (linear embedding and head; a vector is one token). The positional table `pos_embed` covers
+//! time and content tokens at the default sizes; v1's data-type position is the separate
+//! `pos_embed_token`, spliced in after the time tokens (UVIT.md §4.4).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "unidiffuser/core/error.hpp"
+#include "unidiffuser/core/tensor.hpp"
+#include "unidiffuser/diffusion/groups.hpp"
+
+namespace unidiffuser::nn {
+
+enum class ComponentKind { patched_image, tokens };
+
+//! One input/output tensor of the network.
+struct UViTComponent {
+  std::string name;  //!< e.g. "img", "clip_img", "text"
+  ComponentKind kind = ComponentKind::tokens;
+  std::size_t group = 0;  //!< timestep group
+  std::size_t slot = 0;   //!< position inside the group's row (GroupLayout component index)
+  std::int64_t channels = 0, size = 0, patch = 0;  //!< patched image: C, default side S, p
+  std::int64_t length = 0, dim = 0;                //!< tokens: L, D
+  std::string in_name, out_name;  //!< parameter prefixes of the embedding and the head
+
+  std::int64_t tokens(std::int64_t h = 0, std::int64_t w = 0) const {
+    if (kind == ComponentKind::tokens) return length;
+    if (h == 0) h = w = size;
+    return (h / patch) * (w / patch);
+  }
+  std::int64_t numel(std::int64_t h = 0, std::int64_t w = 0) const {
+    if (kind == ComponentKind::tokens) return length * dim;
+    if (h == 0) h = w = size;
+    return channels * h * w;
+  }
+  std::int64_t in_features() const {
+    return kind == ComponentKind::tokens ? dim : channels * patch * patch;
+  }
+};
+
+//! Network hyper-parameters and token layout.
+struct UViTConfig {
+  std::int64_t embed_dim = 0, depth = 0, num_heads = 0;
+  double mlp_ratio = 4.0;
+  bool qkv_bias = false;
+  bool mlp_time_embed = false;
+  std::vector<std::string> time_names;  //!< per group: parameter prefix of its time MLP
+  bool data_type_token = false;         //!< v1's learned token (and pos_embed_token)
+  std::int64_t data_types = 2;
+  std::vector<UViTComponent> components;  //!< content tokens in token order
+  std::string version = "custom";
+
+  std::size_t groups() const { return time_names.size(); }
+  std::int64_t hidden() const {
+    return static_cast<std::int64_t>(static_cast<double>(embed_dim) * mlp_ratio);
+  }
+  std::int64_t blocks_per_side() const { return depth / 2; }
+  std::int64_t lead_tokens() const {
+    return static_cast<std::int64_t>(groups()) + (data_type_token ? 1 : 0);
+  }
+  std::int64_t tokens(std::int64_t h = 0, std::int64_t w = 0) const {
+    std::int64_t n = lead_tokens();
+    for (const auto& c : components) n += c.tokens(h, w);
+    return n;
+  }
+
+  //! The official two-group network (UVIT.md §1): version "v0" or "v1".
+  static UViTConfig official(const std::string& version, std::int64_t img_size = 64,
+                             std::int64_t in_chans = 4, std::int64_t patch_size = 2,
+                             std::int64_t embed_dim = 1536, std::int64_t depth = 30,
+                             std::int64_t num_heads = 24, double mlp_ratio = 4.0,
+                             bool qkv_bias = false, bool mlp_time_embed = false,
+                             std::int64_t text_dim = 64, std::int64_t num_text_tokens = 77,
+                             std::int64_t clip_img_dim = 512) {
+    if (version != "v0" && version != "v1")
+      throw error("UViTConfig::official", "version",
+                  "expected \"v0\" or \"v1\", got \"" + version + "\"");
+    UViTConfig c;
+    c.version = version;
+    c.embed_dim = embed_dim;
+    c.depth = depth;
+    c.num_heads = num_heads;
+    c.mlp_ratio = mlp_ratio;
+    c.qkv_bias = qkv_bias;
+    c.mlp_time_embed = mlp_time_embed;
+    c.time_names = {"time_img_embed", "time_text_embed"};
+    c.data_type_token = version == "v1";
+    UViTComponent text{"text",   ComponentKind::tokens, 1,         0, 0, 0, 0, num_text_tokens,
+                       text_dim, "text_embed",          "text_out"};
+    UViTComponent clip{"clip_img",       ComponentKind::tokens, 0, 1, 0, 0, 0, 1, clip_img_dim,
+                       "clip_img_embed", "clip_img_out"};
+    UViTComponent img{"img",
+                      ComponentKind::patched_image,
+                      0,
+                      0,
+                      in_chans,
+                      img_size,
+                      patch_size,
+                      0,
+                      0,
+                      "patch_embed.proj",
+                      "decoder_pred"};
+    c.components = {text, clip, img};
+    c.validate();
+    return c;
+  }
+  //! From the official constructor arguments as JSON (img_size, in_chans, patch_size, embed_dim,
+  //! depth, num_heads, mlp_ratio, qkv_bias, mlp_time_embed, text_dim, num_text_tokens,
+  //! clip_img_dim) plus "version" ("v0" / "v1"); `default_version` when the key is absent.
+  static UViTConfig from_json(const nlohmann::json& j, const std::string& default_version = "") {
+    const char* op = "UViTConfig::from_json";
+    auto need = [&](const char* k) -> const nlohmann::json& {
+      if (!j.contains(k)) throw error(op, k, "missing key in the config");
+      return j.at(k);
+    };
+    if (!j.is_object())
+      throw_mismatch(op, "config", "JSON type", "an object {...}", std::string(j.type_name()));
+    try {
+      const std::string v = j.value("version", default_version);
+      if (v.empty()) throw error(op, "version", "missing; expected \"v0\" or \"v1\"");
+      return official(v, need("img_size").get<std::int64_t>(), need("in_chans").get<std::int64_t>(),
+                      need("patch_size").get<std::int64_t>(), need("embed_dim").get<std::int64_t>(),
+                      need("depth").get<std::int64_t>(), need("num_heads").get<std::int64_t>(),
+                      j.value("mlp_ratio", 4.0), j.value("qkv_bias", false),
+                      j.value("mlp_time_embed", false), need("text_dim").get<std::int64_t>(),
+                      need("num_text_tokens").get<std::int64_t>(),
+                      need("clip_img_dim").get<std::int64_t>());
+    } catch (const nlohmann::json::exception& e) {
+      throw error(op, "config", std::string("malformed value: ") + e.what());
+    }
+  }
+  nlohmann::json to_json() const {
+    const UViTComponent* img = find("img");
+    const UViTComponent* text = find("text");
+    const UViTComponent* clip = find("clip_img");
+    if (!img || !text || !clip)
+      throw error("UViTConfig::to_json", version, "only the official layout has a JSON form");
+    return {{"version", version},        {"img_size", img->size},
+            {"in_chans", img->channels}, {"patch_size", img->patch},
+            {"embed_dim", embed_dim},    {"depth", depth},
+            {"num_heads", num_heads},    {"mlp_ratio", mlp_ratio},
+            {"qkv_bias", qkv_bias},      {"mlp_time_embed", mlp_time_embed},
+            {"text_dim", text->dim},     {"num_text_tokens", text->length},
+            {"clip_img_dim", clip->dim}};
+  }
+  const UViTComponent* find(const std::string& name) const {
+    for (const auto& c : components)
+      if (c.name == name) return &c;
+    return nullptr;
+  }
+
+  void validate() const {
+    const char* op = "UViTConfig";
+    // hidden() converts embed_dim x mlp_ratio to an integer: both must keep it representable
+    if (!(mlp_ratio > 0 && mlp_ratio <= 1024))
+      throw error(op, "mlp_ratio",
+                  "expected a finite value in (0, 1024]; got " + std::to_string(mlp_ratio));
+    if (embed_dim > (std::int64_t{1} << 40))
+      throw_mismatch(op, "embed_dim", "embed_dim", "<= 2^40", embed_dim);
+    if (embed_dim <= 0 || num_heads <= 0 || embed_dim % num_heads != 0)
+      throw error(op, "embed_dim/num_heads",
+                  "embed_dim must be a positive multiple of num_heads; got " +
+                      std::to_string(embed_dim) + " / " + std::to_string(num_heads));
+    if (depth < 1) throw_mismatch(op, "depth", "depth", ">= 1", depth);
+    if (hidden() < 1) throw error(op, "mlp_ratio", "MLP hidden width must be positive");
+    if (time_names.empty()) throw error(op, "time_names", "need one time token per group");
+    if (components.empty()) throw error(op, "components", "need at least one component");
+    for (const auto& c : components) {
+      if (c.group >= groups()) throw error(op, c.name, "component group out of range");
+      if (c.kind == ComponentKind::patched_image) {
+        if (c.channels < 1 || c.patch < 1 || c.size < c.patch || c.size % c.patch)
+          throw error(op, c.name, "image side must be a positive multiple of the patch size");
+      } else if (c.length < 1 || c.dim < 1) {
+        throw error(op, c.name, "token length and dim must be positive");
+      }
+    }
+  }
+
+  //! Every parameter with its shape, official names, state-dict order (CHECKPOINTS.md §1).
+  std::vector<std::pair<std::string, Shape>> parameters() const {
+    const std::int64_t E = embed_dim, Hm = hidden();
+    std::int64_t l0 = static_cast<std::int64_t>(groups());
+    for (const auto& c : components) l0 += c.tokens();
+    std::vector<std::pair<std::string, Shape>> p;
+    p.push_back({"pos_embed", Shape{1, l0, E}});
+    if (data_type_token) p.push_back({"pos_embed_token", Shape{1, 1, E}});
+    auto comp = [&](const std::string& name) -> const UViTComponent* { return find(name); };
+    // the official order: patch embed, time MLPs, then the token embeddings and heads
+    for (const auto& c : components)
+      if (c.kind == ComponentKind::patched_image)
+        p.push_back({c.in_name + ".weight", Shape{E, c.channels, c.patch, c.patch}}),
+            p.push_back({c.in_name + ".bias", Shape{E}});
+    if (mlp_time_embed)
+      for (const auto& t : time_names) {
+        p.push_back({t + ".0.weight", Shape{4 * E, E}});
+        p.push_back({t + ".0.bias", Shape{4 * E}});
+        p.push_back({t + ".2.weight", Shape{E, 4 * E}});
+        p.push_back({t + ".2.bias", Shape{E}});
+      }
+    std::vector<const UViTComponent*> tok;
+    for (const char* n : {"text", "clip_img"})
+      if (comp(n) && comp(n)->kind == ComponentKind::tokens) tok.push_back(comp(n));
+    for (const auto& c : components)
+      if (c.kind == ComponentKind::tokens && c.name != "text" && c.name != "clip_img")
+        tok.push_back(&c);
+    for (const auto* c : tok) {
+      p.push_back({c->in_name + ".weight", Shape{E, c->dim}});
+      p.push_back({c->in_name + ".bias", Shape{E}});
+      p.push_back({c->out_name + ".weight", Shape{c->dim, E}});
+      p.push_back({c->out_name + ".bias", Shape{c->dim}});
+    }
+    auto block = [&](const std::string& pre, bool out) {
+      if (out)
+        p.push_back({pre + ".norm1.weight", Shape{E}}),
+            p.push_back({pre + ".norm1.bias", Shape{E}});
+      p.push_back({pre + ".norm2.weight", Shape{E}});
+      p.push_back({pre + ".norm2.bias", Shape{E}});
+      p.push_back({pre + ".attn.qkv.weight", Shape{3 * E, E}});
+      if (qkv_bias) p.push_back({pre + ".attn.qkv.bias", Shape{3 * E}});
+      p.push_back({pre + ".attn.proj.weight", Shape{E, E}});
+      p.push_back({pre + ".attn.proj.bias", Shape{E}});
+      p.push_back({pre + ".norm3.weight", Shape{E}});
+      p.push_back({pre + ".norm3.bias", Shape{E}});
+      p.push_back({pre + ".mlp.fc1.weight", Shape{Hm, E}});
+      p.push_back({pre + ".mlp.fc1.bias", Shape{Hm}});
+      p.push_back({pre + ".mlp.fc2.weight", Shape{E, Hm}});
+      p.push_back({pre + ".mlp.fc2.bias", Shape{E}});
+      if (out)
+        p.push_back({pre + ".skip_linear.weight", Shape{E, 2 * E}}),
+            p.push_back({pre + ".skip_linear.bias", Shape{E}});
+    };
+    for (std::int64_t i = 0; i < blocks_per_side(); ++i)
+      block("in_blocks." + std::to_string(i), false);
+    block("mid_block", false);
+    for (std::int64_t i = 0; i < blocks_per_side(); ++i)
+      block("out_blocks." + std::to_string(i), true);
+    p.push_back({"norm.weight", Shape{E}});
+    p.push_back({"norm.bias", Shape{E}});
+    for (const auto& c : components)
+      if (c.kind == ComponentKind::patched_image)
+        p.push_back({c.out_name + ".weight", Shape{c.patch * c.patch * c.channels, E}}),
+            p.push_back({c.out_name + ".bias", Shape{c.patch * c.patch * c.channels}});
+    if (data_type_token) p.push_back({"token_embedding.weight", Shape{data_types, E}});
+    return p;
+  }
+
+  //! The GroupLayout of the network's inputs (latent side h x w for patched images; 0 = default).
+  template <std::size_t K>
+  GroupLayout<K> layout(std::int64_t h = 0, std::int64_t w = 0) const {
+    if (groups() != K) throw_mismatch("UViTConfig::layout", "K", "number of groups", groups(), K);
+    std::array<GroupSpec, K> g;
+    std::array<std::vector<std::pair<std::size_t, ComponentSpec>>, K> slots;
+    for (const auto& c : components) {
+      Shape s = c.kind == ComponentKind::tokens ? Shape{c.length, c.dim}
+                                                : Shape{c.channels, h ? h : c.size, w ? w : c.size};
+      slots[c.group].push_back({c.slot, ComponentSpec{c.name, s}});
+    }
+    for (std::size_t k = 0; k < K; ++k) {
+      std::sort(slots[k].begin(), slots[k].end(),
+                [](auto& a, auto& b) { return a.first < b.first; });
+      g[k].name = time_names[k];
+      for (auto& [slot, spec] : slots[k]) g[k].components.push_back(spec);
+    }
+    return GroupLayout<K>(g);
+  }
+};
+
+}  // namespace unidiffuser::nn
