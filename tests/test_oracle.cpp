@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstdio>
 
-#include "unidiffuser/diffusion/gaussian_oracle.hpp"
+#include "unidiffuser/oracle/gaussian_oracle.hpp"
 #include "unidiffuser/diffusion/noise.hpp"
 #include "unidiffuser/diffusion/pipeline.hpp"
 #include "unidiffuser/sampler/ddim.hpp"
