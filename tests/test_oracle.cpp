@@ -7,9 +7,9 @@
 #include <cmath>
 #include <cstdio>
 
-#include "unidiffuser/oracle/gaussian_oracle.hpp"
 #include "unidiffuser/diffusion/noise.hpp"
 #include "unidiffuser/diffusion/pipeline.hpp"
+#include "unidiffuser/oracle/gaussian_oracle.hpp"
 #include "unidiffuser/sampler/ddim.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
 
