@@ -247,7 +247,7 @@ inline constexpr int kQkRows = kWideRegisterFile ? 8 : 4, kQkPackets = kWideRegi
 inline std::int64_t attention_scratch(std::int64_t l, std::int64_t block, std::int64_t dh) {
   const std::int64_t blocked = (std::min(block, l) * l + 15) / 16 * 16;
   const std::int64_t tiled = (2 * dh + detail::kRows) * detail::pad16(l) + detail::kRows * dh;
-  return std::max(blocked, tiled);
+  return detail::pad16(std::max(blocked, tiled));
 }
 
 namespace detail {

@@ -118,7 +118,6 @@ class UViT {
   //! out[c]: [B, numel_c] per component (config order).
   void forward(const Context<cpu>& ctx, const UViTInputs<T>& in,
                std::span<const RowBlock<T, cpu>> out) {
-    (void)ctx;
     const char* op = "UViT::forward";
     const auto& C = cfg_.components;
     if (in.x.size() != C.size() || out.size() != C.size())
@@ -247,6 +246,10 @@ class UViT {
       if (!packer_) packer_ = std::make_unique<Packer>();
       std::lock_guard<std::mutex> lock(packer_->mu);
       if (packer_->on) return;
+      // `on` first: if packing throws, `packed` lists exactly the weights in packed layout (a
+      // weight's chunks packed so far are restored before the exception leaves), so lin() and
+      // unpack_weights() stay consistent
+      packer_->on = true;
       for (const auto& [n, pieces] : packable()) {
         Tensor<T>& w = raw(n);
         const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
@@ -255,13 +258,21 @@ class UViT {
         for (std::int64_t c = 0; c < col_chunks(rows); ++c)
           fits = fits && packer_->gemm.fits(std::min(cw, rows - c * cw), k);
         if (!fits) continue;
-        for (std::int64_t c = 0; c < col_chunks(rows); ++c) {
-          const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
-          packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
+        std::int64_t done = 0;
+        try {
+          for (; done < col_chunks(rows); ++done) {
+            const std::int64_t r0 = done * cw, nr = std::min(cw, rows - r0);
+            packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
+          }
+        } catch (...) {
+          for (std::int64_t c = 0; c < done; ++c) {
+            const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
+            packer_->gemm.unpack(w.data() + r0 * pieces * k, nr, k, pieces);
+          }
+          throw;
         }
         packer_->packed.emplace(n, pieces);
       }
-      packer_->on = true;
     }
 #endif
   }
@@ -345,14 +356,20 @@ class UViT {
 #pragma omp single
 #endif
     {
-      const T* p = d;
-      if (stride != per && nb > 1) {
-        trace_buf_.resize(static_cast<std::size_t>(nb * per));
-        for (std::int64_t b = 0; b < nb; ++b)
-          std::copy_n(d + b * stride, per, trace_buf_.data() + b * per);
-        p = trace_buf_.data();
+      try {  // the callback is user code: its exception is rethrown after the region
+        const T* p = d;
+        if (stride != per && nb > 1) {
+          trace_buf_.resize(static_cast<std::size_t>(nb * per));
+          for (std::int64_t b = 0; b < nb; ++b)
+            std::copy_n(d + b * stride, per, trace_buf_.data() + b * per);
+          p = trace_buf_.data();
+        }
+        if (!(err_ && err_->failed.load())) trace_(name, p, s);
+      } catch (...) {
+        if (!err_) throw;  // outside a forward's region (positional table)
+        std::lock_guard<std::mutex> lock(err_->mu);
+        if (!err_->failed.exchange(true)) err_->error = std::current_exception();
       }
-      trace_(name, p, s);
     }
   }
   void reserve(std::int64_t B, std::int64_t L, std::int64_t colsz, int threads) {
