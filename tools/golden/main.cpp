@@ -560,6 +560,22 @@ void uvit_set(const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg, con
   for (auto& [name, v] : traced)
     r.check(tag + "/" + set + "/trace/" + name, v, as_double(f, "trace/" + set + "/" + name),
             *ttol);
+  if (!f64 && ttol) {  // reference activations the network does not emit: listed, not silent
+    std::vector<std::string> unseen;
+    for (const auto& ref : f.names("trace/" + set + "/")) {
+      const std::string name = ref.substr(6 + set.size() + 1);
+      if (std::none_of(traced.begin(), traced.end(),
+                       [&](const auto& e) { return std::get<0>(e) == name; }))
+        unseen.push_back(name);
+    }
+    if (!unseen.empty()) {
+      std::string list;
+      for (const auto& n : unseen) list += (list.empty() ? "" : ", ") + n;
+      r.skip(tag + "/" + set + "/trace",
+             std::to_string(unseen.size()) +
+                 " sub-layer references the forward does not emit: " + list);
+    }
+  }
   for (std::size_t k = 0; k < cfg.components.size(); ++k) {
     const std::string on = outp + cfg.components[k].name + "_out";
     if (!f.contains(on)) continue;
