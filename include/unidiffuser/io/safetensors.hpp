@@ -415,13 +415,13 @@ class Writer {
     for (int i = 0; i < v.rank(); ++i) shape.push_back(v.dim(i));
     const auto n = static_cast<std::size_t>(v.size());
     if (as == dtype::f32) return add_raw(name, as, shape, v.data(), n * 4);
+    if (as != dtype::f16 && as != dtype::bf16)
+      throw error("safetensors::Writer::add_converted", name,
+                  "target dtype must be F32, F16 or BF16");
     std::vector<std::uint16_t> b(n);
     for (std::size_t k = 0; k < n; ++k)
       b[k] = as == dtype::f16 ? half_t::from_float(v.data()[k]).bits
                               : bfloat16_t::from_float(v.data()[k]).bits;
-    if (as != dtype::f16 && as != dtype::bf16)
-      throw error("safetensors::Writer::add_converted", name,
-                  "target dtype must be F32, F16 or BF16");
     return add_raw(name, as, shape, b.data(), n * 2);
   }
   Writer& metadata(const std::string& key, const std::string& value) {

@@ -210,16 +210,14 @@ class UViT {
   static constexpr std::int64_t kRowChunk = 32;
   static std::int64_t col_width(std::int64_t n) {
     if (n <= 64) return std::max<std::int64_t>(n, 1);
-    return std::min<std::int64_t>(256, std::max<std::int64_t>(64, pad16((n + 3) / 4)));
+    return std::min<std::int64_t>(
+        256, std::max<std::int64_t>(64, cpu_kernels::detail::pad16((n + 3) / 4)));
   }
   static std::int64_t col_chunks(std::int64_t n) {
     return (n + col_width(n) - 1) / col_width(n);
   }
   static std::int64_t chunks(std::int64_t n, std::int64_t w) {
     return (n + w - 1) / w;
-  }
-  static std::int64_t pad16(std::int64_t n) {
-    return (n + 15) / 16 * 16;
   }
 
   // Block weights the packed GEMM path takes: (name, pieces) -- skip_linear's [E, 2E] weight is
@@ -374,11 +372,11 @@ class UViT {
   }
   void reserve(std::int64_t B, std::int64_t L, std::int64_t colsz, int threads) {
     const std::int64_t E = cfg_.embed_dim;
-    sx_ = pad16(L * E);
-    sq_ = pad16(L * 3 * E);
-    sh_ = pad16(L * cfg_.hidden());
-    scol_ = pad16(colsz);
-    st_ = pad16(1 + E + (cfg_.mlp_time_embed ? 4 * E : 0));
+    sx_ = cpu_kernels::detail::pad16(L * E);
+    sq_ = cpu_kernels::detail::pad16(L * 3 * E);
+    sh_ = cpu_kernels::detail::pad16(L * cfg_.hidden());
+    scol_ = cpu_kernels::detail::pad16(colsz);
+    st_ = cpu_kernels::detail::pad16(1 + E + (cfg_.mlp_time_embed ? 4 * E : 0));
     auto fit = [](cpu_kernels::AlignedVector<T>& v, std::int64_t n) {
       if (v.size() < static_cast<std::size_t>(n)) v.assign(static_cast<std::size_t>(n), T(0));
     };
