@@ -110,8 +110,8 @@ int bench_uvit(const ud::cli::Args& a) {
   std::vector<double> ti(static_cast<std::size_t>(B), 500.0),
       tt(static_cast<std::size_t>(B), 250.0);
   auto once = [&] {
-    model({x[0].view(), x[1].view()}, {std::span<const double>(ti), std::span<const double>(tt)},
-          {o[0].view(), o[1].view()});
+    model(ud::Context<ud::cpu>{threads}, {x[0].view(), x[1].view()},
+          {std::span<const double>(ti), std::span<const double>(tt)}, {o[0].view(), o[1].view()});
   };
   auto timed = [&](int n) {
     std::vector<double> ms;

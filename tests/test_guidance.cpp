@@ -25,7 +25,7 @@ std::string tname(double t, double tau_in) {
 struct LogNet {
   std::vector<std::string>* log;
   double tau_in = 0;
-  void operator()(const std::array<ud::TensorView<const double>, 2>& x,
+  void operator()(const ud::Context<ud::cpu>&, const std::array<ud::TensorView<const double>, 2>& x,
                   const std::array<std::span<const double>, 2>& t,
                   const std::array<ud::TensorView<double>, 2>& out) {
     std::string e = "call(" + tname(t[0][0], tau_in) + "," + tname(t[1][0], tau_in) + ")[";
@@ -76,8 +76,9 @@ std::string one_call(const ud::Task<2>& task, double scale,
     for (auto& v : *t) v = 5;
   for (auto* t : {&nimg, &ntxt})
     for (auto& v : *t) v = -7;
-  ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(
-      net, noise, lay, task, g, 2, {cimg.view(), ctxt.view()}, {nimg.view(), ntxt.view()});
+  ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(ud::Context<ud::cpu>{}, net, noise, lay, task,
+                                                     g, 2, {cimg.view(), ctxt.view()},
+                                                     {nimg.view(), ntxt.view()});
   ud::Tensor<double> x(ud::Shape{2, p.state_size()}), e(ud::Shape{2, p.state_size()});
   for (auto& v : x) v = 1;
   const double tau = 0.5;
@@ -115,7 +116,7 @@ TEST_CASE("i / t: marginal noise is drawn before the only call; no guidance even
 // out_g = 0.5 x_g + 0.1 x_other[0] + t_g / 1000, so a reference call with the other group replaced
 // by noise gives r != e.
 struct CoupledNet {
-  void operator()(const std::array<ud::TensorView<const double>, 2>& x,
+  void operator()(const ud::Context<ud::cpu>&, const std::array<ud::TensorView<const double>, 2>& x,
                   const std::array<std::span<const double>, 2>& t,
                   const std::array<ud::TensorView<double>, 2>& out) {
     for (int g = 0; g < 2; ++g)
@@ -137,8 +138,8 @@ TEST_CASE("guided output is (1 + s) e - s r on each generated group, r from its 
   ud::GuidanceOptions g;
   g.scale = 3;
   g.float32_time_input = false;
-  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p(net, noise, layout(), ud::tasks::joint(),
-                                                         g, 1);
+  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p(ud::Context<ud::cpu>{}, net, noise,
+                                                         layout(), ud::tasks::joint(), g, 1);
   CHECK(p.forwards_per_call() == 3);
   ud::Tensor<double> x(ud::Shape{1, 13}), e(ud::Shape{1, 13});
   for (auto& v : x) v = 2;
@@ -151,8 +152,8 @@ TEST_CASE("guided output is (1 + s) e - s r on each generated group, r from its 
     CHECK(e(0, j) == doctest::Approx(4 * main - 3 * r_text));
   // s = 0: the unguided output, one call
   g.scale = 0;
-  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p0(net, noise, layout(), ud::tasks::joint(),
-                                                          g, 1);
+  ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p0(ud::Context<ud::cpu>{}, net, noise,
+                                                          layout(), ud::tasks::joint(), g, 1);
   p0(x.view(), 0.25, e.view());
   for (double v : e) CHECK(v == doctest::Approx(main));
 }
@@ -187,15 +188,17 @@ TEST_CASE("bad tasks and missing conditions are clear errors") {
   ud::GuidanceOptions g;
   using R = ud::Role;
   using P = ud::GuidedPredictor<double, 2, LogNet, LogNoise>;
-  CHECK_THROWS_AS(P(net, noise, layout(), ud::Task<2>{{R::condition, R::marginalize}}, g, 2),
+  CHECK_THROWS_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(),
+                    ud::Task<2>{{R::condition, R::marginalize}}, g, 2),
                   ud::error);
-  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::t2i(), g, 2),
+  CHECK_THROWS_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::t2i(), g, 2),
                   ud::error);  // no condition given
   g.marginal_noise = ud::MarginalNoise::fixed;
-  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::i(), g, 2),
+  CHECK_THROWS_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::i(), g, 2),
                   ud::error);  // no fixed noise given
   g = {};
   g.cfg_mode = ud::CfgMode::empty_condition;
-  CHECK_THROWS_AS(P(net, noise, layout(), ud::tasks::joint(), g, 2), ud::error);
+  CHECK_THROWS_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::joint(), g, 2),
+                  ud::error);
   CHECK_THROWS_AS(ud::parse_mode("img2txt"), ud::error);
 }

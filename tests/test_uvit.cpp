@@ -10,21 +10,22 @@
 #include <iterator>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
+#include "unidiffuser/backend/cpu/kernels.hpp"
 #include "unidiffuser/backend/cpu/onednn.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
-#include "unidiffuser/nn/layers.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 
 #include "support.hpp"
 
 namespace ud = unidiffuser;
-namespace kk = unidiffuser::nn::cpu_kernels;
+namespace kk = unidiffuser::cpu_kernels;
 
 namespace {
 const std::string kGolden = std::string(UNIDIFFUSER_GOLDEN_DIR) + "/uvit_v1_tiny.safetensors";
@@ -106,19 +107,25 @@ TEST_CASE("attention kernel equals the naive softmax(QK^T/sqrt(d))V for any shap
     CAPTURE(c.E);
     const auto qkv = random_vec(static_cast<std::size_t>(c.B * c.L * 3 * c.E), 5);
     const auto naive = naive_attention(qkv, c.B, c.L, c.E, c.H);
+    // every (sample, head) through the kernel, with score blocks of several sizes
+    auto run = [&](auto* q, auto* o, std::int64_t block) {
+      using T = std::remove_pointer_t<decltype(o)>;
+      kk::AlignedVector<T> sc(
+          static_cast<std::size_t>(kk::attention_scratch(c.L, block, c.E / c.H)));
+      for (std::int64_t b = 0; b < c.B; ++b)
+        for (std::int64_t h = 0; h < c.H; ++h)
+          kk::attention_head<T>(q + b * c.L * 3 * c.E, 3 * c.E, c.L, c.E, c.H, h, o + b * c.L * c.E,
+                                c.E, sc.data(), block);
+    };
     for (std::int64_t block : {1, 5, 16, 64}) {
-      std::vector<double> out(static_cast<std::size_t>(c.B * c.L * c.E)),
-          scores(static_cast<std::size_t>(kk::max_threads() *
-                                          kk::attention_scratch(c.L, block, c.E / c.H)));
-      kk::attention(qkv.data(), c.B, c.L, c.E, c.H, out.data(), scores.data(), block);
+      std::vector<double> out(static_cast<std::size_t>(c.B * c.L * c.E));
+      run(qkv.data(), out.data(), block);
       for (std::size_t i = 0; i < out.size(); ++i)
         CHECK(out[i] == doctest::Approx(naive[i]).epsilon(1e-12));
     }
     // float: the same kernels at float precision
     std::vector<float> qf(qkv.begin(), qkv.end()), of(static_cast<std::size_t>(c.B * c.L * c.E));
-    std::vector<float> sf(
-        static_cast<std::size_t>(kk::max_threads() * kk::attention_scratch(c.L, 64, c.E / c.H)));
-    kk::attention(qf.data(), c.B, c.L, c.E, c.H, of.data(), sf.data(), std::int64_t{64});
+    run(qf.data(), of.data(), std::int64_t{64});
     double worst = 0;
     for (std::size_t i = 0; i < of.size(); ++i)
       worst = std::max(worst, std::abs(double(of[i]) - naive[i]));

@@ -8,6 +8,7 @@ ratio (A/B: above 1 means B is faster) for the demo and small configs of compare
 their benchmark batch and at batch 1.
 
 usage: ab_forward.py --a BENCH_A --b BENCH_B [--threads 2] [--rounds 9] [--configs demo,small]
+                     [--gemm auto|eigen|onednn]
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--configs", default="demo,small")
+    ap.add_argument("--gemm", default="auto", help="GEMM path of both binaries: auto, eigen, onednn")
     o = ap.parse_args()
     for name in o.configs.split(","):
         c = CONFIGS[name]
@@ -35,7 +37,7 @@ def main():
             args = ["uvit", "--embed", str(c["embed"]), "--depth", str(c["depth"]), "--heads", str(c["heads"]),
                     "--latent", c["latent"], "--patch", str(c["patch"]), "--text", c["text"],
                     "--clip", str(c["clip"]), "--batch", str(batch), "--threads", str(o.threads),
-                    "--repeat", "3", "--serve"]
+                    "--repeat", "3", "--gemm", o.gemm, "--serve"]
             procs = {k: subprocess.Popen([b] + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                      for k, b in (("a", o.a), ("b", o.b))}
             for p in procs.values():
@@ -53,7 +55,7 @@ def main():
                 p.wait()
             ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
             rr = statistics.median([x / y for x, y in zip(times["a"], times["b"])])
-            print(f"{name:5s} batch {batch:2d} threads {o.threads}: A {ma:9.2f} ms  B {mb:9.2f} ms  "
+            print(f"{name:5s} {o.gemm:6s} batch {batch:2d} threads {o.threads}: A {ma:9.2f} ms  B {mb:9.2f} ms  "
                   f"A/B medians {ma / mb:.3f}  median per-round {rr:.3f}", flush=True)
 
 

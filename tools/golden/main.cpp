@@ -86,6 +86,19 @@ json meta_json(const ud::safetensors::File& f, const std::string& key) {
 }
 
 // A tolerance from the file's `checks` metadata; `atol` may name a per-case entry.
+// "per tensor: A * max|grad_ref| + B": the absolute tolerance of one reference tensor.
+std::optional<double> per_tensor_atol(const std::string& rule, const std::vector<double>& ref) {
+  const std::string head = "per tensor:";
+  if (rule.rfind(head, 0) != 0) return std::nullopt;
+  double a = 0, b = 0;
+  char name[64] = {0};
+  if (std::sscanf(rule.c_str() + head.size(), " %lf * max|%63[^|]| + %lf", &a, name, &b) != 3)
+    return std::nullopt;
+  double mx = 0;
+  for (double v : ref) mx = std::max(mx, std::abs(v));
+  return a * mx + b;
+}
+
 std::optional<Tol> tolerance(const json& checks, const std::string& q,
                              const json* case_params = nullptr) {
   if (!checks.contains("tolerances") || !checks["tolerances"].contains(q)) return std::nullopt;
@@ -432,6 +445,51 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
   const auto lv = ud::unidiffuser_loss<T, 2>(ud::Context<ud::cpu>{},
                                              {ud::TensorView<const T>(pg[0].view()), pg[1].view()},
                                              {ud::TensorView<const T>(eg[0].view()), eg[1].view()});
+  // parameter gradients: the training forward (tape), the loss gradient, backward
+  if (!f64 && !f.names("grad/").empty()) {
+    const ud::Context<ud::cpu> ctx{};
+    typename ud::nn::UViT<T>::Tape tape;
+    std::vector<ud::Tensor<T>> pred2, dpred;
+    std::vector<ud::RowBlock<T>> ob2;
+    std::vector<ud::RowBlock<const T>> db;
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      pred2.emplace_back(pred[k].shape());
+      ob2.push_back(ud::as_rows(pred2.back().view()));
+    }
+    net.forward(ctx, in, ob2, tape);
+    for (std::size_t k = 0; k < C.size(); ++k) {  // d loss / d pred = 2 (pred - eps) / total
+      dpred.emplace_back(pred[k].shape());
+      std::int64_t total = 0;
+      for (const auto& e : eps) total += e.size();
+      for (std::int64_t i = 0; i < pred2[k].size(); ++i)
+        dpred[k].data()[i] = static_cast<T>(2.0 * (double(pred2[k].data()[i]) - eps[k].data()[i]) /
+                                            static_cast<double>(total));
+      db.push_back(ud::as_rows(ud::TensorView<const T>(dpred[k].view())));
+    }
+    net.zero_gradients();
+    net.backward(ctx, tape, db);
+    const json& rule = checks["tolerances"]["grad"];
+    for (const std::string& gname : f.names("grad/")) {
+      const std::string pname = gname.substr(5);
+      const auto ref = as_double(f, gname);
+      std::vector<double> got;
+      try {
+        const auto g = net.grad(pname);
+        got.assign(g.begin(), g.end());
+      } catch (const std::exception& e) {
+        r.error(tag + "grad/" + pname, e.what());
+        continue;
+      }
+      const auto atol = rule.contains("atol") && rule["atol"].is_string()
+                            ? per_tensor_atol(rule["atol"].get<std::string>(), ref)
+                            : std::optional<double>(rule.value("atol", 0.0));
+      if (!atol) {
+        r.error(tag + "grad/" + pname, "no tolerance rule this checker understands");
+        continue;
+      }
+      r.check(tag + "grad/" + pname, got, ref, Tol{*atol, rule.value("rtol", 0.0)});
+    }
+  }
   if (f64) {
     r.check(tag + "loss", {lv.loss}, as_double(f, "output_f64/loss"), need_tol("loss_f64"));
   } else {
@@ -488,8 +546,8 @@ void run_loss(const ud::safetensors::File& f, const std::filesystem::path& dir, 
       r.error("loss/objective", e.what());
     }
   }
-  if (!f.names("grad/").empty())
-    r.skip("loss/grad", "parameter gradients need the network's backward pass (not built yet)");
+  if (!f.names("grad/").empty() && f.names("output/").empty())
+    r.error("loss/grad", "gradients without outputs (no network to differentiate)");
 }
 
 // ---- U-ViT forward -----------------------------------------------------------------------------
@@ -673,7 +731,7 @@ void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const
     return r.skip(tag, "fresh marginal noise cannot be replayed");
   NoNoise noise;
   ud::GuidedPredictor<float, 2, ud::nn::UViTPredictor<float, 2>, NoNoise> pred(
-      model, noise, layout, task, g, B, cv, {}, fv);
+      ud::Context<ud::cpu>{}, model, noise, layout, task, g, B, cv, {}, fv);
   const auto solver_opt = case_solver<float>(cp);
   if (!solver_opt) return r.skip(tag, "unknown schedule in case_params");
   const ud::DpmSolver<float>& solver = *solver_opt;

@@ -128,10 +128,11 @@ struct Progress {
   bool quiet = false;
   std::string stage;
   std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-  void operator()(const std::array<ud::TensorView<const float>, 2>& x,
+  void operator()(const ud::Context<ud::cpu>& ctx,
+                  const std::array<ud::TensorView<const float>, 2>& x,
                   const std::array<std::span<const double>, 2>& t,
                   const std::array<ud::TensorView<float>, 2>& out) {
-    (*net)(x, t, out);
+    (*net)(ctx, x, t, out);
     ++calls;
     if (!quiet && calls % per_nfe == 0) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -155,8 +156,8 @@ std::array<ud::Tensor<float>, 2> run(Progress& prog, ud::PhiloxNoise& noise,
     auto c = cond;
     for (std::size_t k = 0; k < 2; ++k)
       if (task.roles[k] == ud::Role::condition && result[k].size() > 0) c[k] = result[k].view();
-    ud::GuidedPredictor<float, 2, Progress, ud::PhiloxNoise> probe(prog, noise, layout, task, g,
-                                                                   batch, c, null);
+    ud::GuidedPredictor<float, 2, Progress, ud::PhiloxNoise> probe(
+        ud::Context<ud::cpu>{}, prog, noise, layout, task, g, batch, c, null);
     prog.per_nfe = probe.forwards_per_call();
     prog.nfe = sampler.nfe();
     prog.calls = 0;

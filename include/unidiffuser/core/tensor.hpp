@@ -119,6 +119,8 @@ class TensorView {
   constexpr TensorView(const TensorView<U, Backend>& o) : data_(o.data()), shape_(o.shape()) {}
 
   constexpr T* data() const { return data_; }
+  //! The view itself (so that code taking a Tensor's view() also takes a view).
+  constexpr TensorView view() const { return *this; }
   constexpr const Shape& shape() const { return shape_; }
   constexpr int rank() const { return shape_.rank(); }
   constexpr std::int64_t size() const { return shape_.numel(); }
@@ -146,7 +148,7 @@ class TensorView {
   //! Host element access (CPU backend only).
   template <class... I>
   T& operator()(I... idx) const {
-    static_assert(std::is_same_v<Backend, cpu>, "element access is for host (cpu) tensors only");
+    static_assert(is_host_backend_v<Backend>, "element access is for host tensors only");
     static_assert(sizeof...(I) >= 1 && sizeof...(I) <= max_rank, "bad index count");
     const std::int64_t ix[] = {static_cast<std::int64_t>(idx)...};
     std::int64_t off = 0;
@@ -154,7 +156,7 @@ class TensorView {
     return data_[off];
   }
   T& operator[](std::int64_t i) const {
-    static_assert(std::is_same_v<Backend, cpu>, "element access is for host (cpu) tensors only");
+    static_assert(is_host_backend_v<Backend>, "element access is for host tensors only");
     return data_[i];
   }
   T* begin() const { return data_; }
@@ -187,6 +189,63 @@ struct RowBlock {
       : data(d), rows(r), cols(c), ld(l) {}
 };
 
+//! `samples` blocks of [rows, cols] (rows `ld` elements apart), consecutive samples `stride`
+//! elements apart: one activation of a batch, each sample in its own workspace slot. A null
+//! `data` is an absent operand (an optional input or an output not wanted).
+template <class T, class Backend = cpu>
+struct BatchBlock {
+  T* data = nullptr;
+  std::int64_t samples = 0;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t ld = 0;
+  std::int64_t stride = 0;
+
+  constexpr BatchBlock() = default;
+  constexpr BatchBlock(T* d, std::int64_t s, std::int64_t r, std::int64_t c, std::int64_t l,
+                       std::int64_t st)
+      : data(d), samples(s), rows(r), cols(c), ld(l), stride(st) {}
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr BatchBlock(const BatchBlock<U, Backend>& o)
+      : data(o.data), samples(o.samples), rows(o.rows), cols(o.cols), ld(o.ld), stride(o.stride) {}
+  //! Every sample of a row block as a one-row block ([samples, cols] -> [samples; 1, cols]).
+  static constexpr BatchBlock per_row(RowBlock<T, Backend> b) {
+    return BatchBlock(b.data, b.rows, 1, b.cols, b.cols, b.ld);
+  }
+
+  constexpr explicit operator bool() const { return data != nullptr; }
+  constexpr RowBlock<T, Backend> sample(std::int64_t s) const {
+    return RowBlock<T, Backend>(data + s * stride, rows, cols, ld);
+  }
+  constexpr T* row(std::int64_t s, std::int64_t r) const { return data + s * stride + r * ld; }
+  //! Samples [first, first + count).
+  constexpr BatchBlock sample_range(std::int64_t first, std::int64_t count) const {
+    return BatchBlock(data ? data + first * stride : nullptr, count, rows, cols, ld, stride);
+  }
+  //! Rows [first, first + count) of every sample.
+  constexpr BatchBlock row_range(std::int64_t first, std::int64_t count) const {
+    return BatchBlock(data ? data + first * ld : nullptr, samples, count, cols, ld, stride);
+  }
+  //! Columns [first, first + count) of every sample.
+  constexpr BatchBlock col_range(std::int64_t first, std::int64_t count) const {
+    return BatchBlock(data ? data + first : nullptr, samples, rows, count, ld, stride);
+  }
+};
+
+//! Throws unless `b` is [samples; rows, cols]; `op` and `name` go into the message.
+template <class T, class Backend>
+void check_batch(std::string_view op, std::string_view name, const BatchBlock<T, Backend>& b,
+                 std::int64_t samples, std::int64_t rows, std::int64_t cols) {
+  if (b.samples != samples || b.rows != rows || b.cols != cols)
+    throw_mismatch(std::string(op), std::string(name), "shape [samples; rows, cols]",
+                   "[" + std::to_string(samples) + "; " + std::to_string(rows) + ", " +
+                       std::to_string(cols) + "]",
+                   "[" + std::to_string(b.samples) + "; " + std::to_string(b.rows) + ", " +
+                       std::to_string(b.cols) + "]");
+  if (b.data == nullptr && samples * rows * cols != 0)
+    throw error(std::string(op), std::string(name), "null data");
+}
+
 //! Columns [first, first + count) of a batch-first tensor viewed as [shape[0], inner].
 template <class T, class Backend>
 RowBlock<T, Backend> column_block(const TensorView<T, Backend>& v, std::int64_t first,
@@ -209,8 +268,8 @@ namespace detail {
 //! Memory allocator of a backend; CPU memory is 64-byte aligned for vector loads.
 template <class Backend>
 struct allocator;
-template <>
-struct allocator<cpu> {
+template <class Backend>
+struct host_allocator {
   static void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     return ::operator new (bytes, std::align_val_t{64});
@@ -219,6 +278,10 @@ struct allocator<cpu> {
     if (p) ::operator delete (p, std::align_val_t{64});
   }
 };
+template <>
+struct allocator<cpu> : host_allocator<cpu> {};
+template <>
+struct allocator<reference> : host_allocator<reference> {};
 }  // namespace detail
 
 //! Owning, contiguous, row-major tensor in `Backend` memory. Move-only: copies are explicit

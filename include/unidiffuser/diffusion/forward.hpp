@@ -8,9 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/diffusion/groups.hpp"
@@ -22,10 +23,12 @@ namespace unidiffuser {
 //! Noises one group at integer levels: out[b] = sqrt(abar_{n_b}) x0[b] + sqrt(1 - abar_{n_b})
 //! eps[b]. The sum is formed in double and rounded once, as the reference does. Level 0 is clean.
 //! x0, eps, out: [B, ...] (same shape); levels: B entries in 0..N.
-template <class T>
-void q_sample(const Context<cpu>& ctx, const DiscreteSchedule& sched, TensorView<const T, cpu> x0,
-              TensorView<const T, cpu> eps, std::span<const std::int64_t> levels,
-              TensorView<T, cpu> out) {
+template <class T, class Backend>
+void q_sample(const Context<Backend>& ctx, const DiscreteSchedule& sched,
+              std::type_identity_t<TensorView<const T, Backend>> x0,
+              std::type_identity_t<TensorView<const T, Backend>> eps,
+              std::span<const std::int64_t> levels,
+              std::type_identity_t<TensorView<T, Backend>> out) {
   const char* op = "q_sample";
   check_shape(op, "eps", eps, x0.shape());
   check_shape(op, "out", out, x0.shape());
@@ -46,10 +49,12 @@ void q_sample(const Context<cpu>& ctx, const DiscreteSchedule& sched, TensorView
 
 //! Continuous-time version: out[b] = alpha(t_b) x0[b] + sigma(t_b) eps[b], with t = 0 the clean
 //! level (alpha = 1, sigma = 0; the schedule is never evaluated at 0).
-template <class T>
-void q_sample_continuous(const Context<cpu>& ctx, const VPSchedule& ns, TensorView<const T, cpu> x0,
-                         TensorView<const T, cpu> eps, std::span<const double> t,
-                         TensorView<T, cpu> out) {
+template <class T, class Backend>
+void q_sample_continuous(const Context<Backend>& ctx, const VPSchedule& ns,
+                         std::type_identity_t<TensorView<const T, Backend>> x0,
+                         std::type_identity_t<TensorView<const T, Backend>> eps,
+                         std::span<const double> t,
+                         std::type_identity_t<TensorView<T, Backend>> out) {
   const char* op = "q_sample_continuous";
   check_shape(op, "eps", eps, x0.shape());
   check_shape(op, "out", out, x0.shape());
@@ -73,11 +78,12 @@ void q_sample_continuous(const Context<cpu>& ctx, const VPSchedule& ns, TensorVi
 }
 
 //! Noises every group at its own per-sample levels: xn[g] = q_sample(x0[g], eps[g], levels[g]).
-template <class T, std::size_t K>
-void forward_process(const Context<cpu>& ctx, const DiscreteSchedule& sched,
-                     const GroupViews<const T, K, cpu>& x0, const GroupViews<const T, K, cpu>& eps,
+template <class T, std::size_t K, class Backend>
+void forward_process(const Context<Backend>& ctx, const DiscreteSchedule& sched,
+                     const std::type_identity_t<GroupViews<const T, K, Backend>>& x0,
+                     const std::type_identity_t<GroupViews<const T, K, Backend>>& eps,
                      const std::array<std::span<const std::int64_t>, K>& levels,
-                     const GroupViews<T, K, cpu>& xn) {
+                     const std::type_identity_t<GroupViews<T, K, Backend>>& xn) {
   for (std::size_t g = 0; g < K; ++g) q_sample<T>(ctx, sched, x0[g], eps[g], levels[g], xn[g]);
 }
 

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/diffusion/groups.hpp"
@@ -64,10 +64,12 @@ class GuidedPredictor {
 
   //! `conditions[g]`: [B, D_g] clean values for conditioned groups (others ignored).
   //! `extra[g]`: null values (empty_condition) or fixed noise (MarginalNoise::fixed), as needed.
-  GuidedPredictor(Net& net, Noise& noise, GroupLayout<K> layout, Task<K> task, GuidanceOptions opt,
-                  std::int64_t batch, std::array<CView, K> conditions = {},
-                  std::array<CView, K> null_conditions = {}, std::array<CView, K> fixed_noise = {})
-      : net_(net),
+  GuidedPredictor(const Context<Backend>& ctx, Net& net, Noise& noise, GroupLayout<K> layout,
+                  Task<K> task, GuidanceOptions opt, std::int64_t batch,
+                  std::array<CView, K> conditions = {}, std::array<CView, K> null_conditions = {},
+                  std::array<CView, K> fixed_noise = {})
+      : ctx_(ctx),
+        net_(net),
         noise_(noise),
         layout_(std::move(layout)),
         task_(task),
@@ -139,7 +141,7 @@ class GuidedPredictor {
 
   //! eps_out = guided noise prediction of the generated groups at solver time tau.
   void operator()(CView state, double tau, View eps_out) {
-    const Context<Backend> ctx{};
+    const Context<Backend>& ctx = ctx_;
     const char* op = "GuidedPredictor";
     if (state.size() != batch_ * state_size_)
       throw_mismatch(op, "state", "element count", batch_ * state_size_, state.size());
@@ -240,7 +242,7 @@ class GuidedPredictor {
   void call(const std::array<CView, K>& x, const std::array<std::span<const double>, K>& t,
             const std::array<View, K>& o) {
     ++calls_;
-    net_(x, t, o);
+    net_(ctx_, x, t, o);
   }
   // eps_out[:, group g] = (1 + s) e_g - s r_g
   void combine(const Context<Backend>& ctx, View eo, std::size_t g) {
@@ -250,6 +252,7 @@ class GuidedPredictor {
         {{1.0 + s, as_rows(CView(out_[g].view()))}, {-s, as_rows(CView(ref_[g].view()))}});
   }
 
+  Context<Backend> ctx_;
   Net& net_;
   Noise& noise_;
   GroupLayout<K> layout_;

@@ -15,7 +15,7 @@
 #include <string>
 #include <utility>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 
@@ -47,8 +47,10 @@ class InjectedNoise {
   void push(Tensor<T, cpu> t) { queue_.push_back(std::move(t)); }
   std::size_t remaining() const { return queue_.size(); }
 
-  void draw(const Context<cpu>& ctx, std::size_t group, std::size_t component,
-            RowBlock<T, cpu> dst) {
+  template <class Backend>
+  void draw(const Context<Backend>& ctx, std::size_t group, std::size_t component,
+            RowBlock<T, Backend> dst) {
+    static_assert(is_host_backend_v<Backend>, "InjectedNoise replays host tensors");
     const std::string who =
         "group " + std::to_string(group) + " component " + std::to_string(component);
     if (queue_.empty()) throw error("InjectedNoise::draw", who, "no recorded noise left");
@@ -59,7 +61,7 @@ class InjectedNoise {
       throw_mismatch("InjectedNoise::draw", who, "recorded tensor size",
                      "[" + std::to_string(dst.rows) + ", " + std::to_string(dst.cols) + "]",
                      t.shape().str());
-    ops::copy<T>(ctx, RowBlock<const T, cpu>(t.data(), dst.rows, dst.cols, dst.cols), dst);
+    ops::copy<T>(ctx, RowBlock<const T, Backend>(t.data(), dst.rows, dst.cols, dst.cols), dst);
   }
 
  private:

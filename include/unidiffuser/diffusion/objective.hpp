@@ -8,9 +8,10 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
 #include "unidiffuser/core/tensor.hpp"
@@ -56,9 +57,10 @@ struct LossValue {
 };
 
 //! The UniDiffuser loss of noise predictions `pred` against the true noises `eps`.
-template <class T, std::size_t K>
-LossValue unidiffuser_loss(const Context<cpu>& ctx, const GroupViews<const T, K, cpu>& pred,
-                           const GroupViews<const T, K, cpu>& eps) {
+template <class T, std::size_t K, class Backend>
+LossValue unidiffuser_loss(const Context<Backend>& ctx,
+                           const std::type_identity_t<GroupViews<const T, K, Backend>>& pred,
+                           const std::type_identity_t<GroupViews<const T, K, Backend>>& eps) {
   const std::int64_t batch = eps[0].rank() ? eps[0].dim(0) : 1;
   LossValue out;
   out.per_sample.assign(static_cast<std::size_t>(batch), 0.0);
@@ -84,6 +86,32 @@ LossValue unidiffuser_loss(const Context<cpu>& ctx, const GroupViews<const T, K,
   for (double& v : out.per_sample) v /= per_row;
   out.loss /= static_cast<double>(total);
   return out;
+}
+
+//! Gradient of unidiffuser_loss with respect to the predictions: dpred[g] = 2 (pred[g] -
+//! eps[g]) / (number of elements of all groups), written.
+template <class T, std::size_t K, class Backend>
+void unidiffuser_loss_grad(const Context<Backend>& ctx,
+                           const std::type_identity_t<GroupViews<const T, K, Backend>>& pred,
+                           const std::type_identity_t<GroupViews<const T, K, Backend>>& eps,
+                           const std::type_identity_t<GroupViews<T, K, Backend>>& dpred) {
+  const std::int64_t batch = eps[0].rank() ? eps[0].dim(0) : 1;
+  std::int64_t total = 0;
+  for (std::size_t g = 0; g < K; ++g) {
+    if ((eps[g].rank() ? eps[g].dim(0) : 1) != batch)
+      throw_mismatch("unidiffuser_loss_grad", "eps[" + std::to_string(g) + "]", "batch", batch,
+                     eps[g].dim(0));
+    check_shape("unidiffuser_loss_grad", "pred[" + std::to_string(g) + "]", pred[g],
+                eps[g].shape());
+    check_shape("unidiffuser_loss_grad", "dpred[" + std::to_string(g) + "]", dpred[g],
+                eps[g].shape());
+    total += eps[g].size();
+  }
+  if (total == 0) return;
+  const std::vector<double> a(static_cast<std::size_t>(batch), 2.0 / static_cast<double>(total)),
+      b(static_cast<std::size_t>(batch), -2.0 / static_cast<double>(total));
+  for (std::size_t g = 0; g < K; ++g)
+    ops::axpby_rows(ctx, as_rows(dpred[g]), a.data(), as_rows(pred[g]), b.data(), as_rows(eps[g]));
 }
 
 }  // namespace unidiffuser

@@ -7,10 +7,11 @@
 
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/diffusion/groups.hpp"
@@ -23,36 +24,37 @@ namespace unidiffuser {
 //! components is drawn from `noise`, in group then component order (the reference draws all of
 //! them whatever the mode, UNIDIFFUSER.md §9.3), and the generated groups form the initial state.
 //! Returns one [B, D_g] tensor per group: the sample for generated groups, empty otherwise.
-template <class T, std::size_t K, class Net, class Noise, class Sampler>
-std::array<Tensor<T, cpu>, K> sample_task(
-    const Context<cpu>& ctx, Net& net, Noise& noise, const GroupLayout<K>& layout,
+template <class T, std::size_t K, class Net, class Noise, class Sampler, class Backend>
+std::array<Tensor<T, Backend>, K> sample_task(
+    const Context<Backend>& ctx, Net& net, Noise& noise, const GroupLayout<K>& layout,
     const Task<K>& task, const GuidanceOptions& guidance, const Sampler& sampler,
-    std::int64_t batch, std::array<TensorView<const T, cpu>, K> conditions = {},
-    std::array<TensorView<const T, cpu>, K> null_conditions = {},
-    std::array<TensorView<const T, cpu>, K> fixed_noise = {}) {
-  GuidedPredictor<T, K, Net, Noise, cpu> pred(net, noise, layout, task, guidance, batch, conditions,
-                                              null_conditions, fixed_noise);
-  Tensor<T, cpu> state(Shape{batch, pred.state_size()});
-  std::array<Tensor<T, cpu>, K> init;
+    std::int64_t batch,
+    std::type_identity_t<std::array<TensorView<const T, Backend>, K>> conditions = {},
+    std::type_identity_t<std::array<TensorView<const T, Backend>, K>> null_conditions = {},
+    std::type_identity_t<std::array<TensorView<const T, Backend>, K>> fixed_noise = {}) {
+  GuidedPredictor<T, K, Net, Noise, Backend> pred(ctx, net, noise, layout, task, guidance, batch,
+                                                  conditions, null_conditions, fixed_noise);
+  Tensor<T, Backend> state(Shape{batch, pred.state_size()});
+  std::array<Tensor<T, Backend>, K> init;
   for (std::size_t g = 0; g < K; ++g) {
-    init[g] = Tensor<T, cpu>(Shape{batch, layout.size(g)});
+    init[g] = Tensor<T, Backend>(Shape{batch, layout.size(g)});
     const auto& comps = layout.group(g).components;
     for (std::size_t c = 0; c < comps.size(); ++c)
       noise.draw(ctx, g, c, column_block(init[g].view(), layout.offset(g, c), comps[c].numel()));
     if (task.generated(g))
-      ops::copy<T>(ctx, as_rows(TensorView<const T, cpu>(init[g].view())),
+      ops::copy<T>(ctx, as_rows(TensorView<const T, Backend>(init[g].view())),
                    column_block(state.view(), pred.state_offset(g), layout.size(g)));
   }
   auto ws = sampler.make_workspace(batch, pred.state_size());
   sampler.sample(ctx, state.view(), pred, ws);
-  std::array<Tensor<T, cpu>, K> out;
+  std::array<Tensor<T, Backend>, K> out;
   for (std::size_t g = 0; g < K; ++g) {
     if (!task.generated(g)) continue;
-    out[g] = Tensor<T, cpu>(Shape{batch, layout.size(g)});
-    ops::copy<T>(
-        ctx,
-        column_block(TensorView<const T, cpu>(state.view()), pred.state_offset(g), layout.size(g)),
-        as_rows(out[g].view()));
+    out[g] = Tensor<T, Backend>(Shape{batch, layout.size(g)});
+    ops::copy<T>(ctx,
+                 column_block(TensorView<const T, Backend>(state.view()), pred.state_offset(g),
+                              layout.size(g)),
+                 as_rows(out[g].view()));
   }
   return out;
 }
@@ -61,15 +63,15 @@ std::array<Tensor<T, cpu>, K> sample_task(
 //! needs (image group for i2t / i2t2i, text group for t2i / t2i2t). Two-stage modes feed the
 //! sampled state of the first stage, as is, as the condition of the second. Returns the final
 //! value of each group produced by the mode (the intermediate one for two-stage modes).
-template <class T, class Net, class Noise, class Sampler>
-std::array<Tensor<T, cpu>, 2> sample_mode(
-    const Context<cpu>& ctx, Net& net, Noise& noise, const GroupLayout<2>& layout, Mode mode,
+template <class T, class Net, class Noise, class Sampler, class Backend>
+std::array<Tensor<T, Backend>, 2> sample_mode(
+    const Context<Backend>& ctx, Net& net, Noise& noise, const GroupLayout<2>& layout, Mode mode,
     const GuidanceOptions& guidance, const Sampler& sampler, std::int64_t batch,
-    std::array<TensorView<const T, cpu>, 2> conditions = {},
-    std::array<TensorView<const T, cpu>, 2> null_conditions = {}) {
-  std::array<Tensor<T, cpu>, 2> result;
+    std::type_identity_t<std::array<TensorView<const T, Backend>, 2>> conditions = {},
+    std::type_identity_t<std::array<TensorView<const T, Backend>, 2>> null_conditions = {}) {
+  std::array<Tensor<T, Backend>, 2> result;
   for (const Task<2>& task : tasks::stages(mode)) {
-    std::array<TensorView<const T, cpu>, 2> cond = conditions;
+    std::array<TensorView<const T, Backend>, 2> cond = conditions;
     for (std::size_t g = 0; g < 2; ++g)
       if (task.roles[g] == Role::condition && result[g].size() > 0) cond[g] = result[g].view();
     auto out = sample_task<T, 2>(ctx, net, noise, layout, task, guidance, sampler, batch, cond,

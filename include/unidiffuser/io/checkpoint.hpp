@@ -21,11 +21,11 @@
 
 #include <unistd.h>
 
+#include "unidiffuser/backend/cpu/nn.hpp"
 #include "unidiffuser/core/dtype.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/io/safetensors.hpp"
-#include "unidiffuser/nn/layers.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 
 namespace unidiffuser {
@@ -313,7 +313,7 @@ void load_checkpoint(nn::UViT<T>& net, const safetensors::File& f, const std::st
   }
   // all checks passed: now convert (nothing above touched the network)
   for (const auto& [name, src] : plan) {
-    auto& t = net.param(name);
+    const auto t = net.param(name);
     std::int64_t off = 0;
     for (const auto& s : src) {
       const auto& info = f.info(prefix + s);
@@ -363,17 +363,19 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   for (const auto& c : cfg.components)
     if (c.kind == nn::ComponentKind::patched_image)
       colsz = std::max(colsz, u(c.tokens(latent_h, latent_w)) * u(c.in_features()));
-  std::uint64_t per_sample = 3 * LE;                            // x, tmp, attn
-  per_sample += pad(3 * u(L) * E);                              // qkv
-  per_sample += pad(u(L) * Hm);                                 // MLP hidden
-  per_sample += u(cfg.blocks_per_side()) * LE;                  // skips
-  per_sample += pad(colsz);                                     // im2col
-  per_sample += pad(1 + E + (cfg.mlp_time_embed ? 4 * E : 0));  // time input and embeddings
-  const std::int64_t block =
-      L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;  // UViT::score_block
+  std::uint64_t per_sample = 3 * LE;            // x, tmp, attn
+  per_sample += pad(3 * u(L) * E);              // qkv
+  per_sample += pad(u(L) * Hm);                 // MLP hidden
+  per_sample += u(cfg.blocks_per_side()) * LE;  // skips
+  per_sample += pad(colsz);                     // im2col
+  per_sample += u(static_cast<std::int64_t>(cfg.groups())) *
+                (pad(E) + pad(cfg.mlp_time_embed ? 4 * E : 1));  // time embeddings per group
+  const std::int64_t block = L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20)
+                                 ? L
+                                 : 128;  // ops::detail::score_block
   const std::uint64_t scores =
-      u(nn::cpu_kernels::max_threads()) *
-      u(nn::cpu_kernels::attention_scratch(L, block, cfg.embed_dim / cfg.num_heads));
+      u(cpu_detail::thread_count(Context<cpu>{})) *
+      u(cpu_kernels::attention_scratch(L, block, cfg.embed_dim / cfg.num_heads));
   const std::uint64_t elems = sat_add(sat_mul(u(batch), per_sample), sat_add(scores, LE));  // + pe
   const std::uint64_t ws = sat_mul(elems, sizeof(T));
   MemoryEstimate m;
@@ -419,7 +421,7 @@ template <class T>
 void save_checkpoint(const nn::UViT<T>& net, const std::string& path,
                      const std::map<std::string, std::string>& metadata = {}) {
   safetensors::Writer w;
-  for (const auto& n : net.parameter_names()) w.add<T>(n, net.param(n).view());
+  for (const auto& n : net.parameter_names()) w.add<T>(n, net.param(n));
   try {
     w.metadata("config", net.config().to_json().dump());
   } catch (const error&) {

@@ -1,104 +1,160 @@
 // SPDX-License-Identifier: Apache-2.0
 //! \file uvit.hpp
-//! The multimodal U-ViT noise-prediction network over K timestep groups (UVIT.md): parameters
-//! under the official state_dict names and the forward pass with its reusable workspace. The
+//! The multimodal U-ViT noise-prediction network over K timestep groups (UVIT.md), written once
+//! against the backend primitives (ops::linear, ops::layer_norm, ops::attention, ...): its
+//! parameters in one contiguous buffer (and one for their gradients) under the official
+//! state_dict names, typed per-block views resolved once, a forward pass over a separate
+//! per-call workspace, and a training forward that records a tape for `backward`. The
 //! configuration (token layout, presets, JSON) is in uvit_config.hpp, the predictor adapter in
-//! uvit_predictor.hpp.
+//! uvit_predictor.hpp. How a backend parallelises the pass is its own business
+//! (ops::run_samples).
 #pragma once
 
-#include <algorithm>
+#include <array>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/onednn.hpp"
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
 #include "unidiffuser/core/tensor.hpp"
-#include "unidiffuser/diffusion/groups.hpp"
-#include "unidiffuser/nn/layers.hpp"
-#include "unidiffuser/nn/time_embedding.hpp"
 #include "unidiffuser/nn/uvit_config.hpp"
 
 namespace unidiffuser::nn {
 
 //! Per-sample inputs of a forward pass, one entry per config component (config order).
-template <class T>
+template <class T, class Backend = cpu>
 struct UViTInputs {
-  std::vector<RowBlock<const T, cpu>> x;    //!< [B, numel] per component
-  std::vector<std::span<const double>> t;   //!< per group: B time inputs (N t at sampling)
-  std::span<const std::int64_t> data_type;  //!< B values (v1)
-  std::int64_t latent_h = 0, latent_w = 0;  //!< patched images' size (0 = default)
+  std::vector<RowBlock<const T, Backend>> x;  //!< [B, numel] per component
+  std::vector<std::span<const double>> t;     //!< per group: B time inputs (N t at sampling)
+  std::span<const std::int64_t> data_type;    //!< B values (v1)
+  std::int64_t latent_h = 0, latent_w = 0;    //!< patched images' size (0 = default)
 };
 
-//! The U-ViT: parameters (official names) and a forward pass with a reusable workspace.
-template <class T>
+namespace detail {
+//! Elements of a workspace slot: a multiple of 16, so that every slot starts 64-byte aligned
+//! and a sample's kernels see the same alignment wherever it sits in the batch.
+inline std::int64_t slot(std::int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+}  // namespace detail
+
+//! The U-ViT: parameters (official names) and forward / backward passes.
+template <class T, class Backend = cpu>
 class UViT {
+  static_assert(std::is_floating_point_v<T>, "UViT<T>: T must be float or double");
+
  public:
   using Trace = std::function<void(const std::string& name, const T* data, Shape shape)>;
+  using Inputs = UViTInputs<T, Backend>;
+  class Workspace;
+  class Tape;
 
   explicit UViT(UViTConfig cfg) : cfg_(std::move(cfg)) {
     cfg_.validate();
+    std::int64_t off = 0;
     for (auto& [name, shape] : cfg_.parameters()) {
-      Tensor<T> t(shape);
-      std::fill(t.begin(), t.end(), T(0));
-      params_.emplace(name, std::move(t));
-      order_.push_back(name);
+      index_.emplace(name, entries_.size());
+      entries_.push_back({name, shape, off});
+      off += detail::slot(shape.numel());
     }
+    params_ = Tensor<T, Backend>(Shape{off});
+    ops::fill(ctx0(), params_.view(), T(0));
+    resolve();
   }
+  UViT(const UViT&) = delete;
+  UViT& operator=(const UViT&) = delete;
+
   const UViTConfig& config() const { return cfg_; }
   //! Parameter names in state-dict order.
-  const std::vector<std::string>& parameter_names() const { return order_; }
-  //! A parameter in its plain (official) layout. In builds with the oneDNN GEMM path, forward()
-  //! packs the block weights in place and this call unpacks them again, so a reference taken
-  //! from param() is valid until the next forward().
-  Tensor<T>& param(const std::string& n) {
-    unpack_weights();
-    return raw(n);
-  }
-  const Tensor<T>& param(const std::string& n) const { return const_cast<UViT*>(this)->param(n); }
-  //! Whether forward() runs the block GEMMs on packed weights through oneDNN (fp32 networks in
-  //! builds with UNIDIFFUSER_ONEDNN; on by default there). Off: Eigen's GEMM, as in other builds.
-  void use_packed_gemm(bool on) {
-    if (!on) unpack_weights();
-    packed_gemm_ = on;
-  }
-  static constexpr bool packed_gemm_available() {
-    return onednn::available && std::is_same_v<T, float>;
-  }
-  bool packed_gemm() const { return packed_gemm_available() && packed_gemm_; }
-  std::int64_t parameter_count() const {
-    std::int64_t n = 0;
-    for (const auto& [k, v] : params_) n += v.size();
+  std::vector<std::string> parameter_names() const {
+    std::vector<std::string> n;
+    for (const auto& e : entries_) n.push_back(e.name);
     return n;
   }
+  //! A parameter (its official shape) as a view into the parameter buffer. Writing through it
+  //! changes the network: call parameters_changed() afterwards.
+  TensorView<T, Backend> param(const std::string& n) {
+    const Entry& e = entry(n);
+    return TensorView<T, Backend>(params_.data() + e.offset, e.shape);
+  }
+  TensorView<const T, Backend> param(const std::string& n) const {
+    const Entry& e = entry(n);
+    return TensorView<const T, Backend>(params_.data() + e.offset, e.shape);
+  }
+  //! The gradient of parameter n (allocated, zero, on first use).
+  TensorView<T, Backend> grad(const std::string& n) {
+    const Entry& e = entry(n);
+    return TensorView<T, Backend>(gradients().data() + e.offset, e.shape);
+  }
+  //! Every parameter in one buffer (parameter n at its offset; gaps between parameters pad
+  //! each to a multiple of 16 elements and stay zero). After writing through it (an optimiser
+  //! step, a copy) call parameters_changed(): cached positional tables and packed weights are
+  //! keyed by it, and a tape recorded before refuses the backward.
+  TensorView<T, Backend> parameters() { return params_.view(); }
+  TensorView<const T, Backend> parameters() const { return params_.view(); }
+  //! The gradient buffer, laid out like parameters() (allocated and zeroed on first use).
+  TensorView<T, Backend> gradients() {
+    if (grads_.size() != params_.size()) {
+      grads_ = Tensor<T, Backend>(params_.shape());
+      ops::fill(ctx0(), grads_.view(), T(0));
+    }
+    return grads_.view();
+  }
+  void zero_gradients() { ops::fill(ctx0(), gradients(), T(0)); }
+  //! Offset and shape of parameter n in the buffers.
+  std::int64_t parameter_offset(const std::string& n) const { return entry(n).offset; }
+  std::int64_t parameter_count() const {
+    std::int64_t n = 0;
+    for (const auto& e : entries_) n += e.shape.numel();
+    return n;
+  }
+
+  //! Whether forward() runs the block GEMMs on packed copies of the weights (the CPU backend's
+  //! oneDNN path for fp32; on by default where available). Off: the backend's plain GEMM.
+  void use_packed_gemm(bool on) {
+    packed_gemm_ = on;
+    if (!on) cache_.clear();
+  }
+  static constexpr bool packed_gemm_available() { return ops::LinearCache<T, Backend>::available; }
+  bool packed_gemm() const { return packed_gemm_available() && packed_gemm_; }
+
   //! Fills every parameter with N(0, std^2) (LayerNorm gains 1 + N(0, std^2)) from Philox.
   void init_random(std::uint64_t seed, double std = 0.02) {
-    unpack_weights();
+    const auto& ctx = ctx0();
+    Tensor<T, Backend> one(Shape{std::max<std::int64_t>(cfg_.embed_dim, 1)});
+    ops::fill(ctx, one.view(), T(1));
     std::uint64_t stream = 0;
-    for (const auto& n : order_) {
-      auto& t = params_.at(n);
-      ops::random_normal(Context<cpu>{}, RowBlock<T, cpu>(t.data(), 1, t.size(), t.size()),
-                         NoiseKey{seed, stream++}, 0);
-      const bool gain = n.find("norm") != std::string::npos && n.size() > 7 &&
-                        n.compare(n.size() - 7, 7, ".weight") == 0;
-      for (auto& v : t) v = static_cast<T>(static_cast<double>(v) * std + (gain ? 1.0 : 0.0));
+    for (const auto& e : entries_) {
+      const std::int64_t n = e.shape.numel();
+      RowBlock<T, Backend> b(params_.data() + e.offset, 1, n, n);
+      ops::random_normal(ctx, b, NoiseKey{seed, stream++}, 0);
+      const bool gain = e.name.find("norm") != std::string::npos && e.name.size() > 7 &&
+                        e.name.compare(e.name.size() - 7, 7, ".weight") == 0;
+      if (gain && n <= one.size())
+        ops::lincomb<T>(ctx, b, {{std, b}, {1.0, RowBlock<const T, Backend>(one.data(), 1, n, n)}});
+      else
+        ops::lincomb<T>(ctx, b, {{std, b}});
     }
-    pe_cache_h_ = -1;
+    parameters_changed();
   }
-  //! Call after changing parameters directly (invalidates the cached positional table).
-  void parameters_changed() { pe_cache_h_ = -1; }
+  //! Call after changing parameters (drops packed weight copies and cached positional tables).
+  void parameters_changed() {
+    cache_.clear();
+    version_ = next_version();
+  }
+  //! Observes intermediate activations of forward() under the official module paths: the time
+  //! tokens, data-type token and component embeddings, x_embedded, every block's output and its
+  //! sub-modules (attn.qkv, attn, norm2, mlp; skip_linear, norm1), the final norm, the heads.
+  //! Tracing runs the batch layer by layer. Not for concurrent forwards.
   void set_trace(Trace t) { trace_ = std::move(t); }
   //! FLOPs of one forward for one sample (matrix products only; multiply-add = 2).
   double flops(std::int64_t h = 0, std::int64_t w = 0) const {
@@ -115,13 +171,162 @@ class UViT {
     return f;
   }
 
-  //! out[c]: [B, numel_c] per component (config order).
-  void forward(const Context<cpu>& ctx, const UViTInputs<T>& in,
-               std::span<const RowBlock<T, cpu>> out) {
+  //! out[c]: [B, numel_c] per component (config order), with the network's own workspace (one
+  //! forward at a time).
+  void forward(const Context<Backend>& ctx, const Inputs& in,
+               std::span<const RowBlock<T, Backend>> out) {
+    if (!own_ws_) own_ws_ = std::make_unique<Workspace>();
+    forward(ctx, in, out, *own_ws_);
+  }
+  //! The same with a caller's workspace: the parameters are only read, so several threads may
+  //! run forwards of one network at once, each with its own workspace (and no trace set).
+  void forward(const Context<Backend>& ctx, const Inputs& in,
+               std::span<const RowBlock<T, Backend>> out, Workspace& ws) const {
+    const Pass ps = check(in, out);
+    ws.reserve(*this, ps);
+    prepare_cache();
+    const Positional& pe = ws.positional(*this, ps.lh, ps.lw);
+    ops::run_samples(
+        ctx, ps.B,
+        [&](const Context<Backend>& c, std::int64_t s0, std::int64_t s1) {
+          run(c, ps, pe, ws.acts(), s0, s1);
+        },
+        !trace_);
+  }
+
+  //! Training forward: as forward(), recording on `tape` what backward() needs. With
+  //! `recompute`, only each block's input is kept and a block's internals are recomputed during
+  //! the backward (less memory, one more block forward each). The inputs need not outlive the
+  //! call.
+  void forward(const Context<Backend>& ctx, const Inputs& in,
+               std::span<const RowBlock<T, Backend>> out, Tape& tape, bool recompute = false) {
+    const Pass ps = check(in, out);
+    tape.record(*this, ctx, ps, recompute);
+    prepare_cache();  // the same GEMM path for the forward and any recomputation
+    const Positional& pe = tape.ws.positional(*this, ps.lh, ps.lw);
+    train_forward(ctx, ps, pe, tape);
+    tape.version_ = version_;
+    tape.ready_ = true;
+  }
+
+  //! Backward of the last training forward recorded on `tape`: dout[c] [B, numel_c] the
+  //! gradients of the outputs; parameter gradients are added to gradients(); `dx` (optional,
+  //! one per component or empty) receives the gradients of the inputs.
+  void backward(const Context<Backend>& ctx, Tape& tape,
+                std::span<const RowBlock<const T, Backend>> dout,
+                std::span<const RowBlock<T, Backend>> dx = {}) {
+    train_backward(ctx, tape, dout, dx);
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    Shape shape;
+    std::int64_t offset;
+  };
+  // A linear layer: weight [n, k] (rows ld apart) and bias at offsets into the buffers.
+  struct Lin {
+    std::int64_t w = -1, n = 0, k = 0, ld = 0, b = -1;
+    RowBlock<const T, Backend> wv(const T* base) const {
+      return RowBlock<const T, Backend>(base + w, n, k, ld);
+    }
+    RowBlock<T, Backend> wg(T* base) const { return RowBlock<T, Backend>(base + w, n, k, ld); }
+    const T* bv(const T* base) const { return b < 0 ? nullptr : base + b; }
+    T* bg(T* base) const { return b < 0 ? nullptr : base + b; }
+  };
+  struct Norm {
+    std::int64_t g = -1, b = -1;
+  };
+  struct Block {
+    std::string name;
+    bool skip = false;
+    Lin skip0, skip1, qkv, proj, fc1, fc2;
+    Norm norm1, norm2, norm3;
+  };
+  struct Component {
+    Lin in, out;
+    ops::ImageGeom geom;  // patched images (latent side per pass)
+  };
+
+  const Entry& entry(const std::string& n) const {
+    auto it = index_.find(n);
+    if (it == index_.end()) throw error("UViT::param", n, "no such parameter");
+    return entries_[it->second];
+  }
+  std::int64_t off(const std::string& n) const { return entry(n).offset; }
+  Lin lin(const std::string& p, bool bias = true) const {
+    const Entry& w = entry(p + ".weight");
+    Lin l;
+    l.w = w.offset;
+    l.n = w.shape[0];
+    l.k = w.shape.numel() / w.shape[0];
+    l.ld = l.k;
+    if (bias) l.b = off(p + ".bias");
+    return l;
+  }
+  Norm norm(const std::string& p) const { return {off(p + ".weight"), off(p + ".bias")}; }
+  // Typed views of every layer, resolved once from the names.
+  void resolve() {
+    const std::int64_t E = cfg_.embed_dim;
+    auto add_block = [&](const std::string& p, bool skip) {
+      Block b;
+      b.name = p;
+      b.skip = skip;
+      if (skip) {
+        b.skip0 = lin(p + ".skip_linear");
+        b.skip0.k = E;
+        b.skip0.ld = 2 * E;
+        b.skip1 = b.skip0;
+        b.skip1.w += E;
+        b.skip1.b = -1;
+        b.norm1 = norm(p + ".norm1");
+      }
+      b.qkv = lin(p + ".attn.qkv", cfg_.qkv_bias);
+      b.proj = lin(p + ".attn.proj");
+      b.fc1 = lin(p + ".mlp.fc1");
+      b.fc2 = lin(p + ".mlp.fc2");
+      b.norm2 = norm(p + ".norm2");
+      b.norm3 = norm(p + ".norm3");
+      blocks_.push_back(b);
+    };
+    for (std::int64_t i = 0; i < cfg_.blocks_per_side(); ++i)
+      add_block("in_blocks." + std::to_string(i), false);
+    add_block("mid_block", false);
+    for (std::int64_t i = 0; i < cfg_.blocks_per_side(); ++i)
+      add_block("out_blocks." + std::to_string(i), true);
+    final_norm_ = norm("norm");
+    for (const auto& c : cfg_.components) comps_.push_back({lin(c.in_name), lin(c.out_name), {}});
+    if (cfg_.mlp_time_embed)
+      for (const auto& t : cfg_.time_names) time_.push_back({lin(t + ".0"), lin(t + ".2")});
+  }
+  static const Context<Backend>& ctx0() {
+    static const Context<Backend> c{};
+    return c;
+  }
+  void prepare_cache() const {
+    if (!packed_gemm() || !cache_.empty()) return;
+    std::vector<RowBlock<const T, Backend>> w;
+    const T* P = params_.data();
+    for (const auto& b : blocks_) {
+      if (b.skip) w.push_back(b.skip0.wv(P)), w.push_back(b.skip1.wv(P));
+      for (const Lin* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2}) w.push_back(l->wv(P));
+    }
+    cache_.prepare(w);
+  }
+
+  // Per-call description of a pass.
+  struct Pass {
+    const Inputs* in;
+    std::span<const RowBlock<T, Backend>> out;
+    std::int64_t B, L, lh, lw;
+  };
+  Pass check(const Inputs& in, std::span<const RowBlock<T, Backend>> out) const {
     const char* op = "UViT::forward";
     const auto& C = cfg_.components;
-    if (in.x.size() != C.size() || out.size() != C.size())
-      throw_mismatch(op, "inputs/outputs", "one per component", C.size(), in.x.size());
+    if (in.x.size() != C.size())
+      throw_mismatch(op, "inputs", "one per component", C.size(), in.x.size());
+    if (out.size() != C.size())
+      throw_mismatch(op, "outputs", "one per component", C.size(), out.size());
     if (in.t.size() != cfg_.groups())
       throw_mismatch(op, "t", "one time vector per group", cfg_.groups(), in.t.size());
     const std::int64_t B = in.x[0].rows;
@@ -134,16 +339,20 @@ class UViT {
                       "latent must be square with sides a multiple of the patch size; got " +
                           std::to_string(lh) + "x" + std::to_string(lw));
       }
+    if (lh == 0 && lw != 0)
+      throw error(op, "latent", "latent_w set without latent_h (both or neither)");
     for (std::size_t k = 0; k < C.size(); ++k) {
+      check_block(op, "x[" + C[k].name + "]", in.x[k]);
+      check_block(op, "out[" + C[k].name + "]", out[k]);
+      const std::string want =
+          "[" + std::to_string(B) + ", " + std::to_string(C[k].numel(lh, lw)) + "]";
       if (in.x[k].rows != B || in.x[k].cols != C[k].numel(lh, lw))
         throw_mismatch(
-            op, "x[" + C[k].name + "]", "shape",
-            "[" + std::to_string(B) + ", " + std::to_string(C[k].numel(lh, lw)) + "]",
+            op, "x[" + C[k].name + "]", "shape", want,
             "[" + std::to_string(in.x[k].rows) + ", " + std::to_string(in.x[k].cols) + "]");
       if (out[k].rows != B || out[k].cols != C[k].numel(lh, lw))
         throw_mismatch(
-            op, "out[" + C[k].name + "]", "shape",
-            "[" + std::to_string(B) + ", " + std::to_string(C[k].numel(lh, lw)) + "]",
+            op, "out[" + C[k].name + "]", "shape", want,
             "[" + std::to_string(out[k].rows) + ", " + std::to_string(out[k].cols) + "]");
     }
     for (std::size_t g = 0; g < cfg_.groups(); ++g)
@@ -156,492 +365,694 @@ class UViT {
         if (d < 0 || d >= cfg_.data_types)
           throw_mismatch(op, "data_type", "value", "0.." + std::to_string(cfg_.data_types - 1), d);
     }
-
-    const std::int64_t L = cfg_.tokens(lh, lw);
-    std::int64_t colsz = 0;  // im2col rows of one sample's patched components
-    for (const auto& c : C)
-      if (c.kind == ComponentKind::patched_image)
-        colsz = std::max(colsz, c.tokens(lh, lw) * c.in_features());
-    const int threads = ctx.threads > 0 ? ctx.threads : cpu_kernels::max_threads();
-    reserve(B, L, colsz, threads);
-    const Pass ps{&in, out, B, L, lh, lw, positional(lh, lw)};  // positions cached before threads
-    if (packed_gemm()) pack_weights();
-    ErrorSlot err;
-    err_ = &err;
-
-    // Every sample runs the same sequence of single-threaded calls with the same sizes on its own
-    // 64-byte aligned workspace slot, so its result is bit-identical whatever the batch size, its
-    // position and the thread count (docs/NOTES.md, "Reproducibility"). Scheduling: with at least
-    // as many samples as threads each thread takes B / threads contiguous samples through every
-    // layer (no synchronisation between layers); the remaining B mod threads samples (all of them
-    // when tracing) go layer by layer with the team sharing each layer's fixed work items (column
-    // chunks of the products, heads, row chunks of the norms).
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-    {
-      const cpu_kernels::detail::SerialKernels serial;  // the kernels below start no threads
-      const std::int64_t team = cpu_kernels::team_size(), tid = cpu_kernels::thread_id();
-      const std::int64_t per = trace_ ? 0 : B / team;
-      sample_pass(ps, tid * per, (tid + 1) * per);
-      layer_pass(ps, per * team, B);
-    }
-    err_ = nullptr;
-    if (err.error) std::rethrow_exception(err.error);
+    return Pass{&in, out, B, cfg_.tokens(lh, lw), lh, lw};
   }
+  template <class U>
+  static void check_block(const char* op, const std::string& name, const RowBlock<U, Backend>& b) {
+    if (b.rows < 0 || b.cols < 0 || (b.rows > 1 && b.ld < b.cols))
+      throw error(op, name,
+                  "rows overlap: leading dimension " + std::to_string(b.ld) + " < " +
+                      std::to_string(b.cols) + " columns");
+    if (b.data == nullptr && b.rows * b.cols > 0) throw error(op, name, "null data");
+  }
+  ops::ImageGeom geom(const UViTComponent& c, std::int64_t lh, std::int64_t lw) const {
+    return ops::ImageGeom{c.channels, lh, lw, c.patch};
+  }
+
+ public:
+  //! Activations of one pass: per-sample slots of B samples.
+  struct Buffer {
+    Tensor<T, Backend> t;
+    std::int64_t slot = 0, rows = 0, cols = 0;
+    void fit(std::int64_t B, std::int64_t r, std::int64_t c) {
+      rows = r;
+      cols = c;
+      slot = detail::slot(r * c);
+      if (t.size() < B * slot) t = Tensor<T, Backend>(Shape{B * slot});
+    }
+    BatchBlock<T, Backend> all(std::int64_t B) { return {t.data(), B, rows, cols, cols, slot}; }
+  };
+  //! The positional table actually added for one latent size.
+  struct Positional {
+    Tensor<T, Backend> table;
+    std::int64_t h = -1, w = -1;
+    std::uint64_t version = 0;
+  };
+  //! One block's activations; in inference several of them are the same buffer.
+  struct BlockActs {
+    BatchBlock<T, Backend> in, skip, t, x1, qkv, att, p, x2, u, h, m, y, st1, st2, st3;
+  };
+  //! Per-call memory of a forward: activations and the positional table. Reusable across calls
+  //! (it only grows); one per concurrent forward.
+  class Workspace {
+   public:
+    Workspace() = default;
+
+   private:
+    friend class UViT;
+    struct Acts {
+      Buffer x, tmp, attn, qkv, hid, col, temb, temb_h;
+      std::vector<Buffer> skips;
+      std::vector<BatchBlock<T, Backend>> cols;  // per component: the im2col slots (patched)
+      std::int64_t B = 0;
+    };
+    void reserve(const UViT& net, const Pass& ps) {
+      const auto& cfg = net.cfg_;
+      const std::int64_t E = cfg.embed_dim, B = ps.B, L = ps.L;
+      const auto G = static_cast<std::int64_t>(cfg.groups());
+      a_.B = B;
+      a_.x.fit(B, L, E);
+      a_.tmp.fit(B, L, E);
+      a_.attn.fit(B, L, E);
+      a_.qkv.fit(B, L, 3 * E);
+      a_.hid.fit(B, L, cfg.hidden());
+      std::int64_t colsz = 1;
+      for (const auto& c : cfg.components)
+        if (c.kind == ComponentKind::patched_image)
+          colsz = std::max(colsz, c.tokens(ps.lh, ps.lw) * c.in_features());
+      a_.col.fit(B, 1, colsz);
+      a_.cols.clear();
+      for (const auto& c : cfg.components)
+        a_.cols.push_back(c.kind == ComponentKind::patched_image
+                              ? BatchBlock<T, Backend>(a_.col.t.data(), B, c.tokens(ps.lh, ps.lw),
+                                                       c.in_features(), c.in_features(),
+                                                       a_.col.slot)
+                              : BatchBlock<T, Backend>{});
+      a_.temb.fit(G * B, 1, E);
+      a_.temb_h.fit(G * B, 1, cfg.mlp_time_embed ? 4 * E : 1);
+      a_.skips.resize(static_cast<std::size_t>(cfg.blocks_per_side()));
+      for (auto& s : a_.skips) s.fit(B, L, E);
+    }
+    Acts& acts() { return a_; }
+    const Positional& positional(const UViT& net, std::int64_t h, std::int64_t w) {
+      if (pe_.h != h || pe_.w != w || pe_.version != net.version_) {
+        net.build_positional(pe_, h, w);
+        pe_.h = h;
+        pe_.w = w;
+        pe_.version = net.version_;
+      }
+      return pe_;
+    }
+    Acts a_;
+    Positional pe_;
+  };
 
  private:
-  Tensor<T>& raw(const std::string& n) {
-    auto it = params_.find(n);
-    if (it == params_.end()) throw error("UViT::param", n, "no such parameter");
-    return it->second;
-  }
-  // Per-call state of a forward.
-  struct Pass {
-    const UViTInputs<T>* in;
-    std::span<const RowBlock<T, cpu>> out;
-    std::int64_t B, L, lh, lw;
-    const T* pe;
-  };
-  // Output columns of one work item of a product: about a quarter of the outputs, 64 to 256 wide
-  // (a multiple of 16), so a small layer still splits over threads and a large one makes few
-  // calls. The chunks (and so every call's sizes) depend only on the product's shape, never on
-  // the thread count.
-  static constexpr std::int64_t kRowChunk = 32;
-  static std::int64_t col_width(std::int64_t n) {
-    if (n <= 64) return std::max<std::int64_t>(n, 1);
-    return std::min<std::int64_t>(
-        256, std::max<std::int64_t>(64, cpu_kernels::detail::pad16((n + 3) / 4)));
-  }
-  static std::int64_t col_chunks(std::int64_t n) {
-    return (n + col_width(n) - 1) / col_width(n);
-  }
-  static std::int64_t chunks(std::int64_t n, std::int64_t w) {
-    return (n + w - 1) / w;
-  }
-
-  // Block weights the packed GEMM path takes: (name, pieces) -- skip_linear's [E, 2E] weight is
-  // two [E, E] products, over x and over the skip.
-  std::vector<std::pair<std::string, std::int64_t>> packable() const {
-    std::vector<std::pair<std::string, std::int64_t>> r;
-    auto ends = [](const std::string& n, const char* suf) {
-      const std::string f(suf);
-      return n.size() > f.size() && n.compare(n.size() - f.size(), f.size(), f) == 0;
-    };
-    for (const auto& n : order_)
-      if (ends(n, ".attn.qkv.weight") || ends(n, ".attn.proj.weight") ||
-          ends(n, ".mlp.fc1.weight") || ends(n, ".mlp.fc2.weight"))
-        r.emplace_back(n, 1);
-      else if (ends(n, ".skip_linear.weight"))
-        r.emplace_back(n, 2);
-    return r;
-  }
-  // oneDNN: each column chunk (a contiguous block of weight rows) is packed on its own, in place,
-  // so a chunk's product addresses its packed block directly.
-  void pack_weights() {
-#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (!packer_) packer_ = std::make_unique<Packer>();
-      std::lock_guard<std::mutex> lock(packer_->mu);
-      if (packer_->on) return;
-      // `on` first: if packing throws, `packed` lists exactly the weights in packed layout (a
-      // weight's chunks packed so far are restored before the exception leaves), so lin() and
-      // unpack_weights() stay consistent
-      packer_->on = true;
-      for (const auto& [n, pieces] : packable()) {
-        Tensor<T>& w = raw(n);
-        const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
-        bool fits = true;
-        const std::int64_t cw = col_width(rows);
-        for (std::int64_t c = 0; c < col_chunks(rows); ++c)
-          fits = fits && packer_->gemm.fits(std::min(cw, rows - c * cw), k);
-        if (!fits) continue;
-        std::int64_t done = 0;
-        try {
-          for (; done < col_chunks(rows); ++done) {
-            const std::int64_t r0 = done * cw, nr = std::min(cw, rows - r0);
-            packer_->gemm.pack(w.data() + r0 * pieces * k, nr, k, pieces);
-          }
-        } catch (...) {
-          for (std::int64_t c = 0; c < done; ++c) {
-            const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
-            packer_->gemm.unpack(w.data() + r0 * pieces * k, nr, k, pieces);
-          }
-          throw;
-        }
-        packer_->packed.emplace(n, pieces);
-      }
-    }
-#endif
-  }
-  void unpack_weights() {
-#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (!packer_) return;
-      std::lock_guard<std::mutex> lock(packer_->mu);
-      if (!packer_->on) return;
-      for (const auto& [n, pieces] : packer_->packed) {
-        Tensor<T>& w = raw(n);
-        const std::int64_t rows = w.shape()[0], k = w.shape()[1] / pieces;
-        const std::int64_t cw = col_width(rows);
-        for (std::int64_t c = 0; c < col_chunks(rows); ++c) {
-          const std::int64_t r0 = c * cw, nr = std::min(cw, rows - r0);
-          packer_->gemm.unpack(w.data() + r0 * pieces * k, nr, k, pieces);
-        }
-      }
-      packer_->packed.clear();
-      packer_->on = false;
-    }
-#endif
-  }
-  // Column chunk c of y [m, n] (ldy) = x [m, k] (ldx) W_piece^T (+ b), then `post`, where W_piece
-  // is columns [piece k, (piece + 1) k) of the weight `wname` ([n, pieces k]): oneDNN on packed
-  // weights where forward() packed them, else Eigen (with the separate exact-GELU pass).
-  void lin(const std::string& wname, std::int64_t piece, const T* x, std::int64_t m, std::int64_t k,
-           std::int64_t ldx, const T* b, T* y, std::int64_t ldy, onednn::Post post,
-           std::int64_t c) {
-    const Tensor<T>& w = raw(wname);
-    const std::int64_t n = w.shape()[0], ldw = w.shape()[1], pieces = ldw / k;
-    const std::int64_t cw = col_width(n), c0 = c * cw, nc = std::min(cw, n - c0);
-    const T* bc = b ? b + c0 : nullptr;
-#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (packer_ && packer_->on && packer_->packed.count(wname)) {
-        packer_->gemm.linear(x, m, k, ldx, w.data() + c0 * ldw + piece * nc * k, nc, bc, y + c0,
-                             ldy, post);
-        return;
-      }
-    }
-#endif
-    (void)pieces;
-    cpu_kernels::linear(x, m, k, ldx, w.data() + c0 * ldw + piece * k, nc, ldw, bc, y + c0, ldy,
-                        post == onednn::Post::accumulate);
-    if (post == onednn::Post::gelu)
-      for (std::int64_t i = 0; i < m; ++i)
-        cpu_kernels::bias_gelu(y + i * ldy + c0, 1, nc, static_cast<const T*>(nullptr));
-  }
-  // Runs f(sample, item) for samples [s0, s1) and items [0, items): on the calling thread, or
-  // (`shared`, inside the forward's parallel region) shared by the team, with the barrier at the
-  // end of the loop. An exception is kept (the first one) and rethrown after the region, so every
-  // thread still meets every barrier.
-  template <class F>
-  void stage(std::int64_t s0, std::int64_t s1, std::int64_t items, bool shared, F&& f) {
-    const std::int64_t n = (s1 - s0) * items;
-    // w -> (sample, item), samples fastest: consecutive work items share a chunk of weights
-    auto one = [&](std::int64_t w) {
-      if (err_->failed.load(std::memory_order_relaxed)) return;
-      try {
-        f(s0 + w % (s1 - s0), w / (s1 - s0));
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(err_->mu);
-        if (!err_->failed.exchange(true)) err_->error = std::current_exception();
-      }
-    };
-    if (!shared) {
-      for (std::int64_t w = 0; w < n; ++w) one(w);
-      return;
-    }
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic)
-#endif
-    for (std::int64_t w = 0; w < n; ++w) one(w);
-  }
-  // The trace callback sees [samples, L, E] contiguous (workspace slots are padded).
-  void emit(const char* name, const T* d, std::int64_t stride, std::int64_t nb, std::int64_t per,
-            Shape s) {
-    if (!trace_) return;
-#if defined(_OPENMP)
-#pragma omp single
-#endif
-    {
-      try {  // the callback is user code: its exception is rethrown after the region
-        const T* p = d;
-        if (stride != per && nb > 1) {
-          trace_buf_.resize(static_cast<std::size_t>(nb * per));
-          for (std::int64_t b = 0; b < nb; ++b)
-            std::copy_n(d + b * stride, per, trace_buf_.data() + b * per);
-          p = trace_buf_.data();
-        }
-        if (!(err_ && err_->failed.load())) trace_(name, p, s);
-      } catch (...) {
-        if (!err_) throw;  // outside a forward's region (positional table)
-        std::lock_guard<std::mutex> lock(err_->mu);
-        if (!err_->failed.exchange(true)) err_->error = std::current_exception();
-      }
-    }
-  }
-  void reserve(std::int64_t B, std::int64_t L, std::int64_t colsz, int threads) {
-    const std::int64_t E = cfg_.embed_dim;
-    sx_ = cpu_kernels::detail::pad16(L * E);
-    sq_ = cpu_kernels::detail::pad16(L * 3 * E);
-    sh_ = cpu_kernels::detail::pad16(L * cfg_.hidden());
-    scol_ = cpu_kernels::detail::pad16(colsz);
-    st_ = cpu_kernels::detail::pad16(1 + E + (cfg_.mlp_time_embed ? 4 * E : 0));
-    auto fit = [](cpu_kernels::AlignedVector<T>& v, std::int64_t n) {
-      if (v.size() < static_cast<std::size_t>(n)) v.assign(static_cast<std::size_t>(n), T(0));
-    };
-    fit(x_, B * sx_);
-    fit(tmp_, B * sx_);
-    fit(attn_, B * sx_);
-    fit(qkv_, B * sq_);
-    fit(hid_, B * sh_);
-    fit(col_, B * scol_);
-    fit(temb_, B * st_);
-    skips_.resize(static_cast<std::size_t>(cfg_.blocks_per_side()));
-    for (auto& v : skips_) fit(v, B * sx_);
-    scratch_ = cpu_kernels::attention_scratch(L, score_block(L), E / cfg_.num_heads);
-    fit(scores_, std::max(threads, cpu_kernels::max_threads()) * scratch_);
-  }
-  // Query rows per attention score block: the whole sequence while its L x L scores fit in 1 MiB
-  // per thread (one pass over K and V per head), else 128 rows (the official 1105 tokens).
-  static std::int64_t score_block(std::int64_t L) {
-    return L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? L : 128;
-  }
-
-  // Samples [s0, s1) start to end on the calling thread, layer by layer (a layer's weights stay
-  // in cache across the samples; each sample still makes its own calls).
-  void sample_pass(const Pass& ps, std::int64_t s0, std::int64_t s1) {
-    if (s0 >= s1) return;
-    stage(s0, s1, 1, false, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
-    blocks(ps, s0, s1, false);
-    stage(s0, s1, 1, false, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
-  }
-  // Samples [s0, s1) layer by layer, each layer's work items shared by the team.
-  void layer_pass(const Pass& ps, std::int64_t s0, std::int64_t s1) {
-    if (s0 >= s1) return;
-    const std::int64_t E = cfg_.embed_dim, nb = s1 - s0;
-    stage(s0, s1, 1, true, [&](std::int64_t s, std::int64_t) { embed(ps, s); });
-    emit("x_embedded", x_.data() + s0 * sx_, sx_, nb, ps.L * E, Shape{nb, ps.L, E});
-    blocks(ps, s0, s1, true);
-    stage(s0, s1, 1, true, [&](std::int64_t s, std::int64_t) { heads(ps, s); });
-  }
-
-  // Token sequence of sample b in its slot of x_: time tokens, data-type token, component
-  // embeddings, positional table (UVIT.md §4.2-4.5).
-  void embed(const Pass& ps, std::int64_t b) {
-    namespace kk = cpu_kernels;
-    const auto& C = cfg_.components;
-    const UViTInputs<T>& in = *ps.in;
-    const std::int64_t E = cfg_.embed_dim, L = ps.L;
-    T* X = x_.data() + b * sx_;
-    T* tslot = temb_.data() + b * st_;
-    for (std::size_t g = 0; g < cfg_.groups(); ++g) {
-      TensorView<T> tt(tslot, Shape{1}), emb(tslot + 1, Shape{1, E});
-      tt[0] = static_cast<T>(in.t[g][static_cast<std::size_t>(b)]);
-      timestep_embedding<T>(Context<cpu>{}, TensorView<const T>(tt), emb);
-      T* dst = X + static_cast<std::int64_t>(g) * E;
-      if (cfg_.mlp_time_embed) {
-        const std::string& n = cfg_.time_names[g];
-        T* h = tslot + 1 + E;
-        kk::linear(emb.data(), 1, E, E, raw(n + ".0.weight").data(), 4 * E, E,
-                   raw(n + ".0.bias").data(), h, 4 * E);
-        kk::silu(h, 4 * E);
-        kk::linear(h, 1, 4 * E, 4 * E, raw(n + ".2.weight").data(), E, 4 * E,
-                   raw(n + ".2.bias").data(), dst, E);
-      } else {
-        std::copy_n(emb.data(), E, dst);
-      }
-    }
-    if (cfg_.data_type_token)
-      std::copy_n(
-          raw("token_embedding.weight").data() + in.data_type[static_cast<std::size_t>(b)] * E, E,
-          X + static_cast<std::int64_t>(cfg_.groups()) * E);
-    std::int64_t off = cfg_.lead_tokens();
-    for (std::size_t k = 0; k < C.size(); ++k) {
-      const auto& c = C[k];
-      const std::int64_t tk = c.tokens(ps.lh, ps.lw);
-      const T* w = raw(c.in_name + ".weight").data();
-      const T* bias = raw(c.in_name + ".bias").data();
-      const T* src = in.x[k].data + b * in.x[k].ld;
-      T* dst = X + off * E;
-      if (c.kind == ComponentKind::tokens) {
-        kk::linear(src, tk, c.dim, c.dim, w, E, c.dim, bias, dst, E);
-      } else {
-        const std::int64_t pd = c.in_features();
-        T* col = col_.data() + b * scol_;
-        kk::patchify_conv(src, c.channels, ps.lh, ps.lw, c.patch, col);
-        kk::linear(col, tk, pd, pd, w, E, pd, bias, dst, E);
-      }
-      off += tk;
-    }
-    for (std::int64_t i = 0; i < L * E; ++i) X[i] += ps.pe[i];
-  }
-
-  // Outputs of sample b from its normed tokens (UVIT.md §4.7).
-  void heads(const Pass& ps, std::int64_t b) {
-    namespace kk = cpu_kernels;
-    const auto& C = cfg_.components;
-    const std::int64_t E = cfg_.embed_dim;
-    const T* X = x_.data() + b * sx_;
-    std::int64_t off = cfg_.lead_tokens();
-    for (std::size_t k = 0; k < C.size(); ++k) {
-      const auto& c = C[k];
-      const std::int64_t tk = c.tokens(ps.lh, ps.lw);
-      const T* w = raw(c.out_name + ".weight").data();
-      const T* bias = raw(c.out_name + ".bias").data();
-      const T* src = X + off * E;
-      T* dst = ps.out[k].data + b * ps.out[k].ld;
-      if (c.kind == ComponentKind::tokens) {
-        kk::linear(src, tk, E, E, w, c.dim, E, bias, dst, c.dim);
-      } else {
-        const std::int64_t pd = c.patch * c.patch * c.channels;
-        T* col = col_.data() + b * scol_;
-        kk::linear(src, tk, E, E, w, pd, E, bias, col, pd);
-        kk::unpatchify(col, pd, c.channels, ps.lh, ps.lw, c.patch, dst);
-      }
-      off += tk;
-    }
-  }
-
-  // Every block and the final norm for samples [s0, s1) (UVIT.md §4.6).
-  void blocks(const Pass& ps, std::int64_t s0, std::int64_t s1, bool shared) {
-    const std::int64_t E = cfg_.embed_dim, L = ps.L, nb = s1 - s0;
-    const std::int64_t sides = cfg_.blocks_per_side();
-    const Shape shape{nb, L, E};
-    // in_blocks.i writes its output straight into skip buffer i, which the next block reads
-    // (no copy of the activations into the skip stack)
-    T* cur = x_.data();
-    for (std::int64_t i = 0; i < sides; ++i) {
-      const std::string name = "in_blocks." + std::to_string(i);
-      T* dst = skips_[static_cast<std::size_t>(i)].data();
-      block(name, cur, dst, s0, s1, L, nullptr, shared);
-      emit(name.c_str(), dst + s0 * sx_, sx_, nb, L * E, shape);
-      cur = dst;
-    }
-    block("mid_block", cur, x_.data(), s0, s1, L, nullptr, shared);
-    emit("mid_block", x_.data() + s0 * sx_, sx_, nb, L * E, shape);
-    for (std::int64_t i = 0; i < sides; ++i) {
-      const std::string name = "out_blocks." + std::to_string(i);
-      block(name, x_.data(), x_.data(), s0, s1, L,
-            skips_[static_cast<std::size_t>(sides - 1 - i)].data(), shared);
-      emit(name.c_str(), x_.data() + s0 * sx_, sx_, nb, L * E, shape);
-    }
-    const T* g = raw("norm.weight").data();
-    const T* bn = raw("norm.bias").data();
-    stage(s0, s1, chunks(L, kRowChunk), shared, [&](std::int64_t b, std::int64_t r) {
-      const std::int64_t r0 = r * kRowChunk, nr = std::min(kRowChunk, L - r0);
-      cpu_kernels::layer_norm(x_.data() + b * sx_ + r0 * E, nr, E, static_cast<const T*>(nullptr),
-                              g, bn);
-    });
-    emit("norm", x_.data() + s0 * sx_, sx_, nb, L * E, shape);
-  }
-
-  // One post-LN block on samples [s0, s1) (UVIT.md §4.6): reads the workspace array `in`,
-  // writes `out` (may be the same array; `in` is not modified when they differ), `skip` the
-  // array of the skip input (out blocks). Arrays hold one slot of sx_ elements per sample.
-  void block(const std::string& p, const T* in, T* out, std::int64_t s0, std::int64_t s1,
-             std::int64_t L, const T* skip, bool shared) {
-    namespace kk = cpu_kernels;
-    using onednn::Post;
-    const std::int64_t E = cfg_.embed_dim, Hm = cfg_.hidden();
-    const T* none = nullptr;
-    const std::int64_t ce = col_chunks(E), rows = chunks(L, kRowChunk);
-    auto norm = [&](const T* x, const T* r, T* y, const std::string& n) {
-      const T* g = raw(n + ".weight").data();
-      const T* bn = raw(n + ".bias").data();
-      stage(s0, s1, rows, shared, [&, x, r, y, g, bn](std::int64_t b, std::int64_t i) {
-        const std::int64_t o = b * sx_ + i * kRowChunk * E,
-                           nr = std::min(kRowChunk, L - i * kRowChunk);
-        kk::layer_norm(x + o, r ? r + o : nullptr, y + o, nr, E, g, bn);
-      });
-    };
-    const T* X = in;
-    if (skip) {  // skip_linear([x, skip]) as two products over the halves of its weight
-      const std::string w = p + ".skip_linear.weight";
-      const T* sb = raw(p + ".skip_linear.bias").data();
-      stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
-        T* t = tmp_.data() + b * sx_;
-        lin(w, 0, X + b * sx_, L, E, E, sb, t, E, Post::none, c);
-        lin(w, 1, skip + b * sx_, L, E, E, none, t, E, Post::accumulate, c);
-      });
-      norm(tmp_.data(), nullptr, out, p + ".norm1");
-      X = out;
-    }
-    const T* qb = cfg_.qkv_bias ? raw(p + ".attn.qkv.bias").data() : nullptr;
-    const std::string wq = p + ".attn.qkv.weight", wp = p + ".attn.proj.weight",
-                      w1 = p + ".mlp.fc1.weight", w2 = p + ".mlp.fc2.weight";
-    stage(s0, s1, col_chunks(3 * E), shared, [&](std::int64_t b, std::int64_t c) {
-      lin(wq, 0, X + b * sx_, L, E, E, qb, qkv_.data() + b * sq_, 3 * E, Post::none, c);
-    });
-    const std::int64_t heads = cfg_.num_heads, sb = score_block(L);
-    stage(s0, s1, heads, shared, [&](std::int64_t b, std::int64_t h) {
-      kk::attention_head(qkv_.data() + b * sq_, L, E, heads, h, attn_.data() + b * sx_,
-                         scores_.data() + kk::thread_id() * scratch_, sb);
-    });
-    const T* pb = raw(p + ".attn.proj.bias").data();
-    stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
-      lin(wp, 0, attn_.data() + b * sx_, L, E, E, pb, tmp_.data() + b * sx_, E, Post::none, c);
-    });
-    norm(X, tmp_.data(), out, p + ".norm2");
-    const T* b1 = raw(p + ".mlp.fc1.bias").data();
-    stage(s0, s1, col_chunks(Hm), shared, [&](std::int64_t b, std::int64_t c) {
-      lin(w1, 0, out + b * sx_, L, E, E, b1, hid_.data() + b * sh_, Hm, Post::gelu, c);
-    });
-    const T* b2 = raw(p + ".mlp.fc2.bias").data();
-    stage(s0, s1, ce, shared, [&](std::int64_t b, std::int64_t c) {
-      lin(w2, 0, hid_.data() + b * sh_, L, Hm, Hm, b2, tmp_.data() + b * sx_, E, Post::none, c);
-    });
-    norm(out, tmp_.data(), out, p + ".norm3");
-  }
-
-  // The positional table actually added, [L, E] for latent side h x w (cached).
-  const T* positional(std::int64_t h, std::int64_t w) {
-    if (pe_cache_h_ == h && pe_cache_w_ == w) return pe_.data();
+  // The positional table [L, E] for latent side h x w: the group and data-type rows, then each
+  // component's rows, bilinearly resized where the latent differs from the default (UVIT.md §4.5).
+  void build_positional(Positional& pe, std::int64_t h, std::int64_t w) const {
+    const auto& ctx = ctx0();
     const std::int64_t E = cfg_.embed_dim, L = cfg_.tokens(h, w);
-    pe_.assign(static_cast<std::size_t>(L * E), T(0));
-    const T* src = raw("pos_embed").data();
+    pe.table = Tensor<T, Backend>(Shape{L, E});
+    const T* src = params_.data() + off("pos_embed");
+    auto rows = [&](const T* p, std::int64_t n) { return RowBlock<const T, Backend>(p, n, E, E); };
+    auto dst = [&](std::int64_t r, std::int64_t n) {
+      return RowBlock<T, Backend>(pe.table.data() + r * E, n, E, E);
+    };
     const auto ng = static_cast<std::int64_t>(cfg_.groups());
-    std::copy_n(src, ng * E, pe_.data());
+    ops::copy<T>(ctx, rows(src, ng), dst(0, ng));
     std::int64_t dst_row = ng, src_row = ng;
     if (cfg_.data_type_token)
-      std::copy_n(raw("pos_embed_token").data(), E, pe_.data() + (dst_row++) * E);
+      ops::copy<T>(ctx, rows(params_.data() + off("pos_embed_token"), 1), dst(dst_row++, 1));
     for (const auto& c : cfg_.components) {
       const std::int64_t t0 = c.tokens(), t1 = c.tokens(h, w);
       if (t0 == t1) {
-        std::copy_n(src + src_row * E, t0 * E, pe_.data() + dst_row * E);
+        ops::copy<T>(ctx, rows(src + src_row * E, t0), dst(dst_row, t0));
       } else {
         const std::int64_t g0 = c.size / c.patch;
-        cpu_kernels::bilinear_resize(src + src_row * E, g0, g0, E, h / c.patch, w / c.patch,
-                                     pe_.data() + dst_row * E);
-        emit("pos_embed_patches_interp", pe_.data() + dst_row * E, t1 * E, 1, t1 * E,
-             Shape{1, t1, E});
+        ops::bilinear_resize<T>(ctx, rows(src + src_row * E, t0), g0, g0, h / c.patch, w / c.patch,
+                                dst(dst_row, t1));
+        emit_host("pos_embed_patches_interp", pe.table.data() + dst_row * E, Shape{1, t1, E});
       }
       src_row += t0;
       dst_row += t1;
     }
-    pe_cache_h_ = h;
-    pe_cache_w_ = w;
-    return pe_.data();
+  }
+  // Backward of build_positional: the gradient of the table [L, E] into the parameters'.
+  void positional_backward(const Context<Backend>& ctx, RowBlock<const T, Backend> dpe,
+                           std::int64_t h, std::int64_t w, T* G) const {
+    const std::int64_t E = cfg_.embed_dim;
+    auto add = [&](const T* d, std::int64_t n, T* to) {
+      const BatchBlock<const T, Backend> src(d, 1, n, E, E, 0);
+      ops::add<T>(ctx, src, BatchBlock<T, Backend>(to, 1, n, E, E, 0));
+    };
+    T* gpos = G + off("pos_embed");
+    const auto ng = static_cast<std::int64_t>(cfg_.groups());
+    add(dpe.data, ng, gpos);
+    std::int64_t row = ng, src_row = ng;
+    if (cfg_.data_type_token) add(dpe.data + (row++) * E, 1, G + off("pos_embed_token"));
+    for (const auto& c : cfg_.components) {
+      const std::int64_t t0 = c.tokens(), t1 = c.tokens(h, w);
+      if (t0 == t1) {
+        add(dpe.data + row * E, t0, gpos + src_row * E);
+      } else {
+        const std::int64_t g0 = c.size / c.patch;
+        ops::bilinear_resize_backward<T>(
+            ctx, RowBlock<const T, Backend>(dpe.data + row * E, t1, E, E), g0, g0, h / c.patch,
+            w / c.patch, RowBlock<T, Backend>(gpos + src_row * E, t0, E, E));
+      }
+      src_row += t0;
+      row += t1;
+    }
+  }
+
+  void emit_host(const char* name, const T* d, Shape s) const {
+    if (!trace_) return;
+    if constexpr (is_host_backend_v<Backend>) trace_(name, d, s);
+  }
+  // Trace of an activation of samples [s0, s1) (contiguous copy for the callback).
+  void emit(const Context<Backend>& ctx, const std::string& name,
+            BatchBlock<const T, Backend> a) const {
+    if (!trace_) return;
+    if constexpr (is_host_backend_v<Backend>) {
+      ops::once(ctx, [&] {
+        std::vector<T> buf(static_cast<std::size_t>(a.samples * a.rows * a.cols));
+        for (std::int64_t s = 0; s < a.samples; ++s)
+          for (std::int64_t r = 0; r < a.rows; ++r)
+            std::copy_n(a.row(s, r), a.cols, buf.data() + (s * a.rows + r) * a.cols);
+        trace_(name, buf.data(), Shape{a.samples, a.rows, a.cols});
+      });
+    }
+  }
+
+  // The rows of component k of a token array [S; L, E].
+  BatchBlock<T, Backend> comp_rows(BatchBlock<T, Backend> x, std::size_t k, const Pass& ps) const {
+    std::int64_t r = cfg_.lead_tokens();
+    for (std::size_t j = 0; j < k; ++j) r += cfg_.components[j].tokens(ps.lh, ps.lw);
+    return x.row_range(r, cfg_.components[k].tokens(ps.lh, ps.lw));
+  }
+  // Component input / output k of samples [s0, s1) as [S; tokens, dim] or [S; 1, numel].
+  template <class U>
+  BatchBlock<U, Backend> io_view(RowBlock<U, Backend> b, std::size_t k, std::int64_t s0,
+                                 std::int64_t n) const {
+    const auto& c = cfg_.components[k];
+    if (c.kind == ComponentKind::tokens)
+      return BatchBlock<U, Backend>(b.data + s0 * b.ld, n, c.length, c.dim, c.dim, b.ld);
+    return BatchBlock<U, Backend>(b.data + s0 * b.ld, n, 1, b.cols, b.cols, b.ld);
+  }
+
+  // Token sequence of samples [s0, s1) into x: time tokens, data-type token, component
+  // embeddings, positional table (UVIT.md §4.2-4.5). `temb`/`temb_h`/`cols`: scratch (or the
+  // tape's records in training).
+  void embed(const Context<Backend>& ctx, const Pass& ps, const Positional& pe,
+             BatchBlock<T, Backend> x, BatchBlock<T, Backend> temb, BatchBlock<T, Backend> temb_u,
+             BatchBlock<T, Backend> temb_h, const std::vector<BatchBlock<T, Backend>>& cols,
+             std::int64_t s0, std::int64_t s1) const {
+    const Inputs& in = *ps.in;
+    const T* P = params_.data();
+    const std::int64_t n = s1 - s0;
+    for (std::size_t g = 0; g < cfg_.groups(); ++g) {
+      const auto tg = in.t[g].subspan(static_cast<std::size_t>(s0), static_cast<std::size_t>(n));
+      const auto dst = x.row_range(static_cast<std::int64_t>(g), 1);
+      if (cfg_.mlp_time_embed) {
+        const auto e = temb.sample_range(g * n, n), u = temb_u.sample_range(g * n, n),
+                   hh = temb_h.sample_range(g * n, n);
+        ops::timestep_embedding<T>(ctx, tg, e);
+        const auto& tl = time_[g];
+        if (u.data != hh.data) {
+          ops::linear<T>(ctx, e, tl[0].wv(P), tl[0].bv(P), u, ops::Epilogue::none);
+          ops::silu<T>(ctx, u, hh);
+        } else {
+          ops::linear<T>(ctx, e, tl[0].wv(P), tl[0].bv(P), hh, ops::Epilogue::none);
+          ops::silu<T>(ctx, hh, hh);
+        }
+        ops::linear<T>(ctx, hh, tl[1].wv(P), tl[1].bv(P), dst, ops::Epilogue::none);
+      } else {
+        ops::timestep_embedding<T>(ctx, tg, dst);
+      }
+      if (trace_) emit(ctx, cfg_.time_names[g], dst);
+    }
+    if (cfg_.data_type_token)
+      ops::gather_rows<T>(
+          ctx,
+          RowBlock<const T, Backend>(P + off("token_embedding.weight"), cfg_.data_types,
+                                     cfg_.embed_dim, cfg_.embed_dim),
+          in.data_type.subspan(static_cast<std::size_t>(s0), static_cast<std::size_t>(n)),
+          x.row_range(static_cast<std::int64_t>(cfg_.groups()), 1));
+    if (trace_ && cfg_.data_type_token)
+      emit(ctx, "token_embedding", x.row_range(static_cast<std::int64_t>(cfg_.groups()), 1));
+    for (std::size_t k = 0; k < cfg_.components.size(); ++k) {
+      const auto& c = cfg_.components[k];
+      const auto src = io_view<const T>(in.x[k], k, s0, n);
+      const auto dst = comp_rows(x, k, ps);
+      if (c.kind == ComponentKind::tokens) {
+        ops::linear<T>(ctx, src, comps_[k].in.wv(P), comps_[k].in.bv(P), dst, ops::Epilogue::none);
+      } else {
+        const auto col = cols[k].sample_range(s0, n);
+        ops::patchify<T>(ctx, src, geom(c, ps.lh, ps.lw), col);
+        ops::linear<T>(ctx, col, comps_[k].in.wv(P), comps_[k].in.bv(P), dst, ops::Epilogue::none);
+      }
+      if (trace_) {  // the module's name, and its parent's for a patch embedding's conv
+        emit(ctx, c.in_name, dst);
+        const auto dot = c.in_name.rfind('.');
+        if (c.kind == ComponentKind::patched_image && dot != std::string::npos)
+          emit(ctx, c.in_name.substr(0, dot), dst);
+      }
+    }
+    ops::add_rows<T>(
+        ctx, RowBlock<const T, Backend>(pe.table.data(), ps.L, cfg_.embed_dim, cfg_.embed_dim), x);
+  }
+
+  // Outputs of samples [s0, s1) from the normed tokens xn (UVIT.md §4.7).
+  void heads(const Context<Backend>& ctx, const Pass& ps, BatchBlock<T, Backend> xn,
+             const std::vector<BatchBlock<T, Backend>>& cols, std::int64_t s0,
+             std::int64_t s1) const {
+    const T* P = params_.data();
+    for (std::size_t k = 0; k < cfg_.components.size(); ++k) {
+      const auto& c = cfg_.components[k];
+      const auto dst = io_view<T>(ps.out[k], k, s0, s1 - s0);
+      const auto src = comp_rows(xn, k, ps);
+      if (c.kind == ComponentKind::tokens) {
+        ops::linear<T>(ctx, src, comps_[k].out.wv(P), comps_[k].out.bv(P), dst,
+                       ops::Epilogue::none);
+      } else {
+        const auto col = cols[k].sample_range(s0, s1 - s0);
+        ops::linear<T>(ctx, src, comps_[k].out.wv(P), comps_[k].out.bv(P), col,
+                       ops::Epilogue::none);
+        if (trace_) emit(ctx, c.out_name, col);
+        ops::unpatchify<T>(ctx, col, geom(c, ps.lh, ps.lw), dst);
+      }
+      if (trace_ && c.kind == ComponentKind::tokens) emit(ctx, c.out_name, dst);
+    }
+  }
+
+  // One post-LN block (UVIT.md §4.6). In inference several activations share a buffer: x1 and
+  // x2 and y are the output array, t / p / m the temporary, u == h (GELU fused into fc1).
+  void block(const Context<Backend>& ctx, const Block& b, const BlockActs& a) const {
+    const T* P = params_.data();
+    const auto none = ops::Epilogue::none;
+    const BatchBlock<const T, Backend> nul{};
+    if (b.skip) {
+      ops::linear<T>(ctx, a.in, b.skip0.wv(P), b.skip0.bv(P), a.t, none, &cache_);
+      ops::linear<T>(ctx, a.skip, b.skip1.wv(P), nullptr, a.t, ops::Epilogue::accumulate, &cache_);
+      if (trace_) emit(ctx, b.name + ".skip_linear", a.t);
+      ops::layer_norm<T>(ctx, a.t, nul, P + b.norm1.g, P + b.norm1.b, a.x1, a.st1);
+      if (trace_) emit(ctx, b.name + ".norm1", a.x1);
+    }
+    ops::linear<T>(ctx, a.x1, b.qkv.wv(P), b.qkv.bv(P), a.qkv, none, &cache_);
+    if (trace_) emit(ctx, b.name + ".attn.qkv", a.qkv);
+    ops::attention<T>(ctx, a.qkv, cfg_.num_heads, a.att);
+    ops::linear<T>(ctx, a.att, b.proj.wv(P), b.proj.bv(P), a.p, none, &cache_);
+    if (trace_) emit(ctx, b.name + ".attn", a.p);
+    ops::layer_norm<T>(ctx, a.x1, a.p, P + b.norm2.g, P + b.norm2.b, a.x2, a.st2);
+    if (trace_) emit(ctx, b.name + ".norm2", a.x2);
+    if (a.u.data == a.h.data && !trace_) {
+      ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.h, ops::Epilogue::gelu, &cache_);
+    } else {  // training (pre-activation kept) or tracing (pre-activation observed)
+      ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.u, none, &cache_);
+      if (trace_) emit(ctx, b.name + ".mlp.fc1", a.u);
+      ops::gelu<T>(ctx, a.u, a.h);
+    }
+    ops::linear<T>(ctx, a.h, b.fc2.wv(P), b.fc2.bv(P), a.m, none, &cache_);
+    if (trace_) emit(ctx, b.name + ".mlp", a.m);
+    ops::layer_norm<T>(ctx, a.x2, a.m, P + b.norm3.g, P + b.norm3.b, a.y, a.st3);
+  }
+
+  // Inference pass over samples [s0, s1) on the workspace.
+  void run(const Context<Backend>& ctx, const Pass& ps, const Positional& pe,
+           typename Workspace::Acts& w, std::int64_t s0, std::int64_t s1) const {
+    const std::int64_t n = s1 - s0, B = ps.B;
+    auto sl = [&](Buffer& b) { return b.all(B).sample_range(s0, n); };
+    const auto x = sl(w.x), tmp = sl(w.tmp);
+    const auto& cols = w.cols;  // whole-batch views, made before the parallel region
+    // one slot per (group, sample) for the time MLP
+    const auto te = BatchBlock<T, Backend>(w.temb.t.data() + s0 * cfg_.groups() * w.temb.slot,
+                                           n * static_cast<std::int64_t>(cfg_.groups()), 1,
+                                           cfg_.embed_dim, cfg_.embed_dim, w.temb.slot);
+    const auto th = BatchBlock<T, Backend>(w.temb_h.t.data() + s0 * cfg_.groups() * w.temb_h.slot,
+                                           n * static_cast<std::int64_t>(cfg_.groups()), 1,
+                                           w.temb_h.cols, w.temb_h.cols, w.temb_h.slot);
+    embed(ctx, ps, pe, x, te, th, th, cols, s0, s1);
+    emit(ctx, "x_embedded", x);
+    const std::int64_t sides = cfg_.blocks_per_side();
+    BatchBlock<T, Backend> cur = x;
+    BlockActs a;
+    a.qkv = sl(w.qkv);
+    a.att = sl(w.attn);
+    a.u = a.h = sl(w.hid);
+    a.t = a.p = a.m = tmp;
+    for (std::int64_t i = 0; i < 2 * sides + 1; ++i) {
+      const Block& b = blocks_[static_cast<std::size_t>(i)];
+      a.in = cur;
+      if (i < sides) {  // in_blocks.i writes into skip buffer i, which the next block reads
+        a.y = sl(w.skips[static_cast<std::size_t>(i)]);
+        a.x1 = a.in;
+      } else {
+        a.y = x;
+        a.x1 = b.skip ? x : a.in;
+        if (b.skip) a.skip = sl(w.skips[static_cast<std::size_t>(2 * sides - i)]);
+      }
+      a.x2 = a.y;
+      block(ctx, b, a);
+      emit(ctx, b.name, a.y);
+      cur = a.y;
+    }
+    const T* P = params_.data();
+    ops::layer_norm<T>(ctx, x, BatchBlock<const T, Backend>{}, P + final_norm_.g, P + final_norm_.b,
+                       x, BatchBlock<T, Backend>{});
+    emit(ctx, "norm", x);
+    heads(ctx, ps, x, cols, s0, s1);
+  }
+
+ public:
+  //! What a training forward records for backward().
+  class Tape {
+   public:
+    Tape() = default;
+    //! Elements held (activations and saved inputs).
+    std::int64_t elements() const {
+      std::int64_t n = 0;
+      for (const auto* b : all()) n += b->t.size();
+      return n;
+    }
+
+   private:
+    friend class UViT;
+    std::vector<const Buffer*> all() const {
+      std::vector<const Buffer*> v;
+      for (const auto& b : bufs_) v.push_back(b.get());
+      return v;
+    }
+    Buffer& buf() {
+      if (used_ == bufs_.size()) bufs_.push_back(std::make_unique<Buffer>());
+      return *bufs_[used_++];
+    }
+    BatchBlock<T, Backend> make(std::int64_t B, std::int64_t r, std::int64_t c) {
+      Buffer& b = buf();
+      b.fit(B, r, c);
+      return b.all(B);
+    }
+    void record(const UViT& net, const Context<Backend>& ctx, const Pass& ps, bool recompute) {
+      const auto& cfg = net.cfg_;
+      ready_ = false;
+      owner_ = &net;
+      used_ = 0;
+      const std::int64_t B = ps.B, L = ps.L, E = cfg.embed_dim, Hm = cfg.hidden();
+      const auto G = static_cast<std::int64_t>(cfg.groups());
+      B_ = B;
+      lh = ps.lh;
+      lw = ps.lw;
+      recompute_ = recompute;
+      x0 = make(B, L, E);
+      temb = make(G * B, 1, E);
+      temb_u = make(G * B, 1, cfg.mlp_time_embed ? 4 * E : 1);
+      temb_h = make(G * B, 1, cfg.mlp_time_embed ? 4 * E : 1);
+      t_.assign(static_cast<std::size_t>(G), {});
+      for (std::int64_t g = 0; g < G; ++g)
+        t_[static_cast<std::size_t>(g)].assign(ps.in->t[static_cast<std::size_t>(g)].begin(),
+                                               ps.in->t[static_cast<std::size_t>(g)].end());
+      dt_.assign(ps.in->data_type.begin(), ps.in->data_type.end());
+      xin.clear();
+      cols.clear();
+      for (std::size_t k = 0; k < cfg.components.size(); ++k) {
+        const auto& c = cfg.components[k];
+        if (c.kind == ComponentKind::tokens) {
+          xin.push_back(make(B, c.length, c.dim));
+          ops::copy<T>(ctx, net.io_view<const T>(ps.in->x[k], k, 0, B), xin.back());
+          cols.push_back({});
+        } else {
+          xin.push_back({});
+          cols.push_back(make(B, c.tokens(ps.lh, ps.lw), c.in_features()));
+        }
+      }
+      const std::size_t nb = net.blocks_.size();
+      acts.assign(recompute ? nb + 1 : nb, {});
+      auto internals = [&](BlockActs& a, bool skip) {
+        if (skip) {
+          a.t = make(B, L, E);
+          a.x1 = make(B, L, E);
+          a.st1 = make(B, L, 2);
+        }
+        a.qkv = make(B, L, 3 * E);
+        a.att = make(B, L, E);
+        a.p = make(B, L, E);
+        a.x2 = make(B, L, E);
+        a.st2 = make(B, L, 2);
+        a.u = make(B, L, Hm);
+        a.h = make(B, L, Hm);
+        a.m = make(B, L, E);
+        a.st3 = make(B, L, 2);
+      };
+      BatchBlock<T, Backend> cur = x0;
+      const std::int64_t sides = cfg.blocks_per_side();
+      for (std::size_t i = 0; i < nb; ++i) {
+        BlockActs& a = acts[i];
+        a.in = cur;
+        a.y = make(B, L, E);
+        if (net.blocks_[i].skip)
+          a.skip = acts[static_cast<std::size_t>(2 * sides) - i].y;  // in_blocks.(2s - i)'s output
+        if (!recompute) internals(a, net.blocks_[i].skip);
+        cur = a.y;
+      }
+      if (recompute) {
+        internals(acts[nb], true);
+        x1_internal = acts[nb].x1;
+      }
+      xn = make(B, L, E);
+      stn = make(B, L, 2);
+      // backward scratch
+      gx = make(B, L, E);
+      gy = make(B, L, E);
+      ga = make(B, L, E);
+      gb = make(B, L, E);
+      gq = make(B, L, 3 * E);
+      gh = make(B, L, Hm);
+      gskip.clear();
+      for (std::int64_t i = 0; i < sides; ++i) gskip.push_back(make(B, L, E));
+      gcol.clear();
+      for (const auto& c : cols) gcol.push_back(c ? make(B, c.rows, c.cols) : c);
+      gte = make(G * B, 1, E);
+      gth = make(G * B, 1, cfg.mlp_time_embed ? 4 * E : 1);
+      gpe = make(1, L, E);
+    }
+    BlockActs& block_acts(std::size_t i, const Block& b) {
+      if (!recompute_) return acts[i];
+      BlockActs& s = acts.back();
+      BlockActs& a = acts[i];
+      s.in = a.in;
+      s.skip = a.skip;
+      s.y = a.y;
+      s.x1 = b.skip ? x1_internal : a.in;
+      return s;
+    }
+
+    std::vector<std::unique_ptr<Buffer>> bufs_;
+    std::size_t used_ = 0;
+    bool ready_ = false, recompute_ = false;
+    const UViT* owner_ = nullptr;
+    std::uint64_t version_ = 0;
+    std::int64_t B_ = 0, lh = 0, lw = 0;
+    std::vector<std::vector<double>> t_;
+    std::vector<std::int64_t> dt_;
+    Workspace ws;  // positional table
+    BatchBlock<T, Backend> x0, temb, temb_u, temb_h, xn, stn, x1_internal;
+    std::vector<BatchBlock<T, Backend>> xin, cols;
+    std::vector<BlockActs> acts;
+    BatchBlock<T, Backend> gx, gy, ga, gb, gq, gh, gte, gth, gpe;
+    std::vector<BatchBlock<T, Backend>> gskip, gcol;
+  };
+
+ private:
+  void train_forward(const Context<Backend>& ctx, const Pass& ps, const Positional& pe,
+                     Tape& tp) const {
+    const std::int64_t B = ps.B;
+    // the tape's inputs: token components from its copies, times and data types likewise
+    Inputs in = *ps.in;
+    for (std::size_t g = 0; g < cfg_.groups(); ++g) in.t[g] = tp.t_[g];
+    in.data_type = tp.dt_;
+    for (std::size_t k = 0; k < cfg_.components.size(); ++k)
+      if (tp.xin[k])
+        in.x[k] = RowBlock<const T, Backend>(tp.xin[k].data, B, in.x[k].cols, tp.xin[k].stride);
+    Pass p2 = ps;
+    p2.in = &in;
+    embed(ctx, p2, pe, tp.x0, tp.temb, tp.temb_u, tp.temb_h, tp.cols, 0, B);
+    emit(ctx, "x_embedded", tp.x0);
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const Block& b = blocks_[i];
+      BlockActs& a = tp.block_acts(i, b);
+      if (!b.skip) a.x1 = a.in;
+      block(ctx, b, a);
+      emit(ctx, b.name, a.y);
+    }
+    const T* P = params_.data();
+    ops::layer_norm<T>(ctx, tp.acts[blocks_.size() - 1].y, BatchBlock<const T, Backend>{},
+                       P + final_norm_.g, P + final_norm_.b, tp.xn, tp.stn);
+    emit(ctx, "norm", tp.xn);
+    std::vector<BatchBlock<T, Backend>> scratch;
+    for (std::size_t k = 0; k < cfg_.components.size(); ++k) scratch.push_back(tp.gcol[k]);
+    heads(ctx, p2, tp.xn, scratch, 0, B);
+  }
+
+  // Backward of one block: dy (clobbered) -> din (written), dskip (+=), parameter gradients.
+  void block_backward(const Context<Backend>& ctx, const Block& b, const BlockActs& a,
+                      BatchBlock<T, Backend> dy, BatchBlock<T, Backend> din,
+                      BatchBlock<T, Backend> dskip, Tape& tp, T* G) const {
+    const T* P = params_.data();
+    using CB = BatchBlock<const T, Backend>;
+    const CB nul{};
+    // y = LN3(x2 + m)
+    ops::layer_norm_backward<T>(ctx, a.x2, a.m, P + b.norm3.g, a.st3, dy, dy, G + b.norm3.g,
+                                G + b.norm3.b);
+    // m = h W2^T + b2 ; h = gelu(u) ; u = x2 W1^T + b1
+    ops::linear_backward<T>(ctx, a.h, b.fc2.wv(P), dy, tp.gh, false, b.fc2.wg(G), b.fc2.bg(G));
+    ops::gelu_backward<T>(ctx, a.u, tp.gh, tp.gh);
+    ops::linear_backward<T>(ctx, a.x2, b.fc1.wv(P), tp.gh, dy, true, b.fc1.wg(G), b.fc1.bg(G));
+    // x2 = LN2(x1 + p)
+    ops::layer_norm_backward<T>(ctx, a.x1, a.p, P + b.norm2.g, a.st2, dy, dy, G + b.norm2.g,
+                                G + b.norm2.b);
+    ops::linear_backward<T>(ctx, a.att, b.proj.wv(P), dy, tp.ga, false, b.proj.wg(G), b.proj.bg(G));
+    ops::attention_backward<T>(ctx, a.qkv, cfg_.num_heads, tp.ga, tp.gq);
+    ops::linear_backward<T>(ctx, a.x1, b.qkv.wv(P), tp.gq, dy, true, b.qkv.wg(G), b.qkv.bg(G));
+    if (b.skip) {
+      ops::layer_norm_backward<T>(ctx, a.t, nul, P + b.norm1.g, a.st1, dy, dy, G + b.norm1.g,
+                                  G + b.norm1.b);
+      ops::linear_backward<T>(ctx, a.in, b.skip0.wv(P), dy, din, false, b.skip0.wg(G),
+                              b.skip0.bg(G));
+      ops::linear_backward<T>(ctx, a.skip, b.skip1.wv(P), dy, dskip, true, b.skip1.wg(G), nullptr);
+    } else {
+      ops::copy<T>(ctx, dy, din);
+    }
+  }
+
+  void train_backward(const Context<Backend>& ctx, Tape& tp,
+                      std::span<const RowBlock<const T, Backend>> dout,
+                      std::span<const RowBlock<T, Backend>> dx) {
+    const char* op = "UViT::backward";
+    if (!tp.ready_) throw error(op, "tape", "no complete training forward was recorded on it");
+    if (tp.owner_ != this) throw error(op, "tape", "recorded by another network");
+    if (tp.version_ != version_)
+      throw error(op, "tape",
+                  "the parameters changed since its forward (parameters_changed was called)");
+    const auto& C = cfg_.components;
+    const std::int64_t B = tp.B_, E = cfg_.embed_dim;
+    if (dout.size() != C.size())
+      throw_mismatch(op, "dout", "one per component", C.size(), dout.size());
+    if (!dx.empty() && dx.size() != C.size())
+      throw_mismatch(op, "dx", "one per component (or none)", C.size(), dx.size());
+    Inputs in;
+    Pass ps{&in, {}, B, cfg_.tokens(tp.lh, tp.lw), tp.lh, tp.lw};
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      const std::int64_t n = C[k].numel(tp.lh, tp.lw);
+      check_block(op, "dout[" + C[k].name + "]", dout[k]);
+      if (!dx.empty()) check_block(op, "dx[" + C[k].name + "]", dx[k]);
+      if (dout[k].rows != B || dout[k].cols != n)
+        throw_mismatch(
+            op, "dout[" + C[k].name + "]", "shape",
+            "[" + std::to_string(B) + ", " + std::to_string(n) + "]",
+            "[" + std::to_string(dout[k].rows) + ", " + std::to_string(dout[k].cols) + "]");
+      if (!dx.empty() && (dx[k].rows != B || dx[k].cols != n))
+        throw_mismatch(op, "dx[" + C[k].name + "]", "shape",
+                       "[" + std::to_string(B) + ", " + std::to_string(n) + "]",
+                       "[" + std::to_string(dx[k].rows) + ", " + std::to_string(dx[k].cols) + "]");
+    }
+    T* G = gradients().data();
+    const T* P = params_.data();
+    // heads
+    const auto dxn = tp.gx;
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      const auto& c = C[k];
+      const auto d = io_view<const T>(dout[k], k, 0, B);
+      const auto rows = comp_rows(dxn, k, ps);
+      const auto xr = comp_rows(tp.xn, k, ps);
+      if (c.kind == ComponentKind::tokens) {
+        ops::linear_backward<T>(ctx, xr, comps_[k].out.wv(P), d, rows, false, comps_[k].out.wg(G),
+                                comps_[k].out.bg(G));
+      } else {
+        ops::unpatchify_backward<T>(ctx, d, geom(c, tp.lh, tp.lw), tp.gcol[k]);
+        ops::linear_backward<T>(ctx, xr, comps_[k].out.wv(P), tp.gcol[k], rows, false,
+                                comps_[k].out.wg(G), comps_[k].out.bg(G));
+      }
+    }
+    zero(ctx, dxn.row_range(0, cfg_.lead_tokens()));
+    // final norm
+    const std::size_t nb = blocks_.size();
+    ops::layer_norm_backward<T>(ctx, tp.acts[nb - 1].y, BatchBlock<const T, Backend>{},
+                                P + final_norm_.g, tp.stn, dxn, tp.gy, G + final_norm_.g,
+                                G + final_norm_.b);
+    // blocks, last first; gy holds d(output of the current block)
+    const std::int64_t sides = cfg_.blocks_per_side();
+    for (auto& g : tp.gskip) zero(ctx, g);
+    BatchBlock<T, Backend> dy = tp.gy, din = tp.gx;
+    for (std::size_t ii = nb; ii-- > 0;) {
+      const Block& b = blocks_[ii];
+      const auto i = static_cast<std::int64_t>(ii);
+      if (i < sides)  // in_blocks.i's output also fed out_blocks.(s - 1 - i) as its skip
+        ops::add<T>(ctx, tp.gskip[ii], dy);
+      BlockActs& a = tp.block_acts(ii, b);
+      if (tp.recompute_) {  // the block's internals again, from its recorded input
+        if (!b.skip) a.x1 = a.in;
+        const auto y = a.y;
+        a.y = tp.gb;  // recomputed output is not needed: keep the recorded one intact
+        block(ctx, b, a);
+        a.y = y;
+      }
+      const auto ds =
+          b.skip ? tp.gskip[static_cast<std::size_t>(2 * sides - i)] : BatchBlock<T, Backend>{};
+      block_backward(ctx, b, a, dy, din, ds, tp, G);
+      std::swap(dy, din);
+    }
+    // dy: gradient of the embedded tokens x0
+    zero(ctx, tp.gpe);
+    ops::sum_samples<T>(ctx, dy, RowBlock<T, Backend>(tp.gpe.data, ps.L, E, E));
+    positional_backward(ctx, RowBlock<const T, Backend>(tp.gpe.data, ps.L, E, E), tp.lh, tp.lw, G);
+    if (cfg_.data_type_token)
+      ops::gather_rows_backward<T>(
+          ctx, dy.row_range(static_cast<std::int64_t>(cfg_.groups()), 1), tp.dt_,
+          RowBlock<T, Backend>(G + off("token_embedding.weight"), cfg_.data_types, E, E));
+    if (cfg_.mlp_time_embed) {
+      const std::int64_t G0 = static_cast<std::int64_t>(cfg_.groups());
+      for (std::int64_t g = 0; g < G0; ++g) {
+        const auto& tl = time_[static_cast<std::size_t>(g)];
+        const auto dtok = dy.row_range(g, 1);
+        const auto hh = tp.temb_h.sample_range(g * B, B), u = tp.temb_u.sample_range(g * B, B),
+                   e = tp.temb.sample_range(g * B, B), dh = tp.gth.sample_range(g * B, B);
+        ops::linear_backward<T>(ctx, hh, tl[1].wv(P), dtok, dh, false, tl[1].wg(G), tl[1].bg(G));
+        ops::silu_backward<T>(ctx, u, dh, dh);
+        ops::linear_backward<T>(ctx, e, tl[0].wv(P), dh, BatchBlock<T, Backend>{}, false,
+                                tl[0].wg(G), tl[0].bg(G));
+      }
+    }
+    for (std::size_t k = 0; k < C.size(); ++k) {
+      const auto& c = C[k];
+      const auto d = comp_rows(dy, k, ps);
+      const bool want = !dx.empty();
+      if (c.kind == ComponentKind::tokens) {
+        ops::linear_backward<T>(ctx, tp.xin[k], comps_[k].in.wv(P), d,
+                                want ? io_view<T>(dx[k], k, 0, B) : BatchBlock<T, Backend>{}, false,
+                                comps_[k].in.wg(G), comps_[k].in.bg(G));
+      } else {
+        ops::linear_backward<T>(ctx, tp.cols[k], comps_[k].in.wv(P), d,
+                                want ? tp.gcol[k] : BatchBlock<T, Backend>{}, false,
+                                comps_[k].in.wg(G), comps_[k].in.bg(G));
+        if (want)
+          ops::patchify_backward<T>(ctx, tp.gcol[k], geom(c, tp.lh, tp.lw),
+                                    io_view<T>(dx[k], k, 0, B));
+      }
+    }
+  }
+  static void zero(const Context<Backend>& ctx, BatchBlock<T, Backend> b) {
+    for (std::int64_t s = 0; s < b.samples; ++s) ops::fill(ctx, b.sample(s), T(0));
   }
 
   UViTConfig cfg_;
-  std::map<std::string, Tensor<T>> params_;
-  std::vector<std::string> order_;
-  cpu_kernels::AlignedVector<T> x_, tmp_, attn_, qkv_, hid_, scores_, col_, pe_, temb_;
-  std::vector<cpu_kernels::AlignedVector<T>> skips_;
-  // per-sample slot sizes (multiples of 16 elements: every slot starts 64-byte aligned) and the
-  // per-thread attention scratch
-  std::int64_t sx_ = 0, sq_ = 0, sh_ = 0, scol_ = 0, st_ = 0, scratch_ = 0;
-  std::vector<T> trace_buf_;
-  // the first exception of a work item inside the forward's parallel region (set per forward)
-  struct ErrorSlot {
-    std::atomic<bool> failed{false};
-    std::mutex mu;
-    std::exception_ptr error;
-  };
-  ErrorSlot* err_ = nullptr;
-  std::int64_t pe_cache_h_ = -1, pe_cache_w_ = -1;
+  std::vector<Entry> entries_;
+  std::map<std::string, std::size_t> index_;
+  Tensor<T, Backend> params_, grads_;
+  std::vector<Block> blocks_;
+  std::vector<Component> comps_;
+  std::vector<std::array<Lin, 2>> time_;
+  Norm final_norm_;
+  // Identifies the parameters' state across every network of the process (workspace caches and
+  // tapes compare it, so a workspace moved to another network rebuilds its tables).
+  static std::uint64_t next_version() {
+    static std::atomic<std::uint64_t> n{0};
+    return ++n;
+  }
+  std::uint64_t version_ = next_version();
+  mutable ops::LinearCache<T, Backend> cache_;
+  std::unique_ptr<Workspace> own_ws_;
   Trace trace_;
   bool packed_gemm_ = true;
-#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-  struct Packer {
-    onednn::Gemm gemm;
-    std::mutex mu;
-    bool on = false;                             // weights in `packed` are in oneDNN layout
-    std::map<std::string, std::int64_t> packed;  // name -> pieces
-  };
-  std::unique_ptr<Packer> packer_;
-#endif
 };
 
 }  // namespace unidiffuser::nn

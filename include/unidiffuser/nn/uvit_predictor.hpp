@@ -19,11 +19,11 @@ namespace unidiffuser::nn {
 //! The network as the multimodal noise predictor of GuidedPredictor / sample_task: group g's
 //! row [B, D_g] holds the group's components in slot order (UViTConfig::layout), addressed in
 //! place; every call uses the same data-type value (official: 1 for v1).
-template <class T, std::size_t K>
+template <class T, std::size_t K, class Backend = cpu>
 class UViTPredictor {
  public:
-  explicit UViTPredictor(UViT<T>& net, std::int64_t data_type = 1, std::int64_t latent_h = 0,
-                         std::int64_t latent_w = 0)
+  explicit UViTPredictor(UViT<T, Backend>& net, std::int64_t data_type = 1,
+                         std::int64_t latent_h = 0, std::int64_t latent_w = 0)
       : net_(net),
         layout_(net.config().template layout<K>(latent_h, latent_w)),
         data_type_(data_type),
@@ -37,24 +37,24 @@ class UViTPredictor {
     }
   }
   const GroupLayout<K>& layout() const { return layout_; }
-  UViT<T>& network() { return net_; }
+  UViT<T, Backend>& network() { return net_; }
 
-  void operator()(const std::array<TensorView<const T, cpu>, K>& x,
+  void operator()(const Context<Backend>& ctx, const std::array<TensorView<const T, Backend>, K>& x,
                   const std::array<std::span<const double>, K>& t,
-                  const std::array<TensorView<T, cpu>, K>& out) {
+                  const std::array<TensorView<T, Backend>, K>& out) {
     const auto& C = net_.config().components;
     const std::int64_t B = x[0].dim(0);
     // reused per call: clear() keeps the capacity, so no allocation after the first call
-    UViTInputs<T>& in = in_;
-    std::vector<RowBlock<T, cpu>>& o = out_;
+    UViTInputs<T, Backend>& in = in_;
+    std::vector<RowBlock<T, Backend>>& o = out_;
     in.x.clear();
     in.t.clear();
     o.clear();
     for (std::size_t k = 0; k < C.size(); ++k) {
       const auto g = C[k].group;
       const std::int64_t n = C[k].numel(h_, w_), ld = layout_.size(g);
-      in.x.push_back(RowBlock<const T, cpu>(x[g].data() + offset_[k], B, n, ld));
-      o.push_back(RowBlock<T, cpu>(out[g].data() + offset_[k], B, n, ld));
+      in.x.push_back(RowBlock<const T, Backend>(x[g].data() + offset_[k], B, n, ld));
+      o.push_back(RowBlock<T, Backend>(out[g].data() + offset_[k], B, n, ld));
     }
     for (std::size_t g = 0; g < K; ++g) in.t.push_back(t[g]);
     if (static_cast<std::int64_t>(dt_.size()) != B)
@@ -62,17 +62,17 @@ class UViTPredictor {
     in.data_type = dt_;
     in.latent_h = h_;
     in.latent_w = w_;
-    net_.forward(Context<cpu>{}, in, o);
+    net_.forward(ctx, in, std::span<const RowBlock<T, Backend>>(o));
   }
 
  private:
-  UViT<T>& net_;
+  UViT<T, Backend>& net_;
   GroupLayout<K> layout_;
   std::int64_t data_type_, h_, w_;
   std::vector<std::int64_t> offset_;
   std::vector<std::int64_t> dt_;
-  UViTInputs<T> in_;
-  std::vector<RowBlock<T, cpu>> out_;
+  UViTInputs<T, Backend> in_;
+  std::vector<RowBlock<T, Backend>> out_;
 };
 
 }  // namespace unidiffuser::nn

@@ -84,9 +84,10 @@ class GaussianOracle {
 
   //! The network interface of GuidedPredictor: x[g] [B, D_g], t[g] per-sample time inputs.
   template <class T>
-  void operator()(const std::array<TensorView<const T, cpu>, K>& x,
+  void operator()(const Context<cpu>& ctx, const std::array<TensorView<const T, cpu>, K>& x,
                   const std::array<std::span<const double>, K>& t,
                   const std::array<TensorView<T, cpu>, K>& out) {
+    (void)ctx;
     const std::int64_t batch = x[0].dim(0);
     Eigen::VectorXd u(dim_), e(dim_);
     for (std::int64_t b = 0; b < batch; ++b) {

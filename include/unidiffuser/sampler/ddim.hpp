@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
 #include "unidiffuser/core/tensor.hpp"

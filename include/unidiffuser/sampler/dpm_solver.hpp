@@ -18,7 +18,7 @@
 #include <string_view>
 #include <vector>
 
-#include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/sampler/timesteps.hpp"
@@ -197,7 +197,7 @@ class DpmSolver {
     }
     // dst = cx * src + sum_k c[k] * D_k
     void combine(View dst, double cx, View src, int n, const double* c, const View* d) {
-      using Tm = ops::Term<T>;
+      using Tm = ops::Term<T, Backend>;
       switch (n) {
         case 1: return ops::lincomb<T>(ctx, as_rows(dst), {Tm{cx, cb(src)}, Tm{c[0], cb(d[0])}});
         case 2:

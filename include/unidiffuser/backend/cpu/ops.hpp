@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/backend/tags.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
@@ -81,17 +82,11 @@ void copy(const Context<cpu>& ctx, TensorView<const T, cpu> src, TensorView<T, c
   (void)ctx;
 }
 
-//! One term of a linear combination: coefficient times a block.
-template <class T>
-struct Term {
-  double coef;
-  RowBlock<const T, cpu> x;
-};
-
 //! dst = sum_k coef_k * x_k (all blocks the same shape; dst may alias any x_k element-wise).
 //! Coefficients are computed by the caller in double and applied in the compute type `T`.
 template <class T>
-void lincomb(const Context<cpu>& ctx, RowBlock<T, cpu> dst, std::initializer_list<Term<T>> terms) {
+void lincomb(const Context<cpu>& ctx, RowBlock<T, cpu> dst,
+             std::initializer_list<Term<T, cpu>> terms) {
   constexpr int max_terms = 6;
   if (terms.size() == 0 || terms.size() > static_cast<std::size_t>(max_terms))
     throw error("ops::lincomb", "terms", "between 1 and 6 terms are supported");
@@ -149,9 +144,9 @@ void lincomb(const Context<cpu>& ctx, TensorView<T, cpu> dst,
   constexpr int max_terms = 6;
   if (terms.size() == 0 || terms.size() > static_cast<std::size_t>(max_terms))
     throw error("ops::lincomb", "terms", "between 1 and 6 terms are supported");
-  Term<T> t[max_terms];
+  Term<T, cpu> t[max_terms];
   int n = 0;
-  for (const auto& p : terms) t[n++] = Term<T>{p.first, as_rows(p.second)};
+  for (const auto& p : terms) t[n++] = Term<T, cpu>{p.first, as_rows(p.second)};
   const auto d = as_rows(dst);
   switch (n) {
     case 1: return lincomb(ctx, d, {t[0]});

@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-//! \file layers.hpp
-//! CPU kernels of the U-ViT layers, over raw row-major blocks (pointer, rows, cols, leading
-//! dimension) so that the network can address sub-blocks (one head, one component) without
-//! copies. GEMMs go through Eigen. Ref: UVIT.md §4.
+//! \file kernels.hpp
+//! Single-threaded CPU kernels behind the network primitives of backend/cpu/nn.hpp, over raw
+//! row-major blocks (pointer, rows, cols, leading dimension). GEMMs go through Eigen's blocked
+//! kernel called directly; attention uses register tiles of Eigen packets. Every kernel runs on
+//! the calling thread and its result depends only on the sizes and the data (never on threads or
+//! on where the call runs): the basis of the bit-identical per-sample results (docs/NOTES.md,
+//! "Reproducibility"). Ref: UVIT.md §4.
 #pragma once
 
 #include <Eigen/Core>
@@ -14,37 +17,10 @@
 #include <unsupported/Eigen/SpecialFunctions>
 #include <vector>
 
+#include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/config.hpp"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
-namespace unidiffuser::nn::cpu_kernels {
-
-//! Threads the element-wise kernels may use (all of OpenMP's, or 1 without OpenMP).
-inline int max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-//! Threads of the current team (1 outside a parallel region).
-inline int team_size() {
-#if defined(_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-inline int thread_id() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
+namespace unidiffuser::cpu_kernels {
 
 //! Workspace storage aligned like Eigen's packets (results must not depend on where a buffer
 //! lands).
@@ -59,36 +35,6 @@ template <class T>
 using CMapRM = Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>;
 
 namespace detail {
-//! f(i) for rows i in [0, m): OpenMP threads when the work (elements) is large and no region is
-//! active, else a plain loop -- even a disabled `omp parallel if (...)` costs libgomp calls and a
-//! system call, which per-chunk kernel calls would pay thousands of times per forward.
-//! Set on a thread while a caller that manages threads itself (UViT::forward) runs kernels on it:
-//! they then never start threads of their own.
-inline bool& serial_kernels() {
-  thread_local bool on = false;
-  return on;
-}
-struct SerialKernels {
-  bool saved = serial_kernels();
-  SerialKernels() { serial_kernels() = true; }
-  ~SerialKernels() { serial_kernels() = saved; }
-  SerialKernels(const SerialKernels&) = delete;
-  SerialKernels& operator=(const SerialKernels&) = delete;
-};
-template <class F>
-void parallel_rows(std::int64_t m, std::int64_t work, F&& f) {
-#if defined(_OPENMP)
-  if (work >= 32768 && m > 1 && !serial_kernels() && !omp_in_parallel() &&
-      omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < m; ++i) f(i);
-    return;
-  }
-#endif
-  (void)work;
-  for (std::int64_t i = 0; i < m; ++i) f(i);
-}
-
 //! Eigen's single-thread blocking sizes for a column-major [rows, cols] += [rows, depth] x
 //! [depth, cols] product (what gemm_blocking_space computes for one thread), with the packing
 //! buffers taken from per-thread storage that grows and is kept: no allocation per product
@@ -162,36 +108,82 @@ void linear(const T* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const 
     }
 }
 
-//! Over rows of x [M, N]: y = LayerNorm(x (+ r)) with gain g and bias b (eps 1e-5, biased
-//! variance, two-pass statistics in the accumulation type), rows in parallel; y may be x.
+//! Over rows of x [M, N] (rows ldx apart; r, y alike): y = LayerNorm(x (+ r)) with gain g and
+//! bias b (eps 1e-5, biased variance, two-pass statistics in the compute type); y may be x.
+//! `stats` (optional) receives (mean, 1 / sqrt(var + eps)) per row, two values a row.
 template <class T>
-void layer_norm(const T* x, const T* r, T* y, std::int64_t m, std::int64_t n, const T* g,
-                const T* b, double eps = 1e-5) {
+void layer_norm(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, T* y, std::int64_t ldy,
+                std::int64_t m, std::int64_t n, const T* g, const T* b, T* stats = nullptr,
+                double eps = 1e-5) {
   using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
   using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
   const CRow G(g, n), Bv(b, n);
-  auto one = [&](std::int64_t i) {
-    Row row(y + i * n, n);
+  for (std::int64_t i = 0; i < m; ++i) {
+    Row row(y + i * ldy, n);
     if (r)
-      row = CRow(x + i * n, n) + CRow(r + i * n, n);
-    else if (y != x)
-      row = CRow(x + i * n, n);
+      row = CRow(x + i * ldx, n) + CRow(r + i * ldr, n);
+    else if (y + i * ldy != x + i * ldx)
+      row = CRow(x + i * ldx, n);
     const T mean = row.sum() / static_cast<T>(n);
     const T var = (row - mean).square().sum() / static_cast<T>(n);
     const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
     row = (row - mean) * inv * G + Bv;
-  };
-  detail::parallel_rows(m, m * n, one);
+    if (stats) {
+      stats[2 * i] = mean;
+      stats[2 * i + 1] = inv;
+    }
+  }
 }
-//! In place: x = LayerNorm(x (+ r)).
+
+//! Backward of layer_norm over rows: z = x (+ r), xhat = (z - mean) rstd from `stats`;
+//! dz = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)) written to dz (may be dy); the
+//! per-column sums dg += dy xhat and db += dy are left to layer_norm_param_grads.
 template <class T>
-void layer_norm(T* x, std::int64_t m, std::int64_t n, const T* r, const T* g, const T* b,
-                double eps = 1e-5) {
-  layer_norm<T>(x, r, x, m, n, g, b, eps);
+void layer_norm_backward(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, const T* stats,
+                         const T* dy, std::int64_t lddy, T* dz, std::int64_t lddz, std::int64_t m,
+                         std::int64_t n, const T* g) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    const T mean = stats[2 * i], rstd = stats[2 * i + 1];
+    const T* xr = x + i * ldx;
+    const T* rr = r ? r + i * ldr : nullptr;
+    const T* dr = dy + i * lddy;
+    T s1 = 0, s2 = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
+      const T d = dr[j] * g[j];
+      s1 += d;
+      s2 += d * xh;
+    }
+    s1 /= static_cast<T>(n);
+    s2 /= static_cast<T>(n);
+    T* o = dz + i * lddz;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
+      o[j] = rstd * (dr[j] * g[j] - s1 - xh * s2);
+    }
+  }
+}
+
+//! dg[j] += sum_i dy[i, j] xhat[i, j], db[j] += sum_i dy[i, j] for columns [c0, c0 + nc).
+template <class T>
+void layer_norm_param_grads(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr,
+                            const T* stats, const T* dy, std::int64_t lddy, std::int64_t m,
+                            std::int64_t c0, std::int64_t nc, T* dg, T* db) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    const T mean = stats[2 * i], rstd = stats[2 * i + 1];
+    const T* xr = x + i * ldx;
+    const T* rr = r ? r + i * ldr : nullptr;
+    const T* dr = dy + i * lddy;
+    for (std::int64_t j = c0; j < c0 + nc; ++j) {
+      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
+      if (dg) dg[j] += dr[j] * xh;
+      if (db) db[j] += dr[j];
+    }
+  }
 }
 
 //! y = GELU(y + bias) over rows of y [M, N] (bias may be null): exact erf GELU
-//! 0.5 u (1 + erf(u / sqrt 2)) with Eigen's vectorised erf, rows in parallel.
+//! 0.5 u (1 + erf(u / sqrt 2)) with Eigen's vectorised erf.
 template <class T>
 void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
   using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
@@ -202,7 +194,7 @@ void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
     if (bias) row += CRow(bias, n);
     row = T(0.5) * row * (T(1) + (row * r).erf());
   };
-  detail::parallel_rows(m, m * n, one);
+  for (std::int64_t i = 0; i < m; ++i) one(i);
 }
 //! Exact GELU in place over n contiguous values.
 template <class T>
@@ -411,27 +403,24 @@ void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t
 }
 }  // namespace detail
 
-//! Multi-head attention over a batch: qkv [B, L, 3E] in the fused (k, h, d) channel layout,
-//! out [B, L, E] (heads concatenated); (sample, head) pairs run in parallel. Where Eigen vectorises
-//! T and the head dim is a whole number of packets, each pair packs K^T and V once and takes
-//! detail::kRows (8) query rows at a time through register tiles (scores, softmax and the product
-//! with V per row group, so the score buffer is [8, L]); otherwise scores are formed `block` query
-//! rows at a time with Eigen products ([block, L] per thread, never [L, L] per head). `scores`
-//! needs max_threads() * attention_scratch(L, block, E / heads) elements (64-byte aligned for the
-//! fastest loads).
+//! Whether attention_head takes the register-tiled path: Eigen vectorises T and the head dim is
+//! a whole number of packets (head dims 32 and 64 of every official and benchmark config).
 template <class T>
 bool attention_tiled(std::int64_t dh) {
   if constexpr (detail::attention_tiled_type<T>()) return dh % detail::lanes<T> == 0;
   return false;
 }
 
-//! One head h of one sample: qkv [l, 3e] (fused q | k | v, heads side by side), out [l, e]
-//! (columns of head h written), `sc` a scratch of attention_scratch(l, block, e / heads)
-//! elements (64-byte aligned). Runs on the calling thread; the result depends only on the data
-//! and the sizes.
+//! One head h of one sample: qkv [l, 3e] (rows ldq apart; fused q | k | v, heads side by side),
+//! out [l, e] (rows ldo apart; columns of head h written), `sc` a scratch of
+//! attention_scratch(l, block, e / heads) elements (64-byte aligned). Where the tiled path
+//! applies, K^T and V are packed once and detail::kRows (8) query rows at a time go through
+//! register tiles (scores, softmax and the product with V per row group); otherwise scores are
+//! formed `block` query rows at a time with Eigen's kernel ([block, L], never [L, L]).
 template <class T>
-void attention_head(const T* qkv, std::int64_t l, std::int64_t e, std::int64_t heads,
-                    std::int64_t h, T* out, T* sc, std::int64_t block) {
+void attention_head(const T* qkv, std::int64_t ldq, std::int64_t l, std::int64_t e,
+                    std::int64_t heads, std::int64_t h, T* out, std::int64_t ldo, T* sc,
+                    std::int64_t block) {
   const std::int64_t dh = e / heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dh)));
   const T* base = qkv;
@@ -446,67 +435,41 @@ void attention_head(const T* qkv, std::int64_t l, std::int64_t e, std::int64_t h
       T* s = vp + dh * lp;
       T* sink = s + R * lp;
       const T* k = base + e + h * dh;
-      detail::pack_transposed(k, 3 * e, l, dh, kt, lp);
+      detail::pack_transposed(k, ldq, l, dh, kt, lp);
       for (std::int64_t j = 0; j < l; ++j)
-        std::copy_n(base + j * 3 * e + 2 * e + h * dh, dh, vp + j * dh);
+        std::copy_n(base + j * ldq + 2 * e + h * dh, dh, vp + j * dh);
       const T* q[R];
       T* o[R];
       for (std::int64_t i = 0; i < l; i += R) {
         // a last group past the end repeats the last query row into the sink
         for (int r = 0; r < R; ++r) {
           const std::int64_t row = std::min(i + r, l - 1);
-          q[r] = base + row * 3 * e + h * dh;
-          o[r] = i + r < l ? out + (i + r) * e + h * dh : sink + r * dh;
+          q[r] = base + row * ldq + h * dh;
+          o[r] = i + r < l ? out + (i + r) * ldo + h * dh : sink + r * dh;
         }
         detail::attention_rows<T>(q, kt, l, lp, dh, scale, s, vp, o);
       }
       return;
     }
   }
-  CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
-  CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(3 * e));
+  CMapRM<T> K(base + e + h * dh, l, dh, Eigen::OuterStride<>(ldq));
+  CMapRM<T> V(base + 2 * e + h * dh, l, dh, Eigen::OuterStride<>(ldq));
   for (std::int64_t q0 = 0; q0 < l; q0 += block) {
     const std::int64_t rb = std::min(block, l - q0);
-    CMapRM<T> Q(base + q0 * 3 * e + h * dh, rb, dh, Eigen::OuterStride<>(3 * e));
+    CMapRM<T> Q(base + q0 * ldq + h * dh, rb, dh, Eigen::OuterStride<>(ldq));
     MapRM<T> S(sc, rb, l, Eigen::OuterStride<>(l));
     S.setZero();
-    detail::gemm_nt_accumulate<T>(Q.data(), rb, dh, 3 * e, K.data(), l, 3 * e, S.data(), l);
+    detail::gemm_nt_accumulate<T>(Q.data(), rb, dh, ldq, K.data(), l, ldq, S.data(), l);
     S *= scale;
     for (std::int64_t i = 0; i < rb; ++i) {
       auto row = S.row(i).array();
       row = (row - row.maxCoeff()).exp();
       row *= T(1) / row.sum();
     }
-    MapRM<T> O(out + q0 * e + h * dh, rb, dh, Eigen::OuterStride<>(e));
+    MapRM<T> O(out + q0 * ldo + h * dh, rb, dh, Eigen::OuterStride<>(ldo));
     O.setZero();
-    detail::gemm_nt_accumulate<T, Eigen::ColMajor>(sc, rb, l, l, V.data(), dh, 3 * e, O.data(), e);
+    detail::gemm_nt_accumulate<T, Eigen::ColMajor>(sc, rb, l, l, V.data(), dh, ldq, O.data(), ldo);
   }
-}
-
-//! Multi-head self-attention over the fused qkv [batch, l, 3e] into out [batch, l, e]: one
-//! attention_head per (sample, head), in parallel over the pairs outside an OpenMP region and on
-//! the calling thread inside one. detail::kRows (8) query rows at a time through register tiles
-//! where the head dim is a whole number of packets; otherwise scores are formed `block` query
-//! rows at a time ([block, L] per thread, never [L, L] per head). `scores` needs max_threads() *
-//! attention_scratch(L, block, E / heads) elements (64-byte aligned for the fastest loads).
-template <class T>
-void attention(const T* qkv, std::int64_t batch, std::int64_t l, std::int64_t e, std::int64_t heads,
-               T* out, T* scores, std::int64_t block) {
-  const std::int64_t scratch = attention_scratch(l, block, e / heads);
-  auto pair = [&](std::int64_t bh, T* sc) {
-    const std::int64_t b = bh / heads, h = bh % heads;
-    attention_head<T>(qkv + b * l * 3 * e, l, e, heads, h, out + b * l * e, sc, block);
-  };
-#if defined(_OPENMP)
-  if (omp_in_parallel()) {
-    T* sc = scores + static_cast<std::int64_t>(omp_get_thread_num()) * scratch;
-    for (std::int64_t bh = 0; bh < batch * heads; ++bh) pair(bh, sc);
-    return;
-  }
-#pragma omp parallel for schedule(dynamic) if (batch * heads > 1)
-#endif
-  for (std::int64_t bh = 0; bh < batch * heads; ++bh)
-    pair(bh, scores + static_cast<std::int64_t>(thread_id()) * scratch);
 }
 
 //! im2col of one latent img [C, H, W] into patches [(H/p)(W/p), C p p] in (c, i, k) order.
@@ -538,34 +501,111 @@ void unpatchify(const T* y, std::int64_t ldy, std::int64_t c, std::int64_t h, st
     }
 }
 
+namespace detail {
+//! C [n, k] (ldc, row-major) += A^T B with A [m, n] (lda) and B [m, k] (ldb) row-major: the
+//! weight gradient dW += dY^T X of a linear layer, with Eigen's kernel on the calling thread.
+template <class T>
+void gemm_tn_accumulate(const T* a, std::int64_t m, std::int64_t n, std::int64_t lda, const T* b,
+                        std::int64_t k, std::int64_t ldb, T* c, std::int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  namespace ei = Eigen::internal;
+  using Index = Eigen::Index;
+  // column-major view: C^T [k, n] (stride ldc) += B^T [k, m] (col-major, ldb) A [m, n] (row-major)
+  GemmBlocking<T> blocking(static_cast<Index>(k), static_cast<Index>(n), static_cast<Index>(m));
+  ei::general_matrix_matrix_product<Index, T, Eigen::ColMajor, false, T, Eigen::RowMajor, false,
+                                    Eigen::ColMajor, 1>::run(static_cast<Index>(k),
+                                                             static_cast<Index>(n),
+                                                             static_cast<Index>(m), b,
+                                                             static_cast<Index>(ldb), a,
+                                                             static_cast<Index>(lda), c, 1,
+                                                             static_cast<Index>(ldc), T(1),
+                                                             blocking, nullptr);
+}
+}  // namespace detail
+
+//! du = dy * GELU'(u) over n values, GELU'(u) = Phi(u) + u phi(u) (in double); du may be dy.
+template <class T>
+void gelu_backward(const T* u, const T* dy, T* du, std::int64_t n) {
+  const double r = 0.70710678118654752440, c = 0.39894228040143267794;  // 1/sqrt2, 1/sqrt(2 pi)
+  for (std::int64_t j = 0; j < n; ++j) {
+    const double v = static_cast<double>(u[j]);
+    const double d = 0.5 * (1.0 + std::erf(v * r)) + v * c * std::exp(-0.5 * v * v);
+    du[j] = static_cast<T>(static_cast<double>(dy[j]) * d);
+  }
+}
+//! du = dy * SiLU'(u) over n values, SiLU'(u) = s (1 + u (1 - s)), s = sigmoid(u); du may be dy.
+template <class T>
+void silu_backward(const T* u, const T* dy, T* du, std::int64_t n) {
+  for (std::int64_t j = 0; j < n; ++j) {
+    const T s = T(1) / (T(1) + std::exp(-u[j]));
+    du[j] = dy[j] * s * (T(1) + u[j] * (T(1) - s));
+  }
+}
+
+//! Scratch elements of attention_head_backward for sequence length l: two [l, l] blocks.
+inline std::int64_t attention_backward_scratch(std::int64_t l) {
+  return detail::pad16(2 * l * l);
+}
+
+//! Backward of one head h of one sample (see attention_head): recomputes P = softmax(q k^T /
+//! sqrt dh) and writes the head's columns of dqkv [l, 3e] (rows ldg apart): dV = P^T dO,
+//! dS = P (dP - rowsum(dP P)) with dP = dO V^T, dQ = dS K / sqrt dh, dK = dS^T Q / sqrt dh.
+//! `sc`: attention_backward_scratch(l) elements.
+template <class T>
+void attention_head_backward(const T* qkv, std::int64_t ldq, std::int64_t l, std::int64_t e,
+                             std::int64_t heads, std::int64_t h, const T* dout, std::int64_t ldo,
+                             T* dqkv, std::int64_t ldg, T* sc) {
+  const std::int64_t dh = e / heads;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dh)));
+  const T* q = qkv + h * dh;
+  const T* k = qkv + e + h * dh;
+  const T* v = qkv + 2 * e + h * dh;
+  const T* dO = dout + h * dh;
+  T* dq = dqkv + h * dh;
+  T* dk = dqkv + e + h * dh;
+  T* dv = dqkv + 2 * e + h * dh;
+  T* P = sc;
+  T* dP = sc + l * l;
+  std::fill_n(P, l * l, T(0));
+  detail::gemm_nt_accumulate<T>(q, l, dh, ldq, k, l, ldq, P, l);
+  for (std::int64_t i = 0; i < l; ++i) {
+    T* row = P + i * l;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (std::int64_t j = 0; j < l; ++j) mx = std::max(mx, row[j] * scale);
+    T sum = 0;
+    for (std::int64_t j = 0; j < l; ++j) sum += (row[j] = std::exp(row[j] * scale - mx));
+    const T inv = T(1) / sum;
+    for (std::int64_t j = 0; j < l; ++j) row[j] *= inv;
+  }
+  std::fill_n(dP, l * l, T(0));
+  detail::gemm_nt_accumulate<T>(dO, l, dh, ldo, v, l, ldq, dP, l);  // dP = dO V^T
+  for (std::int64_t i = 0; i < l; ++i) {
+    const T* p = P + i * l;
+    T* d = dP + i * l;
+    T dot = 0;
+    for (std::int64_t j = 0; j < l; ++j) dot += p[j] * d[j];
+    for (std::int64_t j = 0; j < l; ++j) d[j] = p[j] * (d[j] - dot) * scale;  // dS / sqrt dh
+  }
+  for (std::int64_t i = 0; i < l; ++i) {
+    std::fill_n(dq + i * ldg, dh, T(0));
+    std::fill_n(dk + i * ldg, dh, T(0));
+    std::fill_n(dv + i * ldg, dh, T(0));
+  }
+  detail::gemm_tn_accumulate<T>(P, l, l, l, dO, dh, ldo, dv, ldg);                   // dV = P^T dO
+  detail::gemm_nt_accumulate<T, Eigen::ColMajor>(dP, l, l, l, k, dh, ldq, dq, ldg);  // dS K
+  detail::gemm_tn_accumulate<T>(dP, l, l, l, q, dh, ldq, dk, ldg);                   // dK = dS^T Q
+}
+
 //! Bilinear resize of a row-major grid q [I0, I1, E] to [O0, O1, E], PyTorch's
 //! F.interpolate(mode='bilinear', align_corners=False) without anti-aliasing (UVIT.md §4.5).
 template <class T>
 void bilinear_resize(const T* q, std::int64_t i0, std::int64_t i1, std::int64_t e, std::int64_t o0,
                      std::int64_t o1, T* out) {
-  struct Tap {
-    std::int64_t a, b;
-    T wa, wb;
-  };
-  auto taps = [](std::int64_t in, std::int64_t on) {
-    std::vector<Tap> t(static_cast<std::size_t>(on));
-    // the reference's scale and source coordinate are in the accumulation type (float for float)
-    const T scale = static_cast<T>(in) / static_cast<T>(on);
-    for (std::int64_t o = 0; o < on; ++o) {
-      T src = (static_cast<T>(o) + T(0.5)) * scale - T(0.5);
-      if (src < 0) src = 0;
-      const auto a = static_cast<std::int64_t>(std::floor(src));
-      const std::int64_t b = std::min(a + 1, in - 1);
-      const T wb = src - static_cast<T>(a);
-      t[static_cast<std::size_t>(o)] = {a, b, T(1) - wb, wb};
-    }
-    return t;
-  };
-  const auto ty = taps(i0, o0), tx = taps(i1, o1);
+  const auto ty = ops::bilinear_taps<T>(i0, o0), tx = ops::bilinear_taps<T>(i1, o1);
   for (std::int64_t y = 0; y < o0; ++y)
     for (std::int64_t x = 0; x < o1; ++x) {
-      const Tap& a = ty[static_cast<std::size_t>(y)];
-      const Tap& b = tx[static_cast<std::size_t>(x)];
+      const auto& a = ty[static_cast<std::size_t>(y)];
+      const auto& b = tx[static_cast<std::size_t>(x)];
       T* o = out + (y * o1 + x) * e;
       const T* p00 = q + (a.a * i1 + b.a) * e;
       const T* p01 = q + (a.a * i1 + b.b) * e;
@@ -576,4 +616,27 @@ void bilinear_resize(const T* q, std::int64_t i0, std::int64_t i1, std::int64_t 
     }
 }
 
-}  // namespace unidiffuser::nn::cpu_kernels
+//! Backward of bilinear_resize: dq [I0, I1, E] += the transposed interpolation of dout.
+template <class T>
+void bilinear_resize_backward(const T* dout, std::int64_t i0, std::int64_t i1, std::int64_t e,
+                              std::int64_t o0, std::int64_t o1, T* dq) {
+  const auto ty = ops::bilinear_taps<T>(i0, o0), tx = ops::bilinear_taps<T>(i1, o1);
+  for (std::int64_t y = 0; y < o0; ++y)
+    for (std::int64_t x = 0; x < o1; ++x) {
+      const auto& a = ty[static_cast<std::size_t>(y)];
+      const auto& b = tx[static_cast<std::size_t>(x)];
+      const T* d = dout + (y * o1 + x) * e;
+      T* p00 = dq + (a.a * i1 + b.a) * e;
+      T* p01 = dq + (a.a * i1 + b.b) * e;
+      T* p10 = dq + (a.b * i1 + b.a) * e;
+      T* p11 = dq + (a.b * i1 + b.b) * e;
+      for (std::int64_t j = 0; j < e; ++j) {
+        p00[j] += a.wa * b.wa * d[j];
+        p01[j] += a.wa * b.wb * d[j];
+        p10[j] += a.wb * b.wa * d[j];
+        p11[j] += a.wb * b.wb * d[j];
+      }
+    }
+}
+
+}  // namespace unidiffuser::cpu_kernels

@@ -1,0 +1,779 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file nn.hpp
+//! The network primitives of the CPU backend, forward and backward, over batches of per-sample
+//! row blocks (BatchBlock). The same functions with the same signatures exist for every backend
+//! (backend/reference/nn.hpp); the network (nn/) is written once against them.
+//!
+//! Parallelism is this backend's business. A primitive splits its work into items whose sizes
+//! depend only on the shapes (one sample times one column chunk of a product, one head, 32 rows
+//! of a norm), so every element is computed by the same single-threaded kernel call whatever the
+//! thread count, batch size or batch position: results are bit-identical per sample
+//! (docs/NOTES.md, "Reproducibility"). Called with a user's context, a primitive runs its items on
+//! `ctx.threads` OpenMP threads (all when 0) when there is enough work. `run_samples` runs a whole
+//! network pass inside one parallel region: each thread first takes whole samples through every
+//! layer (no synchronisation), then the team shares each primitive's items for the remaining
+//! samples; the contexts it hands out carry that region and primitives follow it.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "unidiffuser/backend/common.hpp"
+#include "unidiffuser/backend/cpu/kernels.hpp"
+#include "unidiffuser/backend/cpu/onednn.hpp"
+#include "unidiffuser/backend/tags.hpp"
+#include "unidiffuser/core/error.hpp"
+#include "unidiffuser/core/tensor.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace unidiffuser {
+
+namespace cpu_detail {
+//! The first exception of a work item inside a parallel region, rethrown after it (an exception
+//! must not leave an OpenMP region, and every thread must still meet every barrier).
+struct ErrorSlot {
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  std::exception_ptr error;
+  void capture() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!failed.exchange(true)) error = std::current_exception();
+  }
+  void rethrow() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+//! What a context inside run_samples carries: the region's error slot and whether the team
+//! shares a primitive's items (`shared`) or the calling thread runs them all.
+struct Region {
+  ErrorSlot* err = nullptr;
+  bool shared = false;
+};
+
+inline int thread_count(const Context<cpu>& ctx) {
+#if defined(_OPENMP)
+  return ctx.threads > 0 ? ctx.threads : omp_get_max_threads();
+#else
+  (void)ctx;
+  return 1;
+#endif
+}
+
+//! Runs f(i) for items [0, n). Inside run_samples: on the calling thread, or shared by the team
+//! (`omp for`, barrier at the end). Otherwise on up to ctx.threads threads when `work` (about
+//! the element operations) makes the fork worth it. Exceptions reach the caller (after the
+//! region).
+template <class F>
+void for_items(const Context<cpu>& ctx, std::int64_t n, double work, F&& f) {
+  if (ctx.region) {
+    ErrorSlot& err = *ctx.region->err;
+    auto one = [&](std::int64_t i) {
+      if (err.failed.load(std::memory_order_relaxed)) return;
+      try {
+        f(i);
+      } catch (...) {
+        err.capture();
+      }
+    };
+    if (!ctx.region->shared) {
+      for (std::int64_t i = 0; i < n; ++i) one(i);
+      return;
+    }
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (std::int64_t i = 0; i < n; ++i) one(i);
+    return;
+  }
+#if defined(_OPENMP)
+  const int nt = thread_count(ctx);
+  if (nt > 1 && n > 1 && work >= 32768.0 && !omp_in_parallel()) {
+    ErrorSlot err;
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (err.failed.load(std::memory_order_relaxed)) continue;
+      try {
+        f(i);
+      } catch (...) {
+        err.capture();
+      }
+    }
+    err.rethrow();
+    return;
+  }
+#endif
+  (void)work;
+  for (std::int64_t i = 0; i < n; ++i) f(i);
+}
+
+//! Output columns of one work item of a product: about a quarter of the outputs, 64 to 256 wide
+//! (a multiple of 16), so a small layer still splits over threads and a large one makes few
+//! calls. Depends only on the product's shape.
+inline std::int64_t col_width(std::int64_t n) {
+  if (n <= 64) return std::max<std::int64_t>(n, 1);
+  return std::min<std::int64_t>(
+      256, std::max<std::int64_t>(64, cpu_kernels::detail::pad16((n + 3) / 4)));
+}
+inline std::int64_t col_chunks(std::int64_t n) {
+  return (n + col_width(n) - 1) / col_width(n);
+}
+inline constexpr std::int64_t kRowChunk = 32;
+inline std::int64_t row_chunks(std::int64_t m) {
+  return (m + kRowChunk - 1) / kRowChunk;
+}
+
+//! Per-thread scratch of `n` elements, 64-byte aligned, grown and kept.
+template <class T>
+T* scratch(std::int64_t n, int which = 0) {
+  thread_local cpu_kernels::AlignedVector<T> buf[2];
+  auto& b = buf[which];
+  if (b.size() < static_cast<std::size_t>(n)) b.resize(static_cast<std::size_t>(n));
+  return b.data();
+}
+}  // namespace cpu_detail
+
+namespace ops {
+
+// ---------------------------------------------------------------------------------------------
+// Execution
+
+//! Runs a network pass over `samples` samples: f(ctx, s0, s1) processes samples [s0, s1) with
+//! every primitive call taking the context it is given. With `whole_samples`, each of the
+//! ctx.threads threads first runs B / threads whole samples on its own, then the team runs the
+//! remaining B mod threads samples sharing each primitive's items; without it (tracing), all
+//! samples go the shared way (so that `once` sees the whole batch).
+template <class F>
+void run_samples(const Context<cpu>& ctx, std::int64_t samples, F&& f, bool whole_samples = true) {
+  if (samples <= 0) return;
+  [[maybe_unused]] const int threads = cpu_detail::thread_count(ctx);
+  cpu_detail::ErrorSlot err;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+#if defined(_OPENMP)
+    const std::int64_t team = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+    const std::int64_t team = 1, tid = 0;
+#endif
+    const std::int64_t per = whole_samples ? samples / team : 0;
+    cpu_detail::Region own{&err, false}, shared{&err, true};
+    if (per > 0) {
+      try {
+        f(Context<cpu>{ctx.threads, &own}, tid * per, (tid + 1) * per);
+      } catch (...) {
+        err.capture();
+      }
+    }
+    if (per * team < samples) {
+      try {
+        f(Context<cpu>{ctx.threads, &shared}, per * team, samples);
+      } catch (...) {
+        err.capture();
+      }
+    }
+  }
+  err.rethrow();
+}
+
+//! Runs f once: inside run_samples' shared pass by one thread of the team (the others wait),
+//! else on the calling thread. For host-side work on a whole batch (tracing).
+template <class F>
+void once(const Context<cpu>& ctx, F&& f) {
+  if (ctx.region && ctx.region->shared) {
+#if defined(_OPENMP)
+#pragma omp single
+#endif
+    {
+      try {
+        if (!ctx.region->err->failed.load()) f();
+      } catch (...) {
+        ctx.region->err->capture();
+      }
+    }
+    return;
+  }
+  f();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed weights (oneDNN): a CPU-backend cache of reordered copies of weight matrices
+
+//! Reordered copies of fp32 weight matrices for oneDNN's matmul (builds with
+//! UNIDIFFUSER_WITH_ONEDNN; elsewhere it packs nothing). Each column chunk of a weight (the rows
+//! one work item of `linear` uses) is packed on its own. The plain weights stay where they are,
+//! read-only; a network keeps one cache, fills it once (`prepare`) and passes it to `linear`.
+template <class T>
+class LinearCache<T, cpu> {
+ public:
+  static constexpr bool available = onednn::available && std::is_same_v<T, float>;
+  //! Packs every weight not yet packed (thread-safe; a no-op where oneDNN is not available).
+  void prepare(std::span<const RowBlock<const T, cpu>> weights) {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& w : weights) {
+        if (map_.count(w.data)) continue;
+        Entry e;
+        const std::int64_t n = w.rows, k = w.cols, cw = cpu_detail::col_width(n);
+        bool fits = true;
+        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c)
+          fits = fits && gemm_.fits(std::min(cw, n - c * cw), k);
+        if (!fits) continue;
+        e.data.assign(static_cast<std::size_t>(n * k), 0.f);
+        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+          const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+          float* dst = e.data.data() + r0 * k;
+          for (std::int64_t r = 0; r < nr; ++r)
+            std::copy_n(w.data + (r0 + r) * w.ld, k, dst + r * k);
+          gemm_.pack(dst, nr, k, 1);
+        }
+        map_.emplace(w.data, std::move(e));
+      }
+      ready_.store(true);
+    }
+#else
+    (void)weights;
+#endif
+  }
+  //! Forgets every packed copy (after the weights changed).
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    map_.clear();
+    ready_.store(false);
+  }
+  bool empty() const {
+    return !ready_.load();
+  }
+  //! Packed elements held (memory: 4 bytes each).
+  std::int64_t packed_elements() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::int64_t n = 0;
+    for (const auto& [k, v] : map_) n += static_cast<std::int64_t>(v.data.size());
+    return n;
+  }
+
+  // Backend internals (used by ops::linear).
+  struct Entry {
+    cpu_kernels::AlignedVector<float> data;
+  };
+  const Entry* find(const T* w) const {
+    if (!ready_.load()) return nullptr;
+    auto it = map_.find(w);
+    return it == map_.end() ? nullptr : &it->second;
+  }
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  onednn::Gemm& gemm() const {
+    return gemm_;
+  }
+#endif
+
+ private:
+  mutable std::mutex mu_;
+  std::atomic<bool> ready_{false};
+  std::unordered_map<const T*, Entry> map_;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  mutable onednn::Gemm gemm_;
+#endif
+};
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers
+
+namespace detail {
+template <class X, class Y>
+void check_linear(const char* op, const X& x, std::int64_t k, const Y& y, std::int64_t n) {
+  check_batch(op, "x", x, x.samples, x.rows, k);
+  check_batch(op, "y", y, x.samples, x.rows, n);
+}
+}  // namespace detail
+
+//! y_s = x_s w^T + b (Epilogue::none), GELU of it (gelu) or y_s += x_s w^T + b (accumulate) for
+//! every sample: x [S; m, k], w [n, k] (row-major nn.Linear weight, rows w.ld apart), b [n] or
+//! null, y [S; m, n]. `cache`: packed copies of the weights (oneDNN) where prepared.
+template <class T>
+void linear(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const T, cpu> w,
+            const T* b, BatchBlock<T, cpu> y, Epilogue ep,
+            const LinearCache<T, cpu>* cache = nullptr) {
+  detail::check_linear("ops::linear", x, w.cols, y, w.rows);
+  const std::int64_t m = x.rows, k = w.cols, n = w.rows;
+  if (m == 0 || n == 0) return;
+  const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+  [[maybe_unused]] const auto* packed = cache ? cache->find(w.data) : nullptr;
+  cpu_detail::for_items(
+      ctx, x.samples * nch, 2.0 * static_cast<double>(x.samples * m * n * k), [&](std::int64_t it) {
+        const std::int64_t s = it % x.samples, c = it / x.samples;
+        const std::int64_t c0 = c * cw, nc = std::min(cw, n - c0);
+        const T* bc = b ? b + c0 : nullptr;
+        T* yc = y.data + s * y.stride + c0;
+        const T* xs = x.data + s * x.stride;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed) {
+            const auto post = ep == Epilogue::gelu         ? onednn::Post::gelu
+                              : ep == Epilogue::accumulate ? onednn::Post::accumulate
+                                                           : onednn::Post::none;
+            cache->gemm().linear(xs, m, k, x.ld, packed->data.data() + c0 * k, nc, bc, yc, y.ld,
+                                 post);
+            return;
+          }
+        }
+#endif
+        cpu_kernels::linear(xs, m, k, x.ld, w.data + c0 * w.ld, nc, w.ld, bc, yc, y.ld,
+                            ep == Epilogue::accumulate);
+        if (ep == Epilogue::gelu)
+          for (std::int64_t i = 0; i < m; ++i)
+            cpu_kernels::bias_gelu(yc + i * y.ld, 1, nc, static_cast<const T*>(nullptr));
+      });
+}
+
+//! Backward of linear: dx_s (+)= dy_s w (dx null: not wanted), dw += sum_s dy_s^T x_s (dw null:
+//! not wanted), db += the sum of dy over samples and rows (null: not wanted). dW and db are
+//! split by rows of w and each chunk sums the samples in order (deterministic).
+template <class T>
+void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const T, cpu> w,
+                     BatchBlock<const T, cpu> dy, BatchBlock<T, cpu> dx, bool accumulate_dx,
+                     RowBlock<T, cpu> dw, T* db) {
+  const char* op = "ops::linear_backward";
+  const std::int64_t S = dy.samples, m = dy.rows, k = w.cols, n = w.rows;
+  check_batch(op, "dy", dy, S, m, n);
+  if (dx) {
+    check_batch(op, "dx", dx, S, m, k);
+    const std::int64_t cw = cpu_detail::col_width(k), nch = cpu_detail::col_chunks(k);
+    cpu_detail::for_items(
+        ctx, S * nch, 2.0 * static_cast<double>(S * m * n * k), [&](std::int64_t it) {
+          const std::int64_t s = it % S, c = it / S;
+          const std::int64_t c0 = c * cw, nc = std::min(cw, k - c0);
+          T* o = dx.data + s * dx.stride + c0;
+          if (!accumulate_dx)
+            for (std::int64_t i = 0; i < m; ++i) std::fill_n(o + i * dx.ld, nc, T(0));
+          cpu_kernels::detail::gemm_nt_accumulate<T, Eigen::ColMajor>(
+              dy.data + s * dy.stride, m, n, dy.ld, w.data + c0, nc, w.ld, o, dx.ld);
+        });
+  }
+  if (dw.data || db) {
+    check_batch(op, "x", x, S, m, k);
+    if (dw.data && (dw.rows != n || dw.cols != k))
+      throw_mismatch(op, "dw", "shape", "[" + std::to_string(n) + ", " + std::to_string(k) + "]",
+                     "[" + std::to_string(dw.rows) + ", " + std::to_string(dw.cols) + "]");
+    const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+    cpu_detail::for_items(ctx, nch, 2.0 * static_cast<double>(S * m * n * k), [&](std::int64_t c) {
+      const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+      for (std::int64_t s = 0; s < S; ++s) {
+        const T* d = dy.data + s * dy.stride + r0;
+        if (dw.data)
+          cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
+                                                     x.ld, dw.data + r0 * dw.ld, dw.ld);
+        if (db)
+          for (std::int64_t i = 0; i < m; ++i)
+            for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise activations
+
+namespace detail {
+// f(sample, row0, rows) over row chunks of every sample.
+template <class B, class F>
+void for_row_chunks(const Context<cpu>& ctx, const B& a, double work_per_elem, F&& f) {
+  const std::int64_t nch = cpu_detail::row_chunks(a.rows);
+  cpu_detail::for_items(ctx, a.samples * nch,
+                        work_per_elem * static_cast<double>(a.samples * a.rows * a.cols),
+                        [&](std::int64_t it) {
+                          const std::int64_t s = it % a.samples, c = it / a.samples;
+                          const std::int64_t r0 = c * cpu_detail::kRowChunk;
+                          f(s, r0, std::min(cpu_detail::kRowChunk, a.rows - r0));
+                        });
+}
+}  // namespace detail
+
+//! y = GELU(u) (exact erf GELU); y may be u.
+template <class T>
+void gelu(const Context<cpu>& ctx, BatchBlock<const T, cpu> u, BatchBlock<T, cpu> y) {
+  check_batch("ops::gelu", "y", y, u.samples, u.rows, u.cols);
+  detail::for_row_chunks(ctx, u, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r) {
+      T* o = y.row(s, r);
+      if (o != u.row(s, r)) std::copy_n(u.row(s, r), u.cols, o);
+      cpu_kernels::bias_gelu(o, 1, u.cols, static_cast<const T*>(nullptr));
+    }
+  });
+}
+//! du = dy GELU'(u); du may be dy.
+template <class T>
+void gelu_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> u, BatchBlock<const T, cpu> dy,
+                   BatchBlock<T, cpu> du) {
+  check_batch("ops::gelu_backward", "dy", dy, u.samples, u.rows, u.cols);
+  check_batch("ops::gelu_backward", "du", du, u.samples, u.rows, u.cols);
+  detail::for_row_chunks(ctx, u, 16.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r)
+      cpu_kernels::gelu_backward(u.row(s, r), dy.row(s, r), du.row(s, r), u.cols);
+  });
+}
+//! y = SiLU(u) = u sigmoid(u); y may be u.
+template <class T>
+void silu(const Context<cpu>& ctx, BatchBlock<const T, cpu> u, BatchBlock<T, cpu> y) {
+  check_batch("ops::silu", "y", y, u.samples, u.rows, u.cols);
+  detail::for_row_chunks(ctx, u, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r) {
+      T* o = y.row(s, r);
+      if (o != u.row(s, r)) std::copy_n(u.row(s, r), u.cols, o);
+      cpu_kernels::silu(o, u.cols);
+    }
+  });
+}
+//! du = dy SiLU'(u); du may be dy.
+template <class T>
+void silu_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> u, BatchBlock<const T, cpu> dy,
+                   BatchBlock<T, cpu> du) {
+  check_batch("ops::silu_backward", "dy", dy, u.samples, u.rows, u.cols);
+  check_batch("ops::silu_backward", "du", du, u.samples, u.rows, u.cols);
+  detail::for_row_chunks(ctx, u, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r)
+      cpu_kernels::silu_backward(u.row(s, r), dy.row(s, r), du.row(s, r), u.cols);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm
+
+//! y = LayerNorm(x + r) per row (r null: x), gain g, bias b, biased variance, eps; y may be x.
+//! stats [S; rows, 2] (optional) receives (mean, 1 / sqrt(var + eps)) per row for the backward.
+template <class T>
+void layer_norm(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, BatchBlock<const T, cpu> r,
+                const T* g, const T* b, BatchBlock<T, cpu> y, BatchBlock<T, cpu> stats,
+                double eps = 1e-5) {
+  const char* op = "ops::layer_norm";
+  check_batch(op, "y", y, x.samples, x.rows, x.cols);
+  if (r) check_batch(op, "r", r, x.samples, x.rows, x.cols);
+  if (stats) check_batch(op, "stats", stats, x.samples, x.rows, 2);
+  if (stats && stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+  detail::for_row_chunks(ctx, x, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    cpu_kernels::layer_norm(x.row(s, r0), x.ld, r ? r.row(s, r0) : nullptr, r.ld, y.row(s, r0),
+                            y.ld, nr, x.cols, g, b, stats ? stats.row(s, r0) : nullptr, eps);
+  });
+}
+//! Backward of layer_norm: dz = d loss / d (x + r) written (may be dy); dg += sum dy xhat,
+//! db += sum dy (either may be null). `stats` from the forward.
+template <class T>
+void layer_norm_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x,
+                         BatchBlock<const T, cpu> r, const T* g, BatchBlock<const T, cpu> stats,
+                         BatchBlock<const T, cpu> dy, BatchBlock<T, cpu> dz, T* dg, T* db) {
+  const char* op = "ops::layer_norm_backward";
+  const std::int64_t S = x.samples, m = x.rows, n = x.cols;
+  if (r) check_batch(op, "r", r, S, m, n);
+  check_batch(op, "stats", stats, S, m, 2);
+  check_batch(op, "dy", dy, S, m, n);
+  check_batch(op, "dz", dz, S, m, n);
+  if (stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+  // parameter gradients first: dz may overwrite dy
+  if (dg || db) {
+    const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+    cpu_detail::for_items(ctx, nch, 4.0 * static_cast<double>(S * m * n), [&](std::int64_t c) {
+      const std::int64_t c0 = c * cw, nc = std::min(cw, n - c0);
+      for (std::int64_t s = 0; s < S; ++s)
+        cpu_kernels::layer_norm_param_grads(x.row(s, 0), x.ld, r ? r.row(s, 0) : nullptr, r.ld,
+                                            stats.row(s, 0), dy.row(s, 0), dy.ld, m, c0, nc, dg,
+                                            db);
+    });
+  }
+  detail::for_row_chunks(ctx, x, 10.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    cpu_kernels::layer_norm_backward(x.row(s, r0), x.ld, r ? r.row(s, r0) : nullptr, r.ld,
+                                     stats.row(s, r0), dy.row(s, r0), dy.ld, dz.row(s, r0), dz.ld,
+                                     nr, n, g);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+namespace detail {
+// Query rows per score block of the untiled path: the whole sequence while its L x L scores fit
+// in 1 MiB, else 128 rows (the official 1105 tokens).
+template <class T>
+std::int64_t score_block(std::int64_t l) {
+  return l * l * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20) ? l : 128;
+}
+}  // namespace detail
+
+//! Multi-head self-attention: qkv [S; L, 3E] (q | k | v, heads side by side), out [S; L, E]
+//! (heads concatenated); one item per (sample, head).
+template <class T>
+void attention(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64_t heads,
+               BatchBlock<T, cpu> out) {
+  const char* op = "ops::attention";
+  const std::int64_t S = qkv.samples, l = qkv.rows, e = qkv.cols / 3;
+  if (heads < 1 || qkv.cols % 3 || e % heads)
+    throw error(op, "qkv",
+                "columns " + std::to_string(qkv.cols) + " are not 3 x heads (" +
+                    std::to_string(heads) + ") x head dim");
+  check_batch(op, "out", out, S, l, e);
+  const std::int64_t block = detail::score_block<T>(l);
+  const std::int64_t sc = cpu_kernels::attention_scratch(l, block, e / heads);
+  cpu_detail::for_items(
+      ctx, S * heads, 4.0 * static_cast<double>(S * l * l * e), [&](std::int64_t it) {
+        const std::int64_t s = it % S, h = it / S;
+        cpu_kernels::attention_head(qkv.row(s, 0), qkv.ld, l, e, heads, h, out.row(s, 0), out.ld,
+                                    cpu_detail::scratch<T>(sc), block);
+      });
+}
+//! Backward of attention: dqkv [S; L, 3E] written from dout [S; L, E] (P recomputed).
+template <class T>
+void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64_t heads,
+                        BatchBlock<const T, cpu> dout, BatchBlock<T, cpu> dqkv) {
+  const char* op = "ops::attention_backward";
+  const std::int64_t S = qkv.samples, l = qkv.rows, e = qkv.cols / 3;
+  if (heads < 1 || qkv.cols % 3 || e % heads)
+    throw error(op, "qkv",
+                "columns " + std::to_string(qkv.cols) + " are not 3 x heads (" +
+                    std::to_string(heads) + ") x head dim");
+  check_batch(op, "dout", dout, S, l, e);
+  check_batch(op, "dqkv", dqkv, S, l, 3 * e);
+  const std::int64_t sc = cpu_kernels::attention_backward_scratch(l);
+  cpu_detail::for_items(
+      ctx, S * heads, 8.0 * static_cast<double>(S * l * l * e), [&](std::int64_t it) {
+        const std::int64_t s = it % S, h = it / S;
+        cpu_kernels::attention_head_backward(qkv.row(s, 0), qkv.ld, l, e, heads, h, dout.row(s, 0),
+                                             dout.ld, dqkv.row(s, 0), dqkv.ld,
+                                             cpu_detail::scratch<T>(sc, 1));
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Patches, positions, embeddings
+
+namespace detail {
+inline void check_geom(const char* op, const ImageGeom& g) {
+  if (g.channels < 1 || g.patch < 1 || g.height < g.patch || g.width < g.patch ||
+      g.height % g.patch || g.width % g.patch)
+    throw error(op, "geometry",
+                "image [" + std::to_string(g.channels) + ", " + std::to_string(g.height) + ", " +
+                    std::to_string(g.width) + "] is not a whole number of " +
+                    std::to_string(g.patch) + "x" + std::to_string(g.patch) + " patches");
+}
+// f(image index, patch-row index, column within the (c, i, k) / (i, k, c) feature order)
+template <class F>
+void for_patch_elements(const ImageGeom& g, bool ikc, F&& f) {
+  const std::int64_t p = g.patch, gw = g.width / p;
+  for (std::int64_t u = 0; u < g.height / p; ++u)
+    for (std::int64_t v = 0; v < gw; ++v)
+      for (std::int64_t ch = 0; ch < g.channels; ++ch)
+        for (std::int64_t i = 0; i < p; ++i)
+          for (std::int64_t k = 0; k < p; ++k)
+            f((ch * g.height + u * p + i) * g.width + v * p + k, u * gw + v,
+              ikc ? (i * p + k) * g.channels + ch : (ch * p + i) * p + k);
+}
+}  // namespace detail
+
+//! cols_s [tokens, c p p] = patches of img_s [1, c h w] in (c, i, k) order (im2col of the
+//! patch-embedding convolution).
+template <class T>
+void patchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> img, ImageGeom g,
+              BatchBlock<T, cpu> cols) {
+  detail::check_geom("ops::patchify", g);
+  check_batch("ops::patchify", "img", img, img.samples, 1, g.numel());
+  check_batch("ops::patchify", "cols", cols, img.samples, g.tokens(), g.features());
+  cpu_detail::for_items(
+      ctx, img.samples, static_cast<double>(img.samples * g.numel()), [&](std::int64_t s) {
+        if (cols.ld == g.features()) {
+          cpu_kernels::patchify_conv(img.row(s, 0), g.channels, g.height, g.width, g.patch,
+                                     cols.row(s, 0));
+          return;
+        }
+        const T* src = img.row(s, 0);
+        detail::for_patch_elements(g, false,
+                                   [&](auto i, auto t, auto c) { cols.row(s, t)[c] = src[i]; });
+      });
+}
+//! Backward of patchify: dimg_s written from dcols_s.
+template <class T>
+void patchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dcols, ImageGeom g,
+                       BatchBlock<T, cpu> dimg) {
+  detail::check_geom("ops::patchify_backward", g);
+  check_batch("ops::patchify_backward", "dcols", dcols, dcols.samples, g.tokens(), g.features());
+  check_batch("ops::patchify_backward", "dimg", dimg, dcols.samples, 1, g.numel());
+  cpu_detail::for_items(
+      ctx, dcols.samples, static_cast<double>(dcols.samples * g.numel()), [&](std::int64_t s) {
+        T* dst = dimg.row(s, 0);
+        detail::for_patch_elements(g, false,
+                                   [&](auto i, auto t, auto c) { dst[i] = dcols.row(s, t)[c]; });
+      });
+}
+//! img_s [1, c h w] from y_s [tokens, p p c] in (i, k, c) order (the decoder's unpatchify).
+template <class T>
+void unpatchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> y, ImageGeom g,
+                BatchBlock<T, cpu> img) {
+  detail::check_geom("ops::unpatchify", g);
+  check_batch("ops::unpatchify", "y", y, y.samples, g.tokens(), g.features());
+  check_batch("ops::unpatchify", "img", img, y.samples, 1, g.numel());
+  cpu_detail::for_items(ctx, y.samples, static_cast<double>(y.samples * g.numel()),
+                        [&](std::int64_t s) {
+                          cpu_kernels::unpatchify(y.row(s, 0), y.ld, g.channels, g.height, g.width,
+                                                  g.patch, img.row(s, 0));
+                        });
+}
+//! Backward of unpatchify: dy_s written from dimg_s.
+template <class T>
+void unpatchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dimg, ImageGeom g,
+                         BatchBlock<T, cpu> dy) {
+  detail::check_geom("ops::unpatchify_backward", g);
+  check_batch("ops::unpatchify_backward", "dimg", dimg, dimg.samples, 1, g.numel());
+  check_batch("ops::unpatchify_backward", "dy", dy, dimg.samples, g.tokens(), g.features());
+  cpu_detail::for_items(ctx, dimg.samples, static_cast<double>(dimg.samples * g.numel()),
+                        [&](std::int64_t s) {
+                          const T* src = dimg.row(s, 0);
+                          detail::for_patch_elements(
+                              g, true, [&](auto i, auto t, auto c) { dy.row(s, t)[c] = src[i]; });
+                        });
+}
+
+namespace detail {
+template <class A, class B>
+void check_resize(const char* op, const A& src, std::int64_t i0, std::int64_t i1, const B& dst,
+                  std::int64_t o0, std::int64_t o1) {
+  if (i0 < 1 || i1 < 1 || o0 < 1 || o1 < 1 || src.rows != i0 * i1 || dst.rows != o0 * o1 ||
+      src.cols != dst.cols || src.ld != src.cols || dst.ld != dst.cols)
+    throw error(op, "grids",
+                "expected contiguous [" + std::to_string(i0 * i1) + ", e] -> [" +
+                    std::to_string(o0 * o1) + ", e]; got [" + std::to_string(src.rows) + ", " +
+                    std::to_string(src.cols) + "] -> [" + std::to_string(dst.rows) + ", " +
+                    std::to_string(dst.cols) + "]");
+}
+}  // namespace detail
+
+//! dst [o0 o1, e] = bilinear resize of the grid src [i0 i1, e] (PyTorch, align_corners=False,
+//! no anti-aliasing; UVIT.md §4.5).
+template <class T>
+void bilinear_resize(const Context<cpu>& ctx, RowBlock<const T, cpu> src, std::int64_t i0,
+                     std::int64_t i1, std::int64_t o0, std::int64_t o1, RowBlock<T, cpu> dst) {
+  (void)ctx;
+  detail::check_resize("ops::bilinear_resize", src, i0, i1, dst, o0, o1);
+  cpu_kernels::bilinear_resize(src.data, i0, i1, src.cols, o0, o1, dst.data);
+}
+//! Backward of bilinear_resize: dsrc += the transposed interpolation of ddst.
+template <class T>
+void bilinear_resize_backward(const Context<cpu>& ctx, RowBlock<const T, cpu> ddst, std::int64_t i0,
+                              std::int64_t i1, std::int64_t o0, std::int64_t o1,
+                              RowBlock<T, cpu> dsrc) {
+  (void)ctx;
+  detail::check_resize("ops::bilinear_resize_backward", dsrc, i0, i1, ddst, o0, o1);
+  cpu_kernels::bilinear_resize_backward(ddst.data, i0, i1, ddst.cols, o0, o1, dsrc.data);
+}
+
+//! out_s [1, dim] = sinusoidal embedding of t[s] (ops::sinusoid_row: cos block first, the
+//! reference float32 recipe for float; UVIT.md §4.1).
+template <class T>
+void timestep_embedding(const Context<cpu>& ctx, std::span<const double> t, BatchBlock<T, cpu> out,
+                        double max_period = 10000.0) {
+  static_assert(std::is_floating_point_v<T>, "timestep_embedding: T must be float or double");
+  check_batch("ops::timestep_embedding", "out", out, static_cast<std::int64_t>(t.size()), 1,
+              out.cols);
+  cpu_detail::for_items(ctx, out.samples, 0.0, [&](std::int64_t s) {
+    sinusoid_row<T>(t[static_cast<std::size_t>(s)], out.cols, max_period, out.row(s, 0));
+  });
+}
+
+//! out_s [1, e] = table row ids[s].
+template <class T>
+void gather_rows(const Context<cpu>& ctx, RowBlock<const T, cpu> table,
+                 std::span<const std::int64_t> ids, BatchBlock<T, cpu> out) {
+  check_batch("ops::gather_rows", "out", out, static_cast<std::int64_t>(ids.size()), 1, table.cols);
+  for (std::size_t s = 0; s < ids.size(); ++s)
+    if (ids[s] < 0 || ids[s] >= table.rows)
+      throw_mismatch("ops::gather_rows", "ids", "row index", "0.." + std::to_string(table.rows - 1),
+                     ids[s]);
+  cpu_detail::for_items(ctx, out.samples, 0.0, [&](std::int64_t s) {
+    std::copy_n(table.data + ids[static_cast<std::size_t>(s)] * table.ld, table.cols,
+                out.row(s, 0));
+  });
+}
+//! Backward of gather_rows: dtable row ids[s] += dout_s, samples in order.
+template <class T>
+void gather_rows_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dout,
+                          std::span<const std::int64_t> ids, RowBlock<T, cpu> dtable) {
+  (void)ctx;
+  check_batch("ops::gather_rows_backward", "dout", dout, static_cast<std::int64_t>(ids.size()), 1,
+              dtable.cols);
+  for (std::size_t s = 0; s < ids.size(); ++s) {
+    if (ids[s] < 0 || ids[s] >= dtable.rows)
+      throw_mismatch("ops::gather_rows_backward", "ids", "row index",
+                     "0.." + std::to_string(dtable.rows - 1), ids[s]);
+    T* d = dtable.data + ids[s] * dtable.ld;
+    const T* g = dout.row(static_cast<std::int64_t>(s), 0);
+    for (std::int64_t j = 0; j < dtable.cols; ++j) d[j] += g[j];
+  }
+}
+
+//! y_s += a for every sample (a [rows, cols]).
+template <class T>
+void add_rows(const Context<cpu>& ctx, RowBlock<const T, cpu> a, BatchBlock<T, cpu> y) {
+  check_batch("ops::add_rows", "y", y, y.samples, a.rows, a.cols);
+  cpu_detail::for_items(ctx, y.samples, static_cast<double>(y.samples * a.rows * a.cols),
+                        [&](std::int64_t s) {
+                          for (std::int64_t r = 0; r < a.rows; ++r) {
+                            T* o = y.row(s, r);
+                            const T* p = a.data + r * a.ld;
+                            for (std::int64_t j = 0; j < a.cols; ++j) o[j] += p[j];
+                          }
+                        });
+}
+//! da += sum over samples of dy_s (samples in order).
+template <class T>
+void sum_samples(const Context<cpu>& ctx, BatchBlock<const T, cpu> dy, RowBlock<T, cpu> da) {
+  check_batch("ops::sum_samples", "dy", dy, dy.samples, da.rows, da.cols);
+  const std::int64_t nch = cpu_detail::row_chunks(da.rows);
+  cpu_detail::for_items(ctx, nch, static_cast<double>(dy.samples * da.rows * da.cols),
+                        [&](std::int64_t c) {
+                          const std::int64_t r0 = c * cpu_detail::kRowChunk,
+                                             nr = std::min(cpu_detail::kRowChunk, da.rows - r0);
+                          for (std::int64_t s = 0; s < dy.samples; ++s)
+                            for (std::int64_t r = r0; r < r0 + nr; ++r) {
+                              T* o = da.data + r * da.ld;
+                              const T* g = dy.row(s, r);
+                              for (std::int64_t j = 0; j < da.cols; ++j) o[j] += g[j];
+                            }
+                        });
+}
+
+//! dst = src, sample by sample (must not overlap unless identical).
+template <class T>
+void copy(const Context<cpu>& ctx, BatchBlock<const T, cpu> src, BatchBlock<T, cpu> dst) {
+  check_batch("ops::copy", "src", src, src.samples, src.rows, src.cols);
+  check_batch("ops::copy", "dst", dst, src.samples, src.rows, src.cols);
+  detail::for_row_chunks(ctx, src, 1.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r)
+      if (dst.row(s, r) != src.row(s, r)) std::copy_n(src.row(s, r), src.cols, dst.row(s, r));
+  });
+}
+//! dst += src, sample by sample.
+template <class T>
+void add(const Context<cpu>& ctx, BatchBlock<const T, cpu> src, BatchBlock<T, cpu> dst) {
+  check_batch("ops::add", "dst", dst, src.samples, src.rows, src.cols);
+  detail::for_row_chunks(ctx, src, 1.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
+    for (std::int64_t r = r0; r < r0 + nr; ++r) {
+      T* o = dst.row(s, r);
+      const T* p = src.row(s, r);
+      for (std::int64_t j = 0; j < src.cols; ++j) o[j] += p[j];
+    }
+  });
+}
+
+}  // namespace ops
+}  // namespace unidiffuser

@@ -1,0 +1,440 @@
+// SPDX-License-Identifier: Apache-2.0
+// The network written once against the backend primitives: finite-difference checks of the whole
+// U-ViT's backward in double (v0, v1, a K = 3 layout, interpolated positions), recomputation
+// equal to the recorded tape, the CPU and reference backends agreeing on whole runs (forward,
+// backward, a guided sampling run, the loss), and concurrent forwards of one network.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "unidiffuser/diffusion/noise.hpp"
+#include "unidiffuser/diffusion/objective.hpp"
+#include "unidiffuser/diffusion/pipeline.hpp"
+#include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
+#include "unidiffuser/sampler/dpm_solver.hpp"
+
+namespace ud = unidiffuser;
+namespace nn = unidiffuser::nn;
+
+namespace {
+
+nn::UViTConfig v0_config() {
+  return nn::UViTConfig::official("v0", 4, 2, 2, /*embed_dim=*/12, /*depth=*/3, /*heads=*/2, 2.0,
+                                  /*qkv_bias=*/true, /*mlp_time_embed=*/true, 3, 2, 5);
+}
+nn::UViTConfig v1_config() {
+  return nn::UViTConfig::official("v1", 4, 2, 2, 12, 3, 3, 2.0, false, false, 3, 3, 4);
+}
+// Three groups: an image latent, a text sequence and an "audio" sequence, each with its time.
+nn::UViTConfig k3_config() {
+  nn::UViTConfig c;
+  c.version = "custom";
+  c.embed_dim = 12;
+  c.depth = 3;
+  c.num_heads = 2;
+  c.mlp_ratio = 2.0;
+  c.qkv_bias = true;
+  c.mlp_time_embed = true;
+  c.time_names = {"time_img_embed", "time_text_embed", "time_audio_embed"};
+  c.data_type_token = true;
+  c.data_types = 3;
+  nn::UViTComponent img{
+      "img",         nn::ComponentKind::patched_image, 0, 0, 2, 4, 2, 0, 0, "patch_embed.proj",
+      "decoder_pred"};
+  nn::UViTComponent text{"text",    nn::ComponentKind::tokens, 1, 0, 0, 0, 0, 3, 4, "text_embed",
+                         "text_out"};
+  nn::UViTComponent audio{"audio",    nn::ComponentKind::tokens, 2, 0, 0, 0, 0, 2, 3, "audio_embed",
+                          "audio_out"};
+  c.components = {img, text, audio};
+  c.validate();
+  return c;
+}
+
+// Random inputs of one batch for a config, latent side lh (0 = default).
+template <class T>
+struct Batch {
+  std::int64_t B = 2, lh = 0;
+  std::vector<std::vector<T>> x, w;  // inputs and the weights of the scalar objective
+  std::vector<std::vector<double>> t;
+  std::vector<std::int64_t> dt;
+  Batch(const nn::UViTConfig& cfg, std::int64_t batch, std::int64_t latent, std::uint64_t seed)
+      : B(batch), lh(latent) {
+    std::uint64_t s = seed;
+    auto fill = [&](std::vector<T>& v, std::int64_t n) {
+      v.resize(static_cast<std::size_t>(n));
+      ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::RowBlock<T>(v.data(), 1, n, n),
+                             ud::NoiseKey{s++, 3}, 0);
+    };
+    for (const auto& c : cfg.components) {
+      x.emplace_back();
+      w.emplace_back();
+      fill(x.back(), B * c.numel(lh, lh));
+      fill(w.back(), B * c.numel(lh, lh));
+    }
+    for (std::size_t g = 0; g < cfg.groups(); ++g) {
+      t.emplace_back();
+      for (std::int64_t b = 0; b < B; ++b)
+        t.back().push_back(static_cast<double>(137 + 311 * g + 97 * static_cast<std::size_t>(b)));
+    }
+    for (std::int64_t b = 0; b < B; ++b) dt.push_back(b % cfg.data_types);
+  }
+  template <class Backend>
+  nn::UViTInputs<T, Backend> inputs(const nn::UViTConfig& cfg) const {
+    nn::UViTInputs<T, Backend> in;
+    for (std::size_t k = 0; k < cfg.components.size(); ++k) {
+      const std::int64_t n = cfg.components[k].numel(lh, lh);
+      in.x.push_back(ud::RowBlock<const T, Backend>(x[k].data(), B, n, n));
+    }
+    for (const auto& v : t) in.t.push_back(v);
+    in.data_type = dt;
+    in.latent_h = in.latent_w = lh;
+    return in;
+  }
+};
+
+// Outputs of one forward, one buffer per component.
+template <class T, class Backend>
+struct Outputs {
+  std::vector<std::vector<T>> y;
+  std::vector<ud::RowBlock<T, Backend>> blocks;
+  Outputs(const nn::UViTConfig& cfg, std::int64_t B, std::int64_t lh) {
+    for (const auto& c : cfg.components) {
+      const std::int64_t n = c.numel(lh, lh);
+      y.emplace_back(static_cast<std::size_t>(B * n));
+      blocks.emplace_back(y.back().data(), B, n, n);
+    }
+  }
+};
+
+// sum_k <w_k, out_k> of the forward at the network's current parameters.
+template <class Backend>
+double objective(nn::UViT<double, Backend>& net, const Batch<double>& b) {
+  const auto& cfg = net.config();
+  Outputs<double, Backend> o(cfg, b.B, b.lh);
+  net.forward(ud::Context<Backend>{}, b.template inputs<Backend>(cfg), o.blocks);
+  double s = 0;
+  for (std::size_t k = 0; k < o.y.size(); ++k)
+    for (std::size_t i = 0; i < o.y[k].size(); ++i) s += o.y[k][i] * b.w[k][i];
+  return s;
+}
+
+// Parameter and input gradients of the objective through the training forward and backward
+// (dx null: input gradients not asked for).
+template <class T, class Backend>
+void gradients(nn::UViT<T, Backend>& net, Batch<T>& b,
+               std::type_identity_t<std::vector<std::vector<T>>>* dx, bool recompute = false,
+               typename nn::UViT<T, Backend>::Tape* tp = nullptr, int threads = 0) {
+  const auto& cfg = net.config();
+  ud::Context<Backend> ctx{};
+  if constexpr (std::is_same_v<Backend, ud::cpu>) ctx.threads = threads;
+  Outputs<T, Backend> o(cfg, b.B, b.lh);
+  typename nn::UViT<T, Backend>::Tape own;
+  auto& tape = tp ? *tp : own;
+  net.forward(ctx, b.template inputs<Backend>(cfg), o.blocks, tape, recompute);
+  std::vector<ud::RowBlock<const T, Backend>> dout;
+  std::vector<ud::RowBlock<T, Backend>> dxb;
+  for (std::size_t k = 0; k < cfg.components.size(); ++k) {
+    const std::int64_t n = cfg.components[k].numel(b.lh, b.lh);
+    dout.emplace_back(b.w[k].data(), b.B, n, n);
+    if (dx) {
+      (*dx)[k].assign(static_cast<std::size_t>(b.B * n), T(0));
+      dxb.emplace_back((*dx)[k].data(), b.B, n, n);
+    }
+  }
+  net.zero_gradients();
+  net.backward(ctx, tape, dout, dxb);
+}
+
+struct FdCase {
+  const char* name;
+  nn::UViTConfig cfg;
+  std::int64_t latent;
+};
+
+}  // namespace
+
+TEST_CASE("U-ViT backward matches central finite differences in double") {
+  for (const FdCase& fc : {FdCase{"v0 (qkv bias, time MLPs)", v0_config(), 0},
+                           FdCase{"v1", v1_config(), 0}, FdCase{"K = 3 layout", k3_config(), 0},
+                           FdCase{"v1 at 6x6 latent (interpolated positions)", v1_config(), 6}}) {
+    CAPTURE(fc.name);
+    nn::UViT<double> net(fc.cfg);
+    net.init_random(11, 0.3);
+    Batch<double> b(fc.cfg, 2, fc.latent, 5);
+    std::vector<std::vector<double>> dx(fc.cfg.components.size());
+    gradients(net, b, &dx);
+    const std::vector<double> g(net.gradients().begin(), net.gradients().end());
+    const double h = 1e-5;
+    // every parameter tensor along a random direction restricted to it
+    std::vector<double> dir(static_cast<std::size_t>(net.parameters().size()));
+    ud::ops::random_normal(
+        ud::Context<ud::cpu>{},
+        ud::RowBlock<double>(dir.data(), 1, net.parameters().size(), net.parameters().size()),
+        ud::NoiseKey{77, 1}, 0);
+    auto p = net.parameters();
+    int checked = 0;
+    for (const auto& name : net.parameter_names()) {
+      CAPTURE(name);
+      const auto view = net.param(name);
+      const std::int64_t off = net.parameter_offset(name), n = view.size();
+      double analytic = 0;
+      for (std::int64_t i = 0; i < n; ++i)
+        analytic += g[static_cast<std::size_t>(off + i)] * dir[static_cast<std::size_t>(off + i)];
+      auto shift = [&](double s) {
+        for (std::int64_t i = 0; i < n; ++i)
+          p[off + i] += s * dir[static_cast<std::size_t>(off + i)];
+        net.parameters_changed();
+      };
+      shift(h);
+      const double fp = objective(net, b);
+      shift(-2 * h);
+      const double fm = objective(net, b);
+      shift(h);
+      const double fd = (fp - fm) / (2 * h);
+      CHECK(std::abs(fd - analytic) <= 1e-6 * std::max(1.0, std::abs(analytic)));
+      ++checked;
+    }
+    CHECK(checked == static_cast<int>(net.parameter_names().size()));
+    // every input component along a random direction
+    for (std::size_t k = 0; k < fc.cfg.components.size(); ++k) {
+      CAPTURE(fc.cfg.components[k].name);
+      std::vector<double> v(b.x[k].size());
+      ud::ops::random_normal(ud::Context<ud::cpu>{},
+                             ud::RowBlock<double>(v.data(), 1, static_cast<std::int64_t>(v.size()),
+                                                  static_cast<std::int64_t>(v.size())),
+                             ud::NoiseKey{78, k}, 0);
+      double analytic = 0;
+      for (std::size_t i = 0; i < v.size(); ++i) analytic += dx[k][i] * v[i];
+      auto shift = [&](double s) {
+        for (std::size_t i = 0; i < v.size(); ++i) b.x[k][i] += s * v[i];
+      };
+      shift(h);
+      const double fp = objective(net, b);
+      shift(-2 * h);
+      const double fm = objective(net, b);
+      shift(h);
+      CHECK(std::abs((fp - fm) / (2 * h) - analytic) <= 1e-6 * std::max(1.0, std::abs(analytic)));
+    }
+  }
+}
+
+TEST_CASE("activation recomputation gives the gradients of the recorded tape, bit for bit") {
+  for (const auto& cfg : {v0_config(), k3_config()}) {
+    nn::UViT<float> net(cfg);
+    net.init_random(3, 0.2);
+    Batch<float> b(cfg, 3, 0, 9);
+    std::vector<std::vector<float>> dx1(cfg.components.size()), dx2(cfg.components.size());
+    gradients(net, b, &dx1, false);
+    const std::vector<float> g1(net.gradients().begin(), net.gradients().end());
+    gradients(net, b, &dx2, true);
+    const std::vector<float> g2(net.gradients().begin(), net.gradients().end());
+    CHECK(g1 == g2);
+    CHECK(dx1 == dx2);
+    // the gradient is not trivially zero
+    CHECK(std::any_of(g1.begin(), g1.end(), [](float v) { return std::abs(v) > 1e-4f; }));
+  }
+}
+
+TEST_CASE("the training forward returns the inference forward's outputs") {
+  const auto cfg = v1_config();
+  nn::UViT<float> net(cfg);
+  net.use_packed_gemm(false);  // both passes on the same GEMM path
+  net.init_random(4, 0.2);
+  Batch<float> b(cfg, 3, 0, 2);
+  Outputs<float, ud::cpu> a(cfg, b.B, 0), t(cfg, b.B, 0);
+  net.forward(ud::Context<ud::cpu>{}, b.inputs<ud::cpu>(cfg), a.blocks);
+  nn::UViT<float>::Tape tape;
+  net.forward(ud::Context<ud::cpu>{}, b.inputs<ud::cpu>(cfg), t.blocks, tape);
+  CHECK(a.y == t.y);
+}
+
+TEST_CASE("CPU and reference backends agree on the whole network, forward and backward") {
+  for (const auto& cfg : {v0_config(), v1_config(), k3_config()}) {
+    nn::UViT<double, ud::cpu> cpu(cfg);
+    nn::UViT<double, ud::reference> ref(cfg);
+    cpu.init_random(21, 0.3);
+    std::copy(cpu.parameters().begin(), cpu.parameters().end(), ref.parameters().begin());
+    ref.parameters_changed();
+    Batch<double> b(cfg, 3, 0, 8);
+    std::vector<std::vector<double>> dxc(cfg.components.size()), dxr(cfg.components.size());
+    gradients(cpu, b, &dxc);
+    gradients(ref, b, &dxr);
+    Outputs<double, ud::cpu> oc(cfg, b.B, 0);
+    Outputs<double, ud::reference> orf(cfg, b.B, 0);
+    cpu.forward(ud::Context<ud::cpu>{}, b.inputs<ud::cpu>(cfg), oc.blocks);
+    ref.forward(ud::Context<ud::reference>{}, b.inputs<ud::reference>(cfg), orf.blocks);
+    auto close = [](const auto& a, const auto& r, double rtol) {
+      double mx = 0, d = 0;
+      for (std::size_t i = 0; i < r.size(); ++i) {
+        mx = std::max(mx, std::abs(double(r[i])));
+        d = std::max(d, std::abs(double(a[i]) - double(r[i])));
+      }
+      return d <= rtol * std::max(mx, 1e-300);
+    };
+    for (std::size_t k = 0; k < oc.y.size(); ++k) {
+      CHECK(close(oc.y[k], orf.y[k], 1e-12));
+      CHECK(close(dxc[k], dxr[k], 1e-11));
+    }
+    for (const auto& n : cpu.parameter_names()) {
+      CAPTURE(n);
+      const auto gc = cpu.grad(n);
+      const auto gr = ref.grad(n);
+      CHECK(close(std::vector<double>(gc.begin(), gc.end()),
+                  std::vector<double>(gr.begin(), gr.end()), 1e-11));
+    }
+  }
+}
+
+TEST_CASE("CPU and reference backends agree on a guided sampling run and the loss") {
+  const auto cfg = v1_config();
+  nn::UViT<double, ud::cpu> cpu(cfg);
+  nn::UViT<double, ud::reference> ref(cfg);
+  cpu.init_random(5, 0.2);
+  std::copy(cpu.parameters().begin(), cpu.parameters().end(), ref.parameters().begin());
+  ref.parameters_changed();
+  const auto layout = cfg.layout<2>();
+  ud::DpmSolverOptions o;
+  o.steps = 3;
+  const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
+  ud::GuidanceOptions g;  // scale 7, true_uncond: several network calls per step
+  const std::int64_t B = 2;
+  auto run = [&](auto& net, auto backend) {
+    using Bk = decltype(backend);
+    nn::UViTPredictor<double, 2, Bk> model(net, 1);
+    ud::PhiloxNoise noise(42);
+    const ud::DpmSolver<double, Bk> solver(ns, o);
+    const auto r = ud::sample_mode<double>(ud::Context<Bk>{}, model, noise, layout, ud::Mode::joint,
+                                           g, solver, B);
+    std::vector<double> out;
+    for (const auto& t : r) out.insert(out.end(), t.begin(), t.end());
+    return out;
+  };
+  const auto a = run(cpu, ud::cpu{});
+  const auto r = run(ref, ud::reference{});
+  REQUIRE(a.size() == r.size());
+  double mx = 0, d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    mx = std::max(mx, std::abs(r[i]));
+    d = std::max(d, std::abs(a[i] - r[i]));
+  }
+  CHECK(mx > 0);
+  CHECK(d <= 1e-9 * mx);
+  // the objective and its gradient on the two backends
+  std::array<ud::Tensor<double, ud::cpu>, 2> pc, ec, gc;
+  std::array<ud::Tensor<double, ud::reference>, 2> pr, er, gr;
+  for (std::size_t k = 0; k < 2; ++k) {
+    const ud::Shape s{B, layout.size(k)};
+    pc[k] = ud::Tensor<double, ud::cpu>(s);
+    ec[k] = ud::Tensor<double, ud::cpu>(s);
+    gc[k] = ud::Tensor<double, ud::cpu>(s);
+    pr[k] = ud::Tensor<double, ud::reference>(s);
+    er[k] = ud::Tensor<double, ud::reference>(s);
+    gr[k] = ud::Tensor<double, ud::reference>(s);
+    ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::as_rows(pc[k].view()), {1, k}, 0);
+    ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::as_rows(ec[k].view()), {2, k}, 0);
+    ud::ops::random_normal(ud::Context<ud::reference>{}, ud::as_rows(pr[k].view()), {1, k}, 0);
+    ud::ops::random_normal(ud::Context<ud::reference>{}, ud::as_rows(er[k].view()), {2, k}, 0);
+  }
+  using CV = ud::GroupViews<const double, 2, ud::cpu>;
+  using RV = ud::GroupViews<const double, 2, ud::reference>;
+  const auto lc = ud::unidiffuser_loss<double, 2>(
+      ud::Context<ud::cpu>{}, CV{pc[0].view(), pc[1].view()}, CV{ec[0].view(), ec[1].view()});
+  const auto lr = ud::unidiffuser_loss<double, 2>(
+      ud::Context<ud::reference>{}, RV{pr[0].view(), pr[1].view()}, RV{er[0].view(), er[1].view()});
+  CHECK(lc.loss == doctest::Approx(lr.loss).epsilon(1e-14));
+  ud::unidiffuser_loss_grad<double, 2>(
+      ud::Context<ud::cpu>{}, CV{pc[0].view(), pc[1].view()}, CV{ec[0].view(), ec[1].view()},
+      ud::GroupViews<double, 2, ud::cpu>{gc[0].view(), gc[1].view()});
+  ud::unidiffuser_loss_grad<double, 2>(
+      ud::Context<ud::reference>{}, RV{pr[0].view(), pr[1].view()}, RV{er[0].view(), er[1].view()},
+      ud::GroupViews<double, 2, ud::reference>{gr[0].view(), gr[1].view()});
+  for (std::size_t k = 0; k < 2; ++k)
+    for (std::int64_t i = 0; i < gc[k].size(); ++i)
+      CHECK(gc[k][i] == doctest::Approx(gr[k][i]).epsilon(1e-14));
+}
+
+TEST_CASE("several threads sample from one network at once, each with its own workspace") {
+  const auto cfg = v1_config();
+  nn::UViT<float> net(cfg);
+  net.init_random(6, 0.2);
+  std::vector<Batch<float>> batches;
+  for (int i = 0; i < 4; ++i)
+    batches.emplace_back(cfg, 1 + i, 0, 100 + static_cast<std::uint64_t>(i));
+  std::vector<std::vector<std::vector<float>>> serial, parallel(batches.size());
+  for (auto& b : batches) {
+    Outputs<float, ud::cpu> o(cfg, b.B, 0);
+    net.forward(ud::Context<ud::cpu>{1}, b.inputs<ud::cpu>(cfg), o.blocks);
+    serial.push_back(o.y);
+  }
+  std::vector<std::thread> th;
+  for (std::size_t i = 0; i < batches.size(); ++i)
+    th.emplace_back([&, i] {
+      nn::UViT<float>::Workspace ws;
+      for (int rep = 0; rep < 3; ++rep) {
+        Outputs<float, ud::cpu> o(cfg, batches[i].B, 0);
+        const nn::UViT<float>& shared = net;
+        shared.forward(ud::Context<ud::cpu>{1}, batches[i].inputs<ud::cpu>(cfg), o.blocks, ws);
+        parallel[i] = o.y;
+      }
+    });
+  for (auto& t : th) t.join();
+  for (std::size_t i = 0; i < batches.size(); ++i) CHECK(parallel[i] == serial[i]);
+}
+
+TEST_CASE("backward: thread count, tape reuse, optional input gradients, stale tapes") {
+  const auto cfg = k3_config();
+  nn::UViT<float> net(cfg);
+  net.init_random(8, 0.2);
+  Batch<float> b3(cfg, 3, 0, 1), b2(cfg, 2, 6, 2);  // another batch and latent size
+  std::vector<std::vector<float>> dx(cfg.components.size());
+  auto grads = [&] { return std::vector<float>(net.gradients().begin(), net.gradients().end()); };
+  // deterministic whatever the thread count (dW and db sum the samples in order)
+  gradients(net, b3, &dx, false, nullptr, 1);
+  const auto g1 = grads();
+  const auto dx1 = dx;
+  gradients(net, b3, &dx, false, nullptr, 2);
+  CHECK(grads() == g1);
+  CHECK(dx == dx1);
+  // without input gradients: the same parameter gradients
+  gradients(net, b3, nullptr, false, nullptr, 2);
+  CHECK(grads() == g1);
+  // one tape through batch 3, batch 2 at a 6x6 latent, batch 3 again: as fresh tapes
+  nn::UViT<float>::Tape tape;
+  gradients(net, b2, nullptr);
+  const auto g2 = grads();
+  for (bool rc : {false, true}) {
+    gradients(net, b3, nullptr, rc, &tape);
+    CHECK(grads() == g1);
+    gradients(net, b2, nullptr, rc, &tape);
+    CHECK(grads() == g2);
+  }
+  // a tape refuses the backward once the parameters changed, or on another network
+  const ud::Context<ud::cpu> ctx{};
+  Outputs<float, ud::cpu> o(cfg, b3.B, 0);
+  net.forward(ctx, b3.inputs<ud::cpu>(cfg), o.blocks, tape);
+  std::vector<ud::RowBlock<const float>> dout;
+  for (std::size_t k = 0; k < cfg.components.size(); ++k)
+    dout.emplace_back(b3.w[k].data(), b3.B, cfg.components[k].numel(), cfg.components[k].numel());
+  nn::UViT<float> other(cfg);
+  CHECK_THROWS_AS(other.backward(ctx, tape, dout), ud::error);
+  net.parameters_changed();
+  CHECK_THROWS_AS(net.backward(ctx, tape, dout), ud::error);
+  nn::UViT<float>::Tape empty;
+  CHECK_THROWS_AS(net.backward(ctx, empty, dout), ud::error);
+  // malformed views are errors, not reads out of bounds
+  auto in = b3.inputs<ud::cpu>(cfg);
+  in.x[1] = ud::RowBlock<const float>(nullptr, b3.B, in.x[1].cols, in.x[1].ld);
+  CHECK_THROWS_AS(net.forward(ctx, in, o.blocks), ud::error);
+  in = b3.inputs<ud::cpu>(cfg);
+  in.x[2].ld = in.x[2].cols - 1;
+  CHECK_THROWS_AS(net.forward(ctx, in, o.blocks), ud::error);
+}
