@@ -3,6 +3,7 @@
 //   unidiffuser-bench uvit --embed E --depth D --heads H --latent CxHxW --patch P --text LxD
 //                          --clip D --batch B --threads T --repeat R [--version v0|v1] [--double]
 //                          [--gemm auto|eigen|onednn] [--serve]
+//   unidiffuser-bench train (the uvit options, [--recompute]): one training step instead
 //   unidiffuser-bench fma  --threads T [--seconds S] [--serve]   (FP32 FMA peak of this machine)
 // --gemm: the block GEMMs through Eigen or through oneDNN on packed weights (builds with
 // UNIDIFFUSER_ONEDNN; auto = oneDNN where built in). --serve (for interleaved comparisons, see
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -25,6 +27,7 @@
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
+#include "unidiffuser/train/trainer.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -68,8 +71,10 @@ double peak_rss_mib() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
+// `train`: one training step (training forward with its tape, the UniDiffuser loss gradient,
+// backward, AdamW, EMA) instead of one forward.
 template <class T>
-int bench_uvit(const ud::cli::Args& a) {
+int bench_uvit(const ud::cli::Args& a, bool train) {
   const auto lat = dims(a.text("latent", "4x32x32"), 3, "--latent", 65536);
   const auto txt = dims(a.text("text", "77x64"), 2, "--text", 65536);
   if (lat[1] != lat[2])
@@ -109,7 +114,26 @@ int bench_uvit(const ud::cli::Args& a) {
   }
   std::vector<double> ti(static_cast<std::size_t>(B), 500.0),
       tt(static_cast<std::size_t>(B), 250.0);
+  std::unique_ptr<ud::train::Trainer<T, 2>> trainer;
+  if (train) {
+    ud::train::TrainerOptions<T, 2> to;
+    to.batch = B;
+    to.lr.lr = 1e-5;
+    to.recompute = a.has("recompute");
+    trainer = std::make_unique<ud::train::Trainer<T, 2>>(
+        net, to,
+        [](std::uint64_t seed, std::int64_t, std::int64_t first,
+           const std::array<ud::RowBlock<T>, 2>& x0, std::span<std::int64_t>) {
+          for (std::size_t g = 0; g < 2; ++g)
+            ud::ops::random_normal(ud::Context<ud::cpu>{}, x0[g], ud::NoiseKey{seed, 50 + g},
+                                   static_cast<std::uint64_t>(first));
+        });
+  }
   auto once = [&] {
+    if (trainer) {
+      trainer->step(ud::Context<ud::cpu>{threads});
+      return;
+    }
     model(ud::Context<ud::cpu>{threads}, {x[0].view(), x[1].view()},
           {std::span<const double>(ti), std::span<const double>(tt)}, {o[0].view(), o[1].view()});
   };
@@ -124,14 +148,16 @@ int bench_uvit(const ud::cli::Args& a) {
     return ms;
   };
   once();  // warm-up: workspace allocation, page faults, weight packing
-  const double gflop = net.flops() * static_cast<double>(B) / 1e9;
+  // a training step: forward, and a backward of about twice its products
+  const double gflop = net.flops() * static_cast<double>(B) / 1e9 * (train ? 3.0 : 1.0);
+  const char* bench = train ? "train" : "uvit";
   const double weight_mib =
       static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0);
   if (a.has("serve")) {
     std::printf(
-        "{\"bench\": \"uvit\", \"serve\": true, \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+        "{\"bench\": \"%s\", \"serve\": true, \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
         "%lld, \"gflop\": %.4f}\n",
-        gemm_used, static_cast<long long>(cfg.tokens()),
+        bench, gemm_used, static_cast<long long>(cfg.tokens()),
         static_cast<long long>(net.parameter_count()), gflop);
     std::fflush(stdout);
     std::string request;
@@ -150,11 +176,11 @@ int bench_uvit(const ud::cli::Args& a) {
   std::sort(ms.begin(), ms.end());
   const double med = ms[ms.size() / 2];
   std::printf(
-      "{\"bench\": \"uvit\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+      "{\"bench\": \"%s\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
       "%lld, \"batch\": %lld, \"threads\": %d, "
       "\"gflop\": %.4f, \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, \"gflops\": %.2f, "
       "\"peak_rss_mib\": %.1f, \"weights_mib\": %.1f, \"rss_at_start_mib\": %.1f}\n",
-      sizeof(T) == 4 ? "f32" : "f64", gemm_used, static_cast<long long>(cfg.tokens()),
+      bench, sizeof(T) == 4 ? "f32" : "f64", gemm_used, static_cast<long long>(cfg.tokens()),
       static_cast<long long>(net.parameter_count()), static_cast<long long>(B), threads, gflop, med,
       ms.front(), ms.back(), gflop / (med / 1e3), peak_rss_mib(), weight_mib, rss0);
   return 0;
@@ -222,11 +248,14 @@ int bench_fma(const ud::cli::Args& a) {
 }
 
 const char* kUsage = R"(usage: unidiffuser-bench uvit [options]
+       unidiffuser-bench train [options] [--recompute]
        unidiffuser-bench fma [--threads T] [--seconds S] [--serve]
 
 Whole-component timings printed as one JSON line.
 
-uvit options (U-ViT forward on random weights):
+uvit options (U-ViT forward on random weights; train: one training step -- forward with its tape,
+the loss gradient, backward, AdamW, EMA -- on random data, --recompute for per-block recomputation;
+gflop counts 3x the forward's products):
   --embed E             embedding width                                  1..65536   [512]
   --depth D             blocks                                           1..4096    [12]
   --heads H             attention heads                                  1..65536   [8]
@@ -256,17 +285,18 @@ int bench_main(int argc, char** argv) {
     return 0;
   }
   if (argc < 2)
-    throw ud::error(ud::cli::op, "subcommand", "missing; expected 'uvit' or 'fma' (see --help)");
+    throw ud::error(ud::cli::op, "subcommand",
+                    "missing; expected 'uvit', 'train' or 'fma' (see --help)");
   const std::string cmd = argv[1];
   std::vector<ud::cli::Option> known;
-  if (cmd == "uvit")
-    known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},      {"patch"},
-             {"text"},    {"clip"},  {"batch"},         {"threads"},     {"repeat"},
-             {"version"}, {"gemm"},  {"double", false}, {"serve", false}};
+  if (cmd == "uvit" || cmd == "train")
+    known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},       {"patch"},
+             {"text"},    {"clip"},  {"batch"},         {"threads"},      {"repeat"},
+             {"version"}, {"gemm"},  {"double", false}, {"serve", false}, {"recompute", false}};
   else if (cmd == "fma")
     known = {{"threads"}, {"seconds"}, {"serve", false}};
   else
-    ud::throw_mismatch(ud::cli::op, "subcommand", "unknown subcommand", "'uvit' or 'fma'",
+    ud::throw_mismatch(ud::cli::op, "subcommand", "unknown subcommand", "'uvit', 'train' or 'fma'",
                        "'" + cmd + "'");
   const ud::cli::Args a(known, argc, argv, 2);
   if (a.help()) {
@@ -274,7 +304,8 @@ int bench_main(int argc, char** argv) {
     return 0;
   }
   if (cmd == "fma") return bench_fma(a);
-  return a.has("double") ? bench_uvit<double>(a) : bench_uvit<float>(a);
+  const bool train = cmd == "train";
+  return a.has("double") ? bench_uvit<double>(a, train) : bench_uvit<float>(a, train);
 }
 
 }  // namespace

@@ -83,6 +83,14 @@ void sinusoid_row(double t, std::int64_t dim, double max_period, T* o) {
   if (dim % 2) o[dim - 1] = T(0);
 }
 
+//! Coefficients of one AdamW step (PyTorch's AdamW): p -= lr wd p; m = b1 m + (1 - b1) g;
+//! v = b2 v + (1 - b2) g^2; p -= lr (m / c1) / (sqrt(v / c2) + eps) with the bias corrections
+//! c1 = 1 - b1^t, c2 = 1 - b2^t. Scalars in double, applied in the parameter type.
+struct AdamWStep {
+  double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  double c1 = 1, c2 = 1;
+};
+
 //! A backend's cache of prepared (e.g. reordered) copies of weight matrices for `linear`. The
 //! primary template prepares nothing; the CPU backend packs fp32 weights for oneDNN.
 template <class T, class Backend>

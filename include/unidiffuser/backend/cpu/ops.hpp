@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 #include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/backend/tags.hpp"
@@ -216,6 +217,42 @@ bool all_finite(const Context<cpu>& ctx, RowBlock<const T, cpu> x) {
     for (std::int64_t j = 0; j < x.cols; ++j)
       if (!std::isfinite(static_cast<double>(x.data[r * x.ld + j]))) return false;
   return true;
+}
+
+//! One AdamW step over a contiguous range (p, g, m, v of n elements); `decay` = lr * wd or 0.
+template <class T>
+void adamw_update(const Context<cpu>& ctx, T* p, const T* g, T* m, T* v, std::int64_t n,
+                  const AdamWStep& s) {
+  const T lr = static_cast<T>(s.lr), b1 = static_cast<T>(s.beta1), b2 = static_cast<T>(s.beta2);
+  const T ob1 = static_cast<T>(1 - s.beta1), ob2 = static_cast<T>(1 - s.beta2);
+  const T ic1 = static_cast<T>(1 / s.c1), ic2 = static_cast<T>(1 / s.c2),
+          eps = static_cast<T>(s.eps), keep = static_cast<T>(1 - s.lr * s.weight_decay);
+  const std::int64_t chunk = 4096, nch = (n + chunk - 1) / chunk;
+  detail::for_rows(ctx, nch, chunk * 8, [&](std::int64_t c) {
+    const std::int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
+    for (std::int64_t j = j0; j < j1; ++j) {
+      const T gj = g[j];
+      m[j] = b1 * m[j] + ob1 * gj;
+      v[j] = b2 * v[j] + ob2 * gj * gj;
+      p[j] = keep * p[j] - lr * (m[j] * ic1) / (std::sqrt(v[j] * ic2) + eps);
+    }
+  });
+}
+
+//! Sum of squares of n contiguous values, in double, summed in fixed chunks (deterministic).
+template <class T>
+double sum_squares(const Context<cpu>& ctx, const T* x, std::int64_t n) {
+  const std::int64_t chunk = 4096, nch = (n + chunk - 1) / chunk;
+  std::vector<double> part(static_cast<std::size_t>(nch), 0.0);
+  detail::for_rows(ctx, nch, chunk, [&](std::int64_t c) {
+    double acc = 0;
+    for (std::int64_t j = c * chunk; j < std::min(n, (c + 1) * chunk); ++j)
+      acc += static_cast<double>(x[j]) * static_cast<double>(x[j]);
+    part[static_cast<std::size_t>(c)] = acc;
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
 }
 
 }  // namespace unidiffuser::ops

@@ -157,4 +157,29 @@ bool all_finite(const Context<reference>& ctx, RowBlock<const T, reference> x) {
   return true;
 }
 
+//! One AdamW step over a contiguous range, every operation in double, stored once in T.
+template <class T>
+void adamw_update(const Context<reference>& ctx, T* p, const T* g, T* m, T* v, std::int64_t n,
+                  const AdamWStep& s) {
+  (void)ctx;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const double gj = static_cast<double>(g[j]);
+    const double mj = s.beta1 * static_cast<double>(m[j]) + (1 - s.beta1) * gj;
+    const double vj = s.beta2 * static_cast<double>(v[j]) + (1 - s.beta2) * gj * gj;
+    m[j] = static_cast<T>(mj);
+    v[j] = static_cast<T>(vj);
+    p[j] = static_cast<T>((1 - s.lr * s.weight_decay) * static_cast<double>(p[j]) -
+                          s.lr * (mj / s.c1) / (std::sqrt(vj / s.c2) + s.eps));
+  }
+}
+
+//! Sum of squares of n contiguous values, in double.
+template <class T>
+double sum_squares(const Context<reference>& ctx, const T* x, std::int64_t n) {
+  (void)ctx;
+  double s = 0;
+  for (std::int64_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * static_cast<double>(x[j]);
+  return s;
+}
+
 }  // namespace unidiffuser::ops
