@@ -45,6 +45,18 @@ VARIANTS = {"default": ({}, ()), "skylakex": ({"OPENBLAS_CORETYPE": "SkylakeX"},
             "sdpa": ({}, ("sdpa",)), "sdpa+compile": ({}, ("sdpa", "compile"))}
 
 
+def vm_hwm_mib(pid):
+    """Peak resident set of a live process (Linux /proc), MiB; nan where unavailable."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -67,18 +79,44 @@ def worker(cfg, threads, options):
     torch.manual_seed(0)
     c = CONFIGS[cfg]
     C, H, W = c["latent"]
+    train = "train" in options
     m = UViT(img_size=H, in_chans=C, patch_size=c["patch"], embed_dim=c["embed"], depth=c["depth"],
-             num_heads=c["heads"], text_dim=c["text"][1], num_text_tokens=c["text"][0], clip_img_dim=c["clip"]).eval()
+             num_heads=c["heads"], text_dim=c["text"][1], num_text_tokens=c["text"][0], clip_img_dim=c["clip"])
+    m = m.train() if train else m.eval()
     for p in m.parameters():
         p.data.normal_(0, 0.02)
+    if "mkldnn" in options and train:
+        return emit({"skipped": "to_mkldnn is for inference", "torch": torch.__version__})
     if "mkldnn" in options:
         from torch.utils import mkldnn as mk
         m = mk.to_mkldnn(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.03) if train else None
     if "compile" in options:
         m = torch.compile(m)
     B = c["batch"]
     args = (torch.randn(B, C, H, W), torch.randn(B, 1, c["clip"]), torch.randn(B, *c["text"]),
             torch.full((B,), 500.0), torch.full((B,), 250.0), torch.ones(B, dtype=torch.long))
+    if train:  # one training step: forward, the UniDiffuser loss (MSE over all elements), backward, AdamW
+        eps = [torch.randn(B, C, H, W), torch.randn(B, 1, c["clip"]), torch.randn(B, *c["text"])]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = m(*args)
+            loss = torch.cat([((o - e) ** 2).flatten(1) for o, e in zip(out, eps)], 1).mean()
+            loss.backward()
+            opt.step()
+
+        step()
+        step()
+        emit({"ready": True, "torch": torch.__version__})
+        for line in sys.stdin:
+            ms = []
+            for _ in range(max(1, int(line))):
+                t0 = time.perf_counter()
+                step()
+                ms.append((time.perf_counter() - t0) * 1e3)
+            emit({"ms": ms})
+        return
     with torch.inference_mode():
         m(*args)
         m(*args)
@@ -121,6 +159,8 @@ def main():
     ap.add_argument("--per-turn", type=int, default=1, help="forwards per candidate per round")
     ap.add_argument("--fma-seconds", type=float, default=0.3)
     ap.add_argument("--configs", default="demo,small")
+    ap.add_argument("--step", default="forward", choices=["forward", "train"],
+                    help="time forwards, or training steps (forward + backward + AdamW)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--python", default=sys.executable,
                     help="comma-separated interpreters, each with its own torch (e.g. Debian's and a venv's)")
@@ -147,7 +187,8 @@ def main():
         ours, theirs = [], []
         for bench in a.bench.split(","):
             for g in a.gemm.split(","):
-                w = Worker("unidiffuser[%s]" % g, [bench, "uvit"] + args + ["--gemm", g, "--serve"])
+                sub = "train" if a.step == "train" else "uvit"
+                w = Worker("unidiffuser[%s]" % g, [bench, sub] + args + ["--gemm", g, "--serve"])
                 if w.skipped:  # this build lacks the path (the bench said why on stderr)
                     continue
                 w.label = "unidiffuser[%s]%s" % (w.info["gemm"], "" if len(a.bench.split(",")) == 1
@@ -156,8 +197,9 @@ def main():
         for py in pythons:
             for name in a.variants.split(","):
                 env, opts = VARIANTS[name]
+                wopts = opts + (("train",) if a.step == "train" else ())
                 w = Worker(name, [py, __file__, "--worker", cfg, "--threads", str(a.threads), "--options",
-                                  ",".join(opts)], env=dict(os.environ, **env))
+                                  ",".join(wopts)], env=dict(os.environ, **env))
                 if w.skipped:
                     continue
                 w.label = "torch %s %s" % (w.info["torch"], name)
@@ -180,18 +222,22 @@ def main():
                     w.times += ms
                     row[w.label] = statistics.median(ms)
             per_round.append(row)
+        for w in everyone:  # peak resident memory of each worker process (whole process)
+            w.hwm = vm_hwm_mib(w.p.pid)
         for w in everyone + [fma]:
             w.close()
         peak = statistics.median(peaks)
-        print("config %s: %d rounds of %d forward(s) per candidate, interleaved (%.0f s); FMA peak median %.1f "
+        print("config %s: %d rounds of %d %s per candidate, interleaved (%.0f s); FMA peak median %.1f "
               "GFLOP/s (range %.1f-%.1f over %d measurements)"
-              % (cfg, a.rounds, a.per_turn, time.time() - t0, peak, min(peaks), max(peaks), len(peaks)))
+              % (cfg, a.rounds, a.per_turn, "training step(s)" if a.step == "train" else "forward(s)",
+                 time.time() - t0, peak, min(peaks), max(peaks), len(peaks)))
         best = min(theirs, key=lambda w: statistics.median(w.times))
         for w in everyone:
             med = statistics.median(w.times)
             q = sorted(w.times)
-            print("  %-40s median %8.1f ms  (min %8.1f, max %8.1f)  %6.1f GFLOP/s = %3.0f %% of peak%s"
-                  % (w.label, med, q[0], q[-1], gflop / med * 1e3, 100 * gflop / med * 1e3 / peak,
+            print("  %-40s median %8.1f ms  (min %8.1f, max %8.1f)  %6.1f GFLOP/s = %3.0f %% of peak  "
+                  "peak RSS %6.0f MiB%s"
+                  % (w.label, med, q[0], q[-1], gflop / med * 1e3, 100 * gflop / med * 1e3 / peak, w.hwm,
                      "" if w in ours else "  -> %.2fx the best library time" % (med / min(
                          statistics.median(o.times) for o in ours))))
         for o in ours:

@@ -137,30 +137,29 @@ void layer_norm(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, T* y
 
 //! Backward of layer_norm over rows: z = x (+ r), xhat = (z - mean) rstd from `stats`;
 //! dz = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)) written to dz (may be dy); the
-//! per-column sums dg += dy xhat and db += dy are left to layer_norm_param_grads.
+//! per-column sums dg += dy xhat and db += dy are left to layer_norm_param_grads. Vectorised
+//! with Eigen arrays in the compute type.
 template <class T>
-void layer_norm_backward(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, const T* stats,
-                         const T* dy, std::int64_t lddy, T* dz, std::int64_t lddz, std::int64_t m,
-                         std::int64_t n, const T* g) {
+void layer_norm_backward(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr,
+                         const T* stats, const T* dy, std::int64_t lddy, T* dz, std::int64_t lddz,
+                         std::int64_t m, std::int64_t n, const T* g) {
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
+  using CRow = Eigen::Map<const A>;
+  const CRow G(g, n);
+  const T inv_n = T(1) / static_cast<T>(n);
   for (std::int64_t i = 0; i < m; ++i) {
     const T mean = stats[2 * i], rstd = stats[2 * i + 1];
-    const T* xr = x + i * ldx;
-    const T* rr = r ? r + i * ldr : nullptr;
-    const T* dr = dy + i * lddy;
-    T s1 = 0, s2 = 0;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
-      const T d = dr[j] * g[j];
-      s1 += d;
-      s2 += d * xh;
-    }
-    s1 /= static_cast<T>(n);
-    s2 /= static_cast<T>(n);
-    T* o = dz + i * lddz;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
-      o[j] = rstd * (dr[j] * g[j] - s1 - xh * s2);
-    }
+    const CRow X(x + i * ldx, n), D(dy + i * lddy, n);
+    Eigen::Map<A> O(dz + i * lddz, n);
+    auto body = [&](const auto& Z) {
+      const auto XH = (Z - mean) * rstd;
+      const T s1 = (D * G).sum() * inv_n, s2 = (D * G * XH).sum() * inv_n;
+      O = rstd * (D * G - s1 - XH * s2);
+    };
+    if (r)
+      body(X + CRow(r + i * ldr, n));
+    else
+      body(X);
   }
 }
 
@@ -169,16 +168,19 @@ template <class T>
 void layer_norm_param_grads(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr,
                             const T* stats, const T* dy, std::int64_t lddy, std::int64_t m,
                             std::int64_t c0, std::int64_t nc, T* dg, T* db) {
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
+  using CRow = Eigen::Map<const A>;
+  Eigen::Map<A> DG(dg ? dg + c0 : nullptr, dg ? nc : 0), DB(db ? db + c0 : nullptr, db ? nc : 0);
   for (std::int64_t i = 0; i < m; ++i) {
     const T mean = stats[2 * i], rstd = stats[2 * i + 1];
-    const T* xr = x + i * ldx;
-    const T* rr = r ? r + i * ldr : nullptr;
-    const T* dr = dy + i * lddy;
-    for (std::int64_t j = c0; j < c0 + nc; ++j) {
-      const T xh = ((rr ? xr[j] + rr[j] : xr[j]) - mean) * rstd;
-      if (dg) dg[j] += dr[j] * xh;
-      if (db) db[j] += dr[j];
+    const CRow X(x + i * ldx + c0, nc), D(dy + i * lddy + c0, nc);
+    if (dg) {
+      if (r)
+        DG += D * ((X + CRow(r + i * ldr + c0, nc)) - mean) * rstd;
+      else
+        DG += D * (X - mean) * rstd;
     }
+    if (db) DB += D;
   }
 }
 
@@ -523,15 +525,16 @@ void gemm_tn_accumulate(const T* a, std::int64_t m, std::int64_t n, std::int64_t
 }
 }  // namespace detail
 
-//! du = dy * GELU'(u) over n values, GELU'(u) = Phi(u) + u phi(u) (in double); du may be dy.
+//! du = dy * GELU'(u) over n values, GELU'(u) = Phi(u) + u phi(u), with Eigen's vectorised erf
+//! and exp in the compute type; du may be dy.
 template <class T>
 void gelu_backward(const T* u, const T* dy, T* du, std::int64_t n) {
-  const double r = 0.70710678118654752440, c = 0.39894228040143267794;  // 1/sqrt2, 1/sqrt(2 pi)
-  for (std::int64_t j = 0; j < n; ++j) {
-    const double v = static_cast<double>(u[j]);
-    const double d = 0.5 * (1.0 + std::erf(v * r)) + v * c * std::exp(-0.5 * v * v);
-    du[j] = static_cast<T>(static_cast<double>(dy[j]) * d);
-  }
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
+  using CRow = Eigen::Map<const A>;
+  const T r = static_cast<T>(0.70710678118654752440), c = static_cast<T>(0.39894228040143267794);
+  const CRow U(u, n), D(dy, n);
+  Eigen::Map<A> O(du, n);
+  O = D * (T(0.5) * (T(1) + (U * r).erf()) + U * c * (T(-0.5) * U.square()).exp());
 }
 //! du = dy * SiLU'(u) over n values, SiLU'(u) = s (1 + u (1 - s)), s = sigmoid(u); du may be dy.
 template <class T>
@@ -568,23 +571,20 @@ void attention_head_backward(const T* qkv, std::int64_t ldq, std::int64_t l, std
   T* dP = sc + l * l;
   std::fill_n(P, l * l, T(0));
   detail::gemm_nt_accumulate<T>(q, l, dh, ldq, k, l, ldq, P, l);
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
   for (std::int64_t i = 0; i < l; ++i) {
-    T* row = P + i * l;
-    T mx = -std::numeric_limits<T>::infinity();
-    for (std::int64_t j = 0; j < l; ++j) mx = std::max(mx, row[j] * scale);
-    T sum = 0;
-    for (std::int64_t j = 0; j < l; ++j) sum += (row[j] = std::exp(row[j] * scale - mx));
-    const T inv = T(1) / sum;
-    for (std::int64_t j = 0; j < l; ++j) row[j] *= inv;
+    Eigen::Map<A> row(P + i * l, l);
+    row *= scale;
+    row = (row - row.maxCoeff()).exp();
+    row *= T(1) / row.sum();
   }
   std::fill_n(dP, l * l, T(0));
   detail::gemm_nt_accumulate<T>(dO, l, dh, ldo, v, l, ldq, dP, l);  // dP = dO V^T
   for (std::int64_t i = 0; i < l; ++i) {
-    const T* p = P + i * l;
-    T* d = dP + i * l;
-    T dot = 0;
-    for (std::int64_t j = 0; j < l; ++j) dot += p[j] * d[j];
-    for (std::int64_t j = 0; j < l; ++j) d[j] = p[j] * (d[j] - dot) * scale;  // dS / sqrt dh
+    const Eigen::Map<const A> p(P + i * l, l);
+    Eigen::Map<A> d(dP + i * l, l);
+    const T dot = (p * d).sum();
+    d = p * (d - dot) * scale;  // dS / sqrt dh
   }
   for (std::int64_t i = 0; i < l; ++i) {
     std::fill_n(dq + i * ldg, dh, T(0));
