@@ -140,9 +140,9 @@ void layer_norm(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, T* y
 //! per-column sums dg += dy xhat and db += dy are left to layer_norm_param_grads. Vectorised
 //! with Eigen arrays in the compute type.
 template <class T>
-void layer_norm_backward(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr,
-                         const T* stats, const T* dy, std::int64_t lddy, T* dz, std::int64_t lddz,
-                         std::int64_t m, std::int64_t n, const T* g) {
+void layer_norm_backward(const T* x, std::int64_t ldx, const T* r, std::int64_t ldr, const T* stats,
+                         const T* dy, std::int64_t lddy, T* dz, std::int64_t lddz, std::int64_t m,
+                         std::int64_t n, const T* g) {
   using A = Eigen::Array<T, 1, Eigen::Dynamic>;
   using CRow = Eigen::Map<const A>;
   const CRow G(g, n);
