@@ -136,6 +136,14 @@ inline std::int64_t row_chunks(std::int64_t m) {
   return (m + kRowChunk - 1) / kRowChunk;
 }
 
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+//! The oneDNN products of the backward (plain weights; one process-wide primitive cache).
+inline onednn::Gemm& backward_gemm() {
+  static onednn::Gemm g;
+  return g;
+}
+#endif
+
 //! Per-thread scratch of `n` elements, 64-byte aligned, grown and kept.
 template <class T>
 T* scratch(std::int64_t n, int which = 0) {
@@ -359,6 +367,13 @@ void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlo
           const std::int64_t s = it % S, c = it / S;
           const std::int64_t c0 = c * cw, nc = std::min(cw, k - c0);
           T* o = dx.data + s * dx.stride + c0;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+          if constexpr (std::is_same_v<T, float>) {  // dY W through oneDNN
+            cpu_detail::backward_gemm().matmul(dy.data + s * dy.stride, m, n, dy.ld, 1, w.data + c0,
+                                               nc, w.ld, 1, o, dx.ld, accumulate_dx);
+            return;
+          }
+#endif
           if (!accumulate_dx)
             for (std::int64_t i = 0; i < m; ++i) std::fill_n(o + i * dx.ld, nc, T(0));
           cpu_kernels::detail::gemm_nt_accumulate<T, Eigen::ColMajor>(
@@ -375,9 +390,16 @@ void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlo
       const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
       for (std::int64_t s = 0; s < S; ++s) {
         const T* d = dy.data + s * dy.stride + r0;
-        if (dw.data)
-          cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
-                                                     x.ld, dw.data + r0 * dw.ld, dw.ld);
+        if (dw.data) {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+          if constexpr (std::is_same_v<T, float>)  // dY^T X through oneDNN (transposed source)
+            cpu_detail::backward_gemm().matmul(d, nr, m, 1, dy.ld, x.data + s * x.stride, k, x.ld,
+                                               1, dw.data + r0 * dw.ld, dw.ld, true);
+          else
+#endif
+            cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
+                                                       x.ld, dw.data + r0 * dw.ld, dw.ld);
+        }
         if (db)
           for (std::int64_t i = 0; i < m; ++i)
             for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];

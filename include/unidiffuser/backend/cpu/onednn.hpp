@@ -107,7 +107,58 @@ class Gemm {
     s.wait();
   }
 
+  //! c [m, n] (row stride ldc) = a [m, k] b [k, n], or += with `accumulate`, on plain operands
+  //! of any strides: element (i, p) of a at a[i as0 + p as1], (p, j) of b at b[p bs0 + j bs1]
+  //! (transposed operands are strides). The backward's products dX = dY W and dW += dY^T X.
+  void matmul(const float* a, std::int64_t m, std::int64_t k, std::int64_t as0, std::int64_t as1,
+              const float* b, std::int64_t n, std::int64_t bs0, std::int64_t bs1, float* c,
+              std::int64_t ldc, bool accumulate) {
+    const PlainPrim& p = plain_primitive({m, k, n, as0, as1, bs0, bs1, ldc, accumulate});
+    static thread_local std::vector<char> scratch;
+    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
+    dnnl::stream s(eng_);
+    dnnl::memory as(p.src, eng_, const_cast<float*>(a)), bs(p.wei, eng_, const_cast<float*>(b)),
+        cs(p.dst, eng_, c), sp(p.pd.scratchpad_desc(), eng_, scratch.data());
+    p.prim.execute(s, {{DNNL_ARG_SRC, as},
+                       {DNNL_ARG_WEIGHTS, bs},
+                       {DNNL_ARG_DST, cs},
+                       {DNNL_ARG_SCRATCHPAD, sp}});
+    s.wait();
+  }
+
  private:
+  using PlainKey = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                              std::int64_t, std::int64_t, std::int64_t, bool>;
+  struct PlainPrim {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+    dnnl::memory::desc src, wei, dst;
+    std::size_t scratch = 0;
+  };
+  const PlainPrim& plain_primitive(const PlainKey& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = plain_.find(key);
+    if (it != plain_.end()) return it->second;
+    const auto [m, k, n, as0, as1, bs0, bs1, ldc, acc] = key;
+    const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{as0, as1});
+    const dnnl::memory::desc wei({k, n}, dt::f32, dnnl::memory::dims{bs0, bs1});
+    const dnnl::memory::desc dst({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+    dnnl::post_ops po;
+    if (acc) po.append_sum(1.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    try {
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, eng_);
+      PlainPrim p{pd, dnnl::matmul(pd), src, wei, dst, pd.scratchpad_desc().get_size()};
+      return plain_.emplace(key, std::move(p)).first->second;
+    } catch (const dnnl::error& e) {
+      throw error("onednn::Gemm::matmul",
+                  "[" + std::to_string(m) + ", " + std::to_string(k) + "] x [" + std::to_string(k) +
+                      ", " + std::to_string(n) + "]",
+                  std::string("oneDNN could not create the primitive: ") + e.what());
+    }
+  }
   using Key =
       std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool, int>;
   struct Prim {
@@ -162,6 +213,7 @@ class Gemm {
   dnnl::engine eng_;
   std::mutex mu_;
   std::map<Key, Prim> cache_;
+  std::map<PlainKey, PlainPrim> plain_;
 };
 #else
 inline constexpr bool available = false;
