@@ -32,6 +32,7 @@
 #include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/backend/cpu/kernels.hpp"
 #include "unidiffuser/backend/cpu/onednn.hpp"
+#include "unidiffuser/backend/cpu/ops.hpp"
 #include "unidiffuser/backend/tags.hpp"
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
@@ -64,13 +65,9 @@ struct Region {
   bool shared = false;
 };
 
+//! Threads a primitive may use: ctx.threads, or all of OpenMP's (the element-wise ops' rule).
 inline int thread_count(const Context<cpu>& ctx) {
-#if defined(_OPENMP)
-  return ctx.threads > 0 ? ctx.threads : omp_get_max_threads();
-#else
-  (void)ctx;
-  return 1;
-#endif
+  return ops::detail::thread_count(ctx);
 }
 
 //! Runs f(i) for items [0, n). Inside run_samples: on the calling thread, or shared by the team

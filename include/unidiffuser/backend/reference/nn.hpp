@@ -22,6 +22,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "unidiffuser/backend/common.hpp"
@@ -119,6 +120,26 @@ inline void check_resize(const char* op, std::int64_t i0, std::int64_t i1, std::
                 "need input extents >= 1 and output extents >= 0; got " + std::to_string(i0) +
                     " x " + std::to_string(i1) + " -> " + std::to_string(o0) + " x " +
                     std::to_string(o1));
+}
+//! Row i of sample s of z = x (+ r) into z[0, n) (double), and its mean and 1 / sqrt(biased
+//! variance + eps), two-pass in double.
+template <class T>
+std::pair<double, double> row_stats(const BatchBlock<const T, reference>& x,
+                                    const BatchBlock<const T, reference>& r, std::int64_t s,
+                                    std::int64_t i, double* z, double eps) {
+  const std::int64_t n = x.cols;
+  double mean = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    double v = static_cast<double>(x.row(s, i)[j]);
+    if (r.data) v += static_cast<double>(r.row(s, i)[j]);
+    z[j] = v;
+    mean += v;
+  }
+  mean /= static_cast<double>(n);
+  double var = 0;
+  for (std::int64_t j = 0; j < n; ++j) var += (z[j] - mean) * (z[j] - mean);
+  var /= static_cast<double>(n);
+  return {mean, 1.0 / std::sqrt(var + eps)};
 }
 }  // namespace reference_detail
 
@@ -292,21 +313,7 @@ void layer_norm(const Context<reference>& ctx, BatchBlock<const T, reference> x,
   std::vector<double> z(static_cast<std::size_t>(n));
   for (std::int64_t s = 0; s < S; ++s)
     for (std::int64_t i = 0; i < m; ++i) {
-      double mean = 0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        double v = static_cast<double>(x.row(s, i)[j]);
-        if (r.data) v += static_cast<double>(r.row(s, i)[j]);
-        z[static_cast<std::size_t>(j)] = v;
-        mean += v;
-      }
-      mean /= static_cast<double>(n);
-      double var = 0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const double d = z[static_cast<std::size_t>(j)] - mean;
-        var += d * d;
-      }
-      var /= static_cast<double>(n);
-      const double rstd = 1.0 / std::sqrt(var + eps);
+      const auto [mean, rstd] = reference_detail::row_stats(x, r, s, i, z.data(), eps);
       T* yr = y.row(s, i);
       for (std::int64_t j = 0; j < n; ++j) {
         double v = (z[static_cast<std::size_t>(j)] - mean) * rstd;
@@ -342,21 +349,7 @@ void layer_norm_backward(const Context<reference>& ctx, BatchBlock<const T, refe
   std::vector<double> xhat(un), gy(un), sum_g(dg ? un : 0, 0.0), sum_b(db ? un : 0, 0.0);
   for (std::int64_t s = 0; s < S; ++s)
     for (std::int64_t i = 0; i < m; ++i) {
-      double mean = 0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        double v = static_cast<double>(x.row(s, i)[j]);
-        if (r.data) v += static_cast<double>(r.row(s, i)[j]);
-        xhat[static_cast<std::size_t>(j)] = v;
-        mean += v;
-      }
-      mean /= static_cast<double>(n);
-      double var = 0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const double d = xhat[static_cast<std::size_t>(j)] - mean;
-        var += d * d;
-      }
-      var /= static_cast<double>(n);
-      const double rstd = 1.0 / std::sqrt(var + eps);
+      const auto [mean, rstd] = reference_detail::row_stats(x, r, s, i, xhat.data(), eps);
       double mean_gy = 0, mean_gy_xhat = 0;
       for (std::int64_t j = 0; j < n; ++j) {
         const auto uj = static_cast<std::size_t>(j);
