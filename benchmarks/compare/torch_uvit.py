@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def timestep_embedding(t, dim, max_period=10000):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -180,7 +180,31 @@ def check(path):
     return ok
 
 
+def mixed(path):
+    """Relative L2 error against the file's float64 outputs of PyTorch's autocast (CPU) in bf16
+    and fp16: the yardstick of the library's mixed-precision modes."""
+    t, meta = read_safetensors(path)
+    cfg = json.loads(meta["config"])
+    model = UViT(**cfg).eval()
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param/")}, strict=True)
+    sets = sorted({k.split("/")[1] for k in t if k.startswith("input/")})
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            for s in sets:
+                i = lambda n: t["input/%s/%s" % (s, n)]
+                dt = i("data_type") if cfg["version"] == "v1" else None
+                outs = model(i("img"), i("clip_img"), i("text"), i("t_img"), i("t_text"), dt)
+                for name, o in zip(["img_out", "clip_img_out", "text_out"], outs):
+                    ref = t.get("output_f64/%s/%s" % (s, name))
+                    if ref is None:
+                        continue
+                    e = float(torch.linalg.norm(o.double() - ref) / torch.linalg.norm(ref))
+                    print("torch autocast %s %s/%s rel L2 %.4g" % (str(dtype)[6:], s, name, e))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--check":
         sys.exit(0 if check(sys.argv[2]) else 1)
+    if len(sys.argv) == 3 and sys.argv[1] == "--mixed":
+        sys.exit(mixed(sys.argv[2]))
     print(__doc__)

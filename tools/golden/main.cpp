@@ -5,12 +5,20 @@
 // sets, case lists, per-case settings (`case_params`), model tensor names (`model_params`) and
 // tolerances (`checks`, pass rule |x - ref| <= atol + rtol |ref| element-wise). Prints one line
 // per check and "N passed, M failed" last; exits non-zero if anything failed or nothing ran.
+//
+// The network cases (U-ViT forward, training objective and gradients, sampling in the official
+// modes) run on the backend UNIDIFFUSER_GOLDEN_BACKEND: the CPU here; the CUDA backend in
+// unidiffuser-golden-cuda (golden/main_cuda.cu, compiled by nvcc), whose weights, inputs and
+// noise are copied to the device and whose results are copied back for the comparison.
+// Schedules, embeddings, the solver formulas and the forward process are host arithmetic and
+// run on the CPU in both.
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -33,7 +41,53 @@
 namespace ud = unidiffuser;
 using json = nlohmann::json;
 
+#if !defined(UNIDIFFUSER_GOLDEN_BACKEND)
+#define UNIDIFFUSER_GOLDEN_BACKEND ud::cpu
+#endif
+
 namespace {
+
+// The backend of the network cases and the helpers that move tensors to it and back.
+using Bk = UNIDIFFUSER_GOLDEN_BACKEND;
+constexpr bool on_host = ud::is_host_backend_v<Bk>;
+const ud::Context<Bk>& bctx() {
+  static const ud::Context<Bk> c{};
+  return c;
+}
+template <class T>
+ud::Tensor<T, Bk> to_backend(ud::Tensor<T> h) {
+#if defined(__CUDACC__)
+  if constexpr (!on_host)
+    return ud::ops::to_device<T>(bctx(), h.view());
+  else
+#endif
+    return h;
+}
+template <class T>
+std::vector<double> values(ud::TensorView<const T, Bk> v) {
+#if defined(__CUDACC__)
+  if constexpr (!on_host) {
+    const auto h = ud::ops::to_host<T>(bctx(), v);
+    return std::vector<double>(h.begin(), h.end());
+  } else
+#endif
+    return std::vector<double>(v.begin(), v.end());
+}
+template <class T>
+std::unique_ptr<ud::nn::UViT<T, Bk>> load_network(const ud::nn::UViTConfig& cfg,
+                                                  const ud::safetensors::File& f,
+                                                  const std::string& prefix) {
+  auto net = std::make_unique<ud::nn::UViT<T, Bk>>(cfg);
+  if constexpr (on_host) {
+    ud::load_checkpoint(*net, f, prefix);
+  } else {
+    ud::nn::UViT<T> host(cfg);
+    ud::load_checkpoint(host, f, prefix);
+    ud::ops::copy<T>(bctx(), host.parameters(), net->parameters());
+    net->parameters_changed();
+  }
+  return net;
+}
 
 struct Tol {
   double atol = 0, rtol = 0;
@@ -248,8 +302,8 @@ std::string tensor_ref(const json& mp, const std::string& key) {
 // The solver a case describes (case_params: schedule, N, method, order, steps, skip_type,
 // solver_type, predict_x0, eps, T, denoise); the schedule table in the working type's precision.
 // nullopt for a schedule name this checker does not know.
-template <class T>
-std::optional<ud::DpmSolver<T>> case_solver(const json& cp) {
+template <class T, class B = ud::cpu>
+std::optional<ud::DpmSolver<T, B>> case_solver(const json& cp) {
   const std::string sched = cp.value("schedule", std::string("scaled_linear_official_float32"));
   const int levels = cp.value("N", 1000);
   std::vector<double> betas;
@@ -276,7 +330,8 @@ std::optional<ud::DpmSolver<T>> case_solver(const json& cp) {
   const auto grid = ud::VPSchedule::discrete(betas, std::is_same_v<T, double>
                                                         ? ud::TablePrecision::float64
                                                         : ud::TablePrecision::float32_reference);
-  return ud::DpmSolver<T>(ud::VPSchedule::discrete(betas, ud::TablePrecision::float64), o, &grid);
+  return ud::DpmSolver<T, B>(ud::VPSchedule::discrete(betas, ud::TablePrecision::float64), o,
+                             &grid);
 }
 
 template <class T>
@@ -371,12 +426,13 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
       if (m.size() >= g.size() && m.compare(m.size() - g.size(), g.size(), g) == 0) return g;
     throw ud::error("golden loss", m, "no input/n_<group> matches this modality");
   };
-  ud::nn::UViT<T> net(cfg);
-  ud::load_checkpoint(net, wf, "param/");
+  auto netp = load_network<T>(cfg, wf, "param/");
+  auto& net = *netp;
   const auto& C = cfg.components;
-  std::vector<ud::Tensor<T>> xs, eps, pred;
-  ud::nn::UViTInputs<T> in;
-  std::vector<ud::RowBlock<T>> ob;
+  std::vector<ud::Tensor<T>> xs, eps;
+  std::vector<ud::Tensor<T, Bk>> xd, pred;
+  ud::nn::UViTInputs<T, Bk> in;
+  std::vector<ud::RowBlock<T, Bk>> ob;
   for (const auto& c : C) {
     eps.push_back(f.get<T>("input/eps/" + c.name));
     if (f64) {  // the float64 reference noises x0 itself in float64 (input/x_n is its float32 run)
@@ -394,7 +450,10 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
   std::int64_t lh = 0, lw = 0;
   for (std::size_t k = 0; k < C.size(); ++k) {
     if (C[k].kind == ud::nn::ComponentKind::patched_image) lh = xs[k].dim(2), lw = xs[k].dim(3);
-    in.x.push_back(ud::as_rows(ud::TensorView<const T>(xs[k].view())));
+    ud::Tensor<T> copy(xs[k].shape());
+    std::copy(xs[k].begin(), xs[k].end(), copy.begin());
+    xd.push_back(to_backend(std::move(copy)));
+    in.x.push_back(ud::as_rows(ud::TensorView<const T, Bk>(xd[k].view())));
     ob.push_back(ud::as_rows(pred[k].view()));
   }
   std::vector<std::vector<double>> times(cfg.groups());
@@ -411,15 +470,16 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
   in.data_type = dt;
   in.latent_h = lh;
   in.latent_w = lw;
-  net.forward(ud::Context<ud::cpu>{}, in, ob);
+  net.forward(bctx(), in, ob);
+  std::vector<std::vector<double>> predh;  // the predictions on the host
+  for (const auto& p : pred) predh.push_back(values<T>(p.view()));
   if (!f64) {
     const Tol tp = need_tol("pred"), tm = need_tol("mse");
     for (std::size_t k = 0; k < C.size(); ++k) {
-      r.check(tag + "pred/" + C[k].name, std::vector<double>(pred[k].begin(), pred[k].end()),
-              as_double(f, "output/pred/" + C[k].name), tp);
+      r.check(tag + "pred/" + C[k].name, predh[k], as_double(f, "output/pred/" + C[k].name), tp);
       double sq = 0;  // per-modality MSE (batch included), from this run's prediction
       for (std::int64_t i = 0; i < pred[k].size(); ++i) {
-        const double d = double(pred[k].data()[i]) - double(eps[k].data()[i]);
+        const double d = predh[k][static_cast<std::size_t>(i)] - double(eps[k].data()[i]);
         sq += d * d;
       }
       r.check(tag + "mse/" + C[k].name, {sq / static_cast<double>(pred[k].size())},
@@ -438,7 +498,9 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
     const std::size_t g = C[k].group;
     const std::int64_t off = layout.offset(g, C[k].slot), n = C[k].numel(lh, lw);
     for (std::int64_t b = 0; b < B; ++b) {
-      std::copy_n(pred[k].data() + b * n, n, pg[g].data() + b * layout.size(g) + off);
+      for (std::int64_t i = 0; i < n; ++i)
+        pg[g].data()[b * layout.size(g) + off + i] =
+            static_cast<T>(predh[k][static_cast<std::size_t>(b * n + i)]);
       std::copy_n(eps[k].data() + b * n, n, eg[g].data() + b * layout.size(g) + off);
     }
   }
@@ -447,24 +509,26 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
                                              {ud::TensorView<const T>(eg[0].view()), eg[1].view()});
   // parameter gradients: the training forward (tape), the loss gradient, backward
   if (!f64 && !f.names("grad/").empty()) {
-    const ud::Context<ud::cpu> ctx{};
-    typename ud::nn::UViT<T>::Tape tape;
-    std::vector<ud::Tensor<T>> pred2, dpred;
-    std::vector<ud::RowBlock<T>> ob2;
-    std::vector<ud::RowBlock<const T>> db;
+    const ud::Context<Bk>& ctx = bctx();
+    typename ud::nn::UViT<T, Bk>::Tape tape;
+    std::vector<ud::Tensor<T, Bk>> pred2, dpred;
+    std::vector<ud::RowBlock<T, Bk>> ob2;
+    std::vector<ud::RowBlock<const T, Bk>> db;
     for (std::size_t k = 0; k < C.size(); ++k) {
       pred2.emplace_back(pred[k].shape());
       ob2.push_back(ud::as_rows(pred2.back().view()));
     }
     net.forward(ctx, in, ob2, tape);
     for (std::size_t k = 0; k < C.size(); ++k) {  // d loss / d pred = 2 (pred - eps) / total
-      dpred.emplace_back(pred[k].shape());
+      const auto p2 = values<T>(pred2[k].view());
+      ud::Tensor<T> d(pred[k].shape());
       std::int64_t total = 0;
       for (const auto& e : eps) total += e.size();
-      for (std::int64_t i = 0; i < pred2[k].size(); ++i)
-        dpred[k].data()[i] = static_cast<T>(2.0 * (double(pred2[k].data()[i]) - eps[k].data()[i]) /
-                                            static_cast<double>(total));
-      db.push_back(ud::as_rows(ud::TensorView<const T>(dpred[k].view())));
+      for (std::int64_t i = 0; i < d.size(); ++i)
+        d.data()[i] = static_cast<T>(2.0 * (p2[static_cast<std::size_t>(i)] - eps[k].data()[i]) /
+                                     static_cast<double>(total));
+      dpred.push_back(to_backend(std::move(d)));
+      db.push_back(ud::as_rows(ud::TensorView<const T, Bk>(dpred[k].view())));
     }
     net.zero_gradients();
     net.backward(ctx, tape, db);
@@ -474,8 +538,7 @@ void loss_objective(const ud::safetensors::File& f, const ud::safetensors::File&
       const auto ref = as_double(f, gname);
       std::vector<double> got;
       try {
-        const auto g = net.grad(pname);
-        got.assign(g.begin(), g.end());
+        got = values<T>(net.grad(pname));
       } catch (const std::exception& e) {
         r.error(tag + "grad/" + pname, e.what());
         continue;
@@ -581,21 +644,21 @@ void uvit_set(const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg, con
   if (!tol)
     return r.error(tag + "/" + set, std::string("no tolerance '") +
                                         (f64 ? "output_f64" : "output") + "' in the file's checks");
-  ud::nn::UViT<T> net(cfg);
-  ud::load_checkpoint(net, f, "param/");
+  auto netp = load_network<T>(cfg, f, "param/");
+  auto& net = *netp;
   const std::string in = "input/" + set + "/";
-  std::vector<ud::Tensor<T>> xs, outs;
-  ud::nn::UViTInputs<T> inputs;
-  std::vector<ud::RowBlock<T>> ob;
+  std::vector<ud::Tensor<T, Bk>> xs, outs;
+  ud::nn::UViTInputs<T, Bk> inputs;
+  std::vector<ud::RowBlock<T, Bk>> ob;
   std::int64_t lh = 0, lw = 0;
   for (const auto& c : cfg.components) {
-    xs.push_back(f.get<T>(component_tensor(f, in, c.name)));
+    xs.push_back(to_backend(f.get<T>(component_tensor(f, in, c.name))));
     const auto& x = xs.back();
     if (c.kind == ud::nn::ComponentKind::patched_image) lh = x.dim(2), lw = x.dim(3);
     outs.emplace_back(x.shape());
   }
   for (std::size_t k = 0; k < xs.size(); ++k) {
-    inputs.x.push_back(ud::as_rows(ud::TensorView<const T>(xs[k].view())));
+    inputs.x.push_back(ud::as_rows(ud::TensorView<const T, Bk>(xs[k].view())));
     ob.push_back(ud::as_rows(outs[k].view()));
   }
   std::vector<std::vector<double>> times;
@@ -607,14 +670,18 @@ void uvit_set(const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg, con
   inputs.data_type = dt;
   inputs.latent_h = lh;
   inputs.latent_w = lw;
-  const auto ttol = tolerance(checks, "trace");
+  // traces: host backends emit sub-layer activations (a device backend does not: say so)
+  const auto ttol = on_host ? tolerance(checks, "trace") : std::nullopt;
+  if (!on_host && !f64 && !f.names("trace/" + set + "/").empty())
+    r.skip(tag + "/" + set + "/trace",
+           "sub-layer traces are emitted by host backends only (outputs checked below)");
   std::vector<std::tuple<std::string, std::vector<double>>> traced;
   if (!f64 && ttol)
     net.set_trace([&](const std::string& name, const T* d, ud::Shape s) {
       if (f.contains("trace/" + set + "/" + name))
         traced.emplace_back(name, std::vector<double>(d, d + s.numel()));
     });
-  net.forward(ud::Context<ud::cpu>{}, inputs, ob);
+  net.forward(bctx(), inputs, ob);
   for (auto& [name, v] : traced)
     r.check(tag + "/" + set + "/trace/" + name, v, as_double(f, "trace/" + set + "/" + name),
             *ttol);
@@ -638,7 +705,7 @@ void uvit_set(const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg, con
     const std::string on = outp + cfg.components[k].name + "_out";
     if (!f.contains(on)) continue;
     r.check(tag + "/" + set + (f64 ? "/f64/" : "/") + cfg.components[k].name + "_out",
-            std::vector<double>(outs[k].begin(), outs[k].end()), as_double(f, on), *tol);
+            values<T>(outs[k].view()), as_double(f, on), *tol);
   }
 }
 
@@ -671,27 +738,27 @@ bool is_sample_modes(const ud::safetensors::File& f) {
 
 struct NoNoise {  // fixed marginalisation noise: nothing may be drawn
   template <class T>
-  void draw(const ud::Context<ud::cpu>&, std::size_t g, std::size_t, ud::RowBlock<T>) {
+  void draw(const ud::Context<Bk>&, std::size_t g, std::size_t, ud::RowBlock<T, Bk>) {
     throw ud::error("golden sample_modes", "noise",
                     "unexpected draw for group " + std::to_string(g));
   }
 };
 
-void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const json& checks,
+void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float, Bk>& net, const json& checks,
                  const std::string& name, const json& cp, Report& r) {
   const std::string tag = "sample_modes/" + name;
   const auto mode = ud::parse_mode(cp.at("mode").get<std::string>());
   const auto stages = ud::tasks::stages(mode);
   if (stages.size() != 1) return r.skip(tag, "two-stage modes are checked through their stages");
   const ud::Task<2> task = stages[0];
-  ud::nn::UViTPredictor<float, 2> model(net, cp.value("data_type", 1));
+  ud::nn::UViTPredictor<float, 2, Bk> model(net, cp.value("data_type", 1));
   const auto& layout = model.layout();
   const std::string mname(ud::mode_name(mode));
-  auto x = f.get<float>("mode/" + name + "/x_init");
+  auto x = to_backend(f.get<float>("mode/" + name + "/x_init"));
   const std::int64_t B = x.dim(0);
   // group tensors from per-component tensors
   auto group_tensor = [&](std::size_t g,
-                          const std::string& pre) -> std::optional<ud::Tensor<float>> {
+                          const std::string& pre) -> std::optional<ud::Tensor<float, Bk>> {
     ud::Tensor<float> t(ud::Shape{B, layout.size(g)});
     const auto& comps = layout.group(g).components;
     for (std::size_t c = 0; c < comps.size(); ++c) {
@@ -702,10 +769,10 @@ void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const
                            ud::as_rows(ud::TensorView<const float>(v.view())),
                            ud::column_block(t.view(), layout.offset(g, c), comps[c].numel()));
     }
-    return t;
+    return to_backend(std::move(t));
   };
-  std::array<ud::Tensor<float>, 2> cond, fixed;
-  std::array<ud::TensorView<const float>, 2> cv{}, fv{};
+  std::array<ud::Tensor<float, Bk>, 2> cond, fixed;
+  std::array<ud::TensorView<const float, Bk>, 2> cv{}, fv{};
   for (std::size_t g = 0; g < 2; ++g) {
     if (task.roles[g] == ud::Role::condition) {
       auto t = group_tensor(g, "cond/" + mname + "_");
@@ -730,24 +797,24 @@ void sample_case(const ud::safetensors::File& f, ud::nn::UViT<float>& net, const
   if (g.marginal_noise == ud::MarginalNoise::fresh)
     return r.skip(tag, "fresh marginal noise cannot be replayed");
   NoNoise noise;
-  ud::GuidedPredictor<float, 2, ud::nn::UViTPredictor<float, 2>, NoNoise> pred(
-      ud::Context<ud::cpu>{}, model, noise, layout, task, g, B, cv, {}, fv);
-  const auto solver_opt = case_solver<float>(cp);
+  ud::GuidedPredictor<float, 2, ud::nn::UViTPredictor<float, 2, Bk>, NoNoise, Bk> pred(
+      bctx(), model, noise, layout, task, g, B, cv, {}, fv);
+  const auto solver_opt = case_solver<float, Bk>(cp);
   if (!solver_opt) return r.skip(tag, "unknown schedule in case_params");
-  const ud::DpmSolver<float>& solver = *solver_opt;
+  const ud::DpmSolver<float, Bk>& solver = *solver_opt;
   std::vector<double> first;
   int calls = 0;
-  auto recorder = [&](ud::TensorView<const float> xv, double t, ud::TensorView<float> out) {
+  auto recorder = [&](ud::TensorView<const float, Bk> xv, double t, ud::TensorView<float, Bk> out) {
     pred(xv, t, out);
-    if (calls++ == 0) first.assign(out.begin(), out.end());
+    if (calls++ == 0) first = values<float>(out);
   };
   auto flat = x.view().reshape(ud::Shape{B, pred.state_size()});
   auto ws = solver.make_workspace(B, pred.state_size());
-  solver.sample(ud::Context<ud::cpu>{}, flat, recorder, ws);
+  solver.sample(bctx(), flat, recorder, ws);
   r.check(tag + "/first_model_out", first, as_double(f, "mode/" + name + "/first_model_out"),
           tolerance(checks, "first_model_out", &cp), "first_model_out");
-  r.check(tag + "/x_final", std::vector<double>(x.begin(), x.end()),
-          as_double(f, "mode/" + name + "/x_final"), tolerance(checks, "x_final", &cp), "x_final");
+  r.check(tag + "/x_final", values<float>(x.view()), as_double(f, "mode/" + name + "/x_final"),
+          tolerance(checks, "x_final", &cp), "x_final");
   if (f.contains("mode/" + name + "/eval_t"))
     r.exact(tag + "/nfe",
             static_cast<std::int64_t>(calls) == f.info("mode/" + name + "/eval_t").numel(),
@@ -759,14 +826,13 @@ void run_sample_modes(const ud::safetensors::File& f, const std::filesystem::pat
   const auto wf = ud::safetensors::File::read((dir / f.metadata("weights_file")).string());
   json own = meta_json(f, "config");
   const auto cfg = ud::checkpoint_config(wf, "param/", own);
-  ud::nn::UViT<float> net(cfg);
-  ud::load_checkpoint(net, wf, "param/");
+  auto net = load_network<float>(cfg, wf, "param/");
   const json params = meta_json(f, "case_params");
   for (const auto& c : meta_json(f, "cases")) {
     const std::string name = c.get<std::string>();
     try {
       if (!params.contains(name)) throw ud::error("golden", name, "no case_params entry");
-      sample_case(f, net, checks, name, params[name], r);
+      sample_case(f, *net, checks, name, params[name], r);
     } catch (const std::exception& e) {
       r.error("sample_modes/" + name, e.what());
     }

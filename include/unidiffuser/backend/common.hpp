@@ -9,9 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "unidiffuser/backend/tags.hpp"
+#include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 
 namespace unidiffuser::ops {
@@ -90,6 +92,71 @@ struct AdamWStep {
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
   double c1 = 1, c2 = 1;
 };
+
+//! Argument checks shared by the CPU and CUDA backends (the reference backend keeps its own,
+//! independent ones: it is the oracle). Each throws an unidiffuser::error naming `op`.
+namespace checks {
+//! Two blocks of the same [rows, cols].
+template <class A, class B>
+void same_block(const char* op, const A& a, const B& b) {
+  if (a.rows != b.rows || a.cols != b.cols)
+    throw error(op, "operands",
+                "block shapes differ: [" + std::to_string(a.rows) + ", " + std::to_string(a.cols) +
+                    "] vs [" + std::to_string(b.rows) + ", " + std::to_string(b.cols) + "]");
+}
+//! An image of whole patch x patch squares.
+inline void geometry(const char* op, const ImageGeom& g) {
+  if (g.channels < 1 || g.patch < 1 || g.height < g.patch || g.width < g.patch ||
+      g.height % g.patch || g.width % g.patch)
+    throw error(op, "geometry",
+                "image [" + std::to_string(g.channels) + ", " + std::to_string(g.height) + ", " +
+                    std::to_string(g.width) + "] is not a whole number of " +
+                    std::to_string(g.patch) + "x" + std::to_string(g.patch) + " patches");
+}
+//! Contiguous grids [i0 i1, e] -> [o0 o1, e] of a bilinear resize.
+template <class A, class B>
+void resize(const char* op, const A& src, std::int64_t i0, std::int64_t i1, const B& dst,
+            std::int64_t o0, std::int64_t o1) {
+  if (i0 < 1 || i1 < 1 || o0 < 1 || o1 < 1 || src.rows != i0 * i1 || dst.rows != o0 * o1 ||
+      src.cols != dst.cols || src.ld != src.cols || dst.ld != dst.cols)
+    throw error(op, "grids",
+                "expected contiguous [" + std::to_string(i0 * i1) + ", e] -> [" +
+                    std::to_string(o0 * o1) + ", e]; got [" + std::to_string(src.rows) + ", " +
+                    std::to_string(src.cols) + "] -> [" + std::to_string(dst.rows) + ", " +
+                    std::to_string(dst.cols) + "]");
+}
+//! A fused qkv of `cols` columns = 3 x heads x head dim.
+inline void heads(const char* op, std::int64_t cols, std::int64_t heads) {
+  if (heads < 1 || cols % 3 || (cols / 3) % heads)
+    throw error(op, "qkv",
+                "columns " + std::to_string(cols) + " are not 3 x heads (" + std::to_string(heads) +
+                    ") x head dim");
+}
+//! Row indices into a table of `rows` rows.
+inline void row_ids(const char* op, std::span<const std::int64_t> ids, std::int64_t rows) {
+  for (std::size_t s = 0; s < ids.size(); ++s)
+    if (ids[s] < 0 || ids[s] >= rows)
+      throw_mismatch(op, "ids", "row index", "0.." + std::to_string(rows - 1), ids[s]);
+}
+//! An image [S; 1, c h w] and its patch rows [S; tokens, c p p] (names for the message).
+template <class I, class C>
+void patches(const char* op, const ImageGeom& g, const I& img, const char* img_name, const C& cols,
+             const char* cols_name) {
+  geometry(op, g);
+  const std::int64_t S = img.samples;
+  check_batch(op, img_name, img, S, 1, g.numel());
+  check_batch(op, cols_name, cols, S, g.tokens(), g.features());
+}
+//! Layer norm operands: x [S; rows, n], r (optional) and y alike, stats (optional) [S; rows, 2]
+//! with contiguous rows.
+template <class X, class R, class Y, class St>
+void layer_norm(const char* op, const X& x, const R& r, const Y& y, const St& stats) {
+  check_batch(op, "y", y, x.samples, x.rows, x.cols);
+  if (r) check_batch(op, "r", r, x.samples, x.rows, x.cols);
+  if (stats) check_batch(op, "stats", stats, x.samples, x.rows, 2);
+  if (stats && stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+}
+}  // namespace checks
 
 //! A backend's cache of prepared (e.g. reordered) copies of weight matrices for `linear`. The
 //! primary template prepares nothing; the CPU backend packs fp32 weights for oneDNN.

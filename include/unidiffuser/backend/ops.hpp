@@ -12,3 +12,7 @@
 #include "unidiffuser/backend/reference/nn.hpp"
 #include "unidiffuser/backend/reference/ops.hpp"
 #include "unidiffuser/backend/tags.hpp"
+#if defined(__CUDACC__)
+#include "unidiffuser/backend/cuda/nn.cuh"
+#include "unidiffuser/backend/cuda/ops.cuh"
+#endif

@@ -480,10 +480,7 @@ void layer_norm(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, BatchBlock<
                 const T* g, const T* b, BatchBlock<T, cpu> y, BatchBlock<T, cpu> stats,
                 double eps = 1e-5) {
   const char* op = "ops::layer_norm";
-  check_batch(op, "y", y, x.samples, x.rows, x.cols);
-  if (r) check_batch(op, "r", r, x.samples, x.rows, x.cols);
-  if (stats) check_batch(op, "stats", stats, x.samples, x.rows, 2);
-  if (stats && stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+  checks::layer_norm(op, x, r, y, stats);
   detail::for_row_chunks(ctx, x, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
     cpu_kernels::layer_norm(x.row(s, r0), x.ld, r ? r.row(s, r0) : nullptr, r.ld, y.row(s, r0),
                             y.ld, nr, x.cols, g, b, stats ? stats.row(s, r0) : nullptr, eps);
@@ -539,10 +536,7 @@ void attention(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64
                BatchBlock<T, cpu> out) {
   const char* op = "ops::attention";
   const std::int64_t S = qkv.samples, l = qkv.rows, e = qkv.cols / 3;
-  if (heads < 1 || qkv.cols % 3 || e % heads)
-    throw error(op, "qkv",
-                "columns " + std::to_string(qkv.cols) + " are not 3 x heads (" +
-                    std::to_string(heads) + ") x head dim");
+  checks::heads(op, qkv.cols, heads);
   check_batch(op, "out", out, S, l, e);
   const std::int64_t block = detail::score_block<T>(l);
   const std::int64_t sc = cpu_kernels::attention_scratch(l, block, e / heads);
@@ -559,10 +553,7 @@ void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, s
                         BatchBlock<const T, cpu> dout, BatchBlock<T, cpu> dqkv) {
   const char* op = "ops::attention_backward";
   const std::int64_t S = qkv.samples, l = qkv.rows, e = qkv.cols / 3;
-  if (heads < 1 || qkv.cols % 3 || e % heads)
-    throw error(op, "qkv",
-                "columns " + std::to_string(qkv.cols) + " are not 3 x heads (" +
-                    std::to_string(heads) + ") x head dim");
+  checks::heads(op, qkv.cols, heads);
   check_batch(op, "dout", dout, S, l, e);
   check_batch(op, "dqkv", dqkv, S, l, 3 * e);
   const std::int64_t sc = cpu_kernels::attention_backward_scratch(l);
@@ -579,14 +570,6 @@ void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, s
 // Patches, positions, embeddings
 
 namespace detail {
-inline void check_geom(const char* op, const ImageGeom& g) {
-  if (g.channels < 1 || g.patch < 1 || g.height < g.patch || g.width < g.patch ||
-      g.height % g.patch || g.width % g.patch)
-    throw error(op, "geometry",
-                "image [" + std::to_string(g.channels) + ", " + std::to_string(g.height) + ", " +
-                    std::to_string(g.width) + "] is not a whole number of " +
-                    std::to_string(g.patch) + "x" + std::to_string(g.patch) + " patches");
-}
 // f(image index, patch-row index, column within the (c, i, k) / (i, k, c) feature order)
 template <class F>
 void for_patch_elements(const ImageGeom& g, bool ikc, F&& f) {
@@ -606,9 +589,7 @@ void for_patch_elements(const ImageGeom& g, bool ikc, F&& f) {
 template <class T>
 void patchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> img, ImageGeom g,
               BatchBlock<T, cpu> cols) {
-  detail::check_geom("ops::patchify", g);
-  check_batch("ops::patchify", "img", img, img.samples, 1, g.numel());
-  check_batch("ops::patchify", "cols", cols, img.samples, g.tokens(), g.features());
+  checks::patches("ops::patchify", g, img, "img", cols, "cols");
   cpu_detail::for_items(
       ctx, img.samples, static_cast<double>(img.samples * g.numel()), [&](std::int64_t s) {
         if (cols.ld == g.features()) {
@@ -625,9 +606,7 @@ void patchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> img, ImageGeom g
 template <class T>
 void patchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dcols, ImageGeom g,
                        BatchBlock<T, cpu> dimg) {
-  detail::check_geom("ops::patchify_backward", g);
-  check_batch("ops::patchify_backward", "dcols", dcols, dcols.samples, g.tokens(), g.features());
-  check_batch("ops::patchify_backward", "dimg", dimg, dcols.samples, 1, g.numel());
+  checks::patches("ops::patchify_backward", g, dimg, "dimg", dcols, "dcols");
   cpu_detail::for_items(
       ctx, dcols.samples, static_cast<double>(dcols.samples * g.numel()), [&](std::int64_t s) {
         T* dst = dimg.row(s, 0);
@@ -639,9 +618,7 @@ void patchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dcols, 
 template <class T>
 void unpatchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> y, ImageGeom g,
                 BatchBlock<T, cpu> img) {
-  detail::check_geom("ops::unpatchify", g);
-  check_batch("ops::unpatchify", "y", y, y.samples, g.tokens(), g.features());
-  check_batch("ops::unpatchify", "img", img, y.samples, 1, g.numel());
+  checks::patches("ops::unpatchify", g, img, "img", y, "y");
   cpu_detail::for_items(ctx, y.samples, static_cast<double>(y.samples * g.numel()),
                         [&](std::int64_t s) {
                           cpu_kernels::unpatchify(y.row(s, 0), y.ld, g.channels, g.height, g.width,
@@ -652,9 +629,7 @@ void unpatchify(const Context<cpu>& ctx, BatchBlock<const T, cpu> y, ImageGeom g
 template <class T>
 void unpatchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dimg, ImageGeom g,
                          BatchBlock<T, cpu> dy) {
-  detail::check_geom("ops::unpatchify_backward", g);
-  check_batch("ops::unpatchify_backward", "dimg", dimg, dimg.samples, 1, g.numel());
-  check_batch("ops::unpatchify_backward", "dy", dy, dimg.samples, g.tokens(), g.features());
+  checks::patches("ops::unpatchify_backward", g, dimg, "dimg", dy, "dy");
   cpu_detail::for_items(ctx, dimg.samples, static_cast<double>(dimg.samples * g.numel()),
                         [&](std::int64_t s) {
                           const T* src = dimg.row(s, 0);
@@ -663,27 +638,13 @@ void unpatchify_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> dimg,
                         });
 }
 
-namespace detail {
-template <class A, class B>
-void check_resize(const char* op, const A& src, std::int64_t i0, std::int64_t i1, const B& dst,
-                  std::int64_t o0, std::int64_t o1) {
-  if (i0 < 1 || i1 < 1 || o0 < 1 || o1 < 1 || src.rows != i0 * i1 || dst.rows != o0 * o1 ||
-      src.cols != dst.cols || src.ld != src.cols || dst.ld != dst.cols)
-    throw error(op, "grids",
-                "expected contiguous [" + std::to_string(i0 * i1) + ", e] -> [" +
-                    std::to_string(o0 * o1) + ", e]; got [" + std::to_string(src.rows) + ", " +
-                    std::to_string(src.cols) + "] -> [" + std::to_string(dst.rows) + ", " +
-                    std::to_string(dst.cols) + "]");
-}
-}  // namespace detail
-
 //! dst [o0 o1, e] = bilinear resize of the grid src [i0 i1, e] (PyTorch, align_corners=False,
 //! no anti-aliasing; UVIT.md §4.5).
 template <class T>
 void bilinear_resize(const Context<cpu>& ctx, RowBlock<const T, cpu> src, std::int64_t i0,
                      std::int64_t i1, std::int64_t o0, std::int64_t o1, RowBlock<T, cpu> dst) {
   (void)ctx;
-  detail::check_resize("ops::bilinear_resize", src, i0, i1, dst, o0, o1);
+  checks::resize("ops::bilinear_resize", src, i0, i1, dst, o0, o1);
   cpu_kernels::bilinear_resize(src.data, i0, i1, src.cols, o0, o1, dst.data);
 }
 //! Backward of bilinear_resize: dsrc += the transposed interpolation of ddst.
@@ -692,7 +653,7 @@ void bilinear_resize_backward(const Context<cpu>& ctx, RowBlock<const T, cpu> dd
                               std::int64_t i1, std::int64_t o0, std::int64_t o1,
                               RowBlock<T, cpu> dsrc) {
   (void)ctx;
-  detail::check_resize("ops::bilinear_resize_backward", dsrc, i0, i1, ddst, o0, o1);
+  checks::resize("ops::bilinear_resize_backward", dsrc, i0, i1, ddst, o0, o1);
   cpu_kernels::bilinear_resize_backward(ddst.data, i0, i1, ddst.cols, o0, o1, dsrc.data);
 }
 
@@ -714,10 +675,7 @@ template <class T>
 void gather_rows(const Context<cpu>& ctx, RowBlock<const T, cpu> table,
                  std::span<const std::int64_t> ids, BatchBlock<T, cpu> out) {
   check_batch("ops::gather_rows", "out", out, static_cast<std::int64_t>(ids.size()), 1, table.cols);
-  for (std::size_t s = 0; s < ids.size(); ++s)
-    if (ids[s] < 0 || ids[s] >= table.rows)
-      throw_mismatch("ops::gather_rows", "ids", "row index", "0.." + std::to_string(table.rows - 1),
-                     ids[s]);
+  checks::row_ids("ops::gather_rows", ids, table.rows);
   cpu_detail::for_items(ctx, out.samples, 0.0, [&](std::int64_t s) {
     std::copy_n(table.data + ids[static_cast<std::size_t>(s)] * table.ld, table.cols,
                 out.row(s, 0));

@@ -47,13 +47,6 @@ void for_rows(const Context<cpu>& ctx, std::int64_t rows, std::int64_t work_per_
   (void)work_per_row;
   for (std::int64_t r = 0; r < rows; ++r) f(r);
 }
-template <class A, class B>
-void check_same_block(const char* op, const A& a, const B& b) {
-  if (a.rows != b.rows || a.cols != b.cols)
-    throw error(op, "operands",
-                "block shapes differ: [" + std::to_string(a.rows) + ", " + std::to_string(a.cols) +
-                    "] vs [" + std::to_string(b.rows) + ", " + std::to_string(b.cols) + "]");
-}
 }  // namespace detail
 
 //! dst = value.
@@ -70,7 +63,7 @@ void fill(const Context<cpu>& ctx, TensorView<T, cpu> dst, T value) {
 //! dst = src, block by block (dst and src must not overlap).
 template <class T>
 void copy(const Context<cpu>& ctx, RowBlock<const T, cpu> src, RowBlock<T, cpu> dst) {
-  detail::check_same_block("ops::copy", src, dst);
+  checks::same_block("ops::copy", src, dst);
   detail::for_rows(ctx, src.rows, src.cols, [&](std::int64_t r) {
     std::copy_n(src.data + r * src.ld, src.cols, dst.data + r * dst.ld);
   });
@@ -96,7 +89,7 @@ void lincomb(const Context<cpu>& ctx, RowBlock<T, cpu> dst,
   T c[max_terms];
   int n = 0;
   for (const auto& t : terms) {
-    detail::check_same_block("ops::lincomb", t.x, dst);
+    checks::same_block("ops::lincomb", t.x, dst);
     px[n] = t.x.data;
     ld[n] = t.x.ld;
     c[n] = static_cast<T>(t.coef);
@@ -165,8 +158,8 @@ void lincomb(const Context<cpu>& ctx, TensorView<T, cpu> dst,
 template <class T>
 void axpby_rows(const Context<cpu>& ctx, RowBlock<T, cpu> dst, const double* a,
                 RowBlock<const T, cpu> x, const double* b, RowBlock<const T, cpu> y) {
-  detail::check_same_block("ops::axpby_rows", x, dst);
-  detail::check_same_block("ops::axpby_rows", y, dst);
+  checks::same_block("ops::axpby_rows", x, dst);
+  checks::same_block("ops::axpby_rows", y, dst);
   detail::for_rows(ctx, dst.rows, dst.cols, [&](std::int64_t r) {
     const T* xr = x.data + r * x.ld;
     const T* yr = y.data + r * y.ld;
@@ -196,7 +189,7 @@ void random_normal(const Context<cpu>& ctx, RowBlock<T, cpu> dst, NoiseKey key,
 template <class T>
 void squared_error_rows(const Context<cpu>& ctx, RowBlock<const T, cpu> x, RowBlock<const T, cpu> y,
                         double* out) {
-  detail::check_same_block("ops::squared_error_rows", x, y);
+  checks::same_block("ops::squared_error_rows", x, y);
   detail::for_rows(ctx, x.rows, x.cols, [&](std::int64_t r) {
     double acc = 0;
     const T* xr = x.data + r * x.ld;
