@@ -14,6 +14,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 #include "unidiffuser/backend/cuda/attention.cuh"
 #include "unidiffuser/backend/cuda/runtime.cuh"
@@ -269,16 +271,29 @@ void attention_tc(const Context<cuda>& ctx, const float* qkv, const AttnGeom& g0
   check_launch(op);
 }
 
-//! Whether the current device has 16-bit mma (compute capability 8.0 or newer).
+//! Whether the tensor-core path can run on the current device: compute capability 8.0 or newer
+//! and kernels compiled for it (a build whose code targets an older architecture, e.g. the
+//! compiler's default, JIT-compiles PTX without mma: the exact kernels are used instead).
 inline bool has_mma16() {
-  static const bool yes = [] {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-      return false;
-    return major >= 8;
-  }();
-  return yes;
+  static std::mutex mu;
+  static std::vector<int> known;  // per device: -1 unknown, 0 no, 1 yes
+  const int dev = current_device("ops::attention");
+  std::lock_guard<std::mutex> lock(mu);
+  if (known.size() <= static_cast<std::size_t>(dev)) known.resize(dev + 1, -1);
+  int& k = known[static_cast<std::size_t>(dev)];
+  if (k < 0) {
+    int major = 0;
+    cudaFuncAttributes attr{};
+    const bool cc =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        major >= 8;
+    const bool code =
+        cudaFuncGetAttributes(&attr, attn_tc_kernel<bfloat16_t, 64, 64, true>) == cudaSuccess &&
+        attr.ptxVersion >= 80;
+    (void)cudaGetLastError();
+    k = cc && code ? 1 : 0;
+  }
+  return k == 1;
 }
 
 }  // namespace unidiffuser::cuda_detail

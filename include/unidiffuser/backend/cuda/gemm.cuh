@@ -79,12 +79,12 @@ inline int alignment_of(const void* p, std::int64_t ld_bytes, std::int64_t strid
 }
 
 struct GemmKey {
-  int dtype, dtype_d, ta, tb, tf32, epi, beta1;
+  int device, dtype, dtype_d, ta, tb, tf32, epi, beta1;
   std::int64_t ar, ac, alda, as, br, bc, bld, bs, dr, dc, dld, ds, batch;
   int al_a, al_b, al_d, al_bias;
   auto tie() const {
-    return std::make_tuple(dtype, dtype_d, ta, tb, tf32, epi, beta1, ar, ac, alda, as, br, bc, bld,
-                           bs, dr, dc, dld, ds, batch, al_a, al_b, al_d, al_bias);
+    return std::make_tuple(device, dtype, dtype_d, ta, tb, tf32, epi, beta1, ar, ac, alda, as, br,
+                           bc, bld, bs, dr, dc, dld, ds, batch, al_a, al_b, al_d, al_bias);
   }
   bool operator<(const GemmKey& o) const { return tie() < o.tie(); }
 };
@@ -153,7 +153,8 @@ void gemm(const Context<cuda>& ctx, const Gemm<T, TD>& g, const char* op) {
   make_layout(&o.b, tr::data, g.b, g.batch, op);
   make_layout(&o.d, trd::data, g.d, g.batch, op);
 
-  const GemmKey key{static_cast<int>(tr::data),
+  const GemmKey key{current_device(op),
+                    static_cast<int>(tr::data),
                     static_cast<int>(trd::data),
                     g.ta,
                     g.tb,

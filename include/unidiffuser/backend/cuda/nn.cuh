@@ -178,14 +178,15 @@ namespace ops {
 
 //! The CUDA backend's weight cache: 16-bit copies (bf16 and / or fp16) of the registered fp32
 //! weight matrices for the mixed-precision math modes, each made on first use and kept until
-//! clear() (a network clears it when its parameters change). Thread-safe.
+//! clear() (a network clears it when its parameters change). Thread-safe: a copy made on one
+//! stream is waited for (an event) by products enqueued on another.
 template <>
 class LinearCache<float, cuda> {
  public:
   static constexpr bool available = true;
   void prepare(std::span<const RowBlock<const float, cuda>> weights) {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& w : weights) map_.try_emplace(w.data, Entry{w, {}, {}});
+    for (const auto& w : weights) map_.try_emplace(w.data, Entry{w, {}, {}});  // copies: lazily
   }
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -199,33 +200,54 @@ class LinearCache<float, cuda> {
   std::int64_t packed_elements() const {
     std::lock_guard<std::mutex> lock(mu_);
     std::int64_t n = 0;
-    for (const auto& [p, e] : map_) n += e.bf16.size() + e.fp16.size();
+    for (const auto& [p, e] : map_) n += e.bf16.t.size() + e.fp16.t.size();
     return n;
   }
   //! The packed [n, k] 16-bit copy of registered weight w for a mixed mode (made on ctx's stream
-  //! on first use), or null when w is not registered.
+  //! on first use; later users on any stream wait for it), or null when w is not registered.
   const std::uint16_t* rounded(const Context<cuda>& ctx, const float* w) const {
+    const char* op = "LinearCache<cuda>";
     std::lock_guard<std::mutex> lock(mu_);
     auto it = map_.find(w);
     if (it == map_.end()) return nullptr;
     Entry& e = it->second;
     const bool bf = ctx.math == MathMode::bf16;
-    Tensor<std::uint16_t, cuda>& t = bf ? e.bf16 : e.fp16;
-    if (t.size() == 0) {
-      t = Tensor<std::uint16_t, cuda>(Shape{e.w.rows, e.w.cols});
+    Copy& c = bf ? e.bf16 : e.fp16;
+    if (c.t.size() == 0) {
+      c.t = Tensor<std::uint16_t, cuda>(Shape{e.w.rows, e.w.cols});
       const BatchBlock<const float, cuda> src(e.w.data, 1, e.w.rows, e.w.cols, e.w.ld, 0);
       if (bf)
-        cuda_detail::round_rows<bfloat16_t>(ctx, src, t.data(), "LinearCache<cuda>");
+        cuda_detail::round_rows<bfloat16_t>(ctx, src, c.t.data(), op);
       else
-        cuda_detail::round_rows<half_t>(ctx, src, t.data(), "LinearCache<cuda>");
+        cuda_detail::round_rows<half_t>(ctx, src, c.t.data(), op);
+      cuda_detail::check(cudaEventCreateWithFlags(&c.ready.e, cudaEventDisableTiming), op, "event");
+      cuda_detail::check(cudaEventRecord(c.ready.e, ctx.stream), op, "event");
+    } else {
+      cuda_detail::check(cudaStreamWaitEvent(ctx.stream, c.ready.e, 0), op, "wait for the copy");
     }
-    return t.data();
+    return c.t.data();
   }
 
  private:
+  struct Event {  // owns a CUDA event
+    cudaEvent_t e = nullptr;
+    Event() = default;
+    Event(Event&& o) noexcept : e(std::exchange(o.e, nullptr)) {}
+    Event& operator=(Event&& o) noexcept {
+      std::swap(e, o.e);
+      return *this;
+    }
+    ~Event() {
+      if (e) (void)cudaEventDestroy(e);
+    }
+  };
+  struct Copy {
+    Tensor<std::uint16_t, cuda> t;
+    Event ready;
+  };
   struct Entry {
     RowBlock<const float, cuda> w;
-    Tensor<std::uint16_t, cuda> bf16, fp16;
+    Copy bf16, fp16;
   };
   mutable std::mutex mu_;
   mutable std::map<const float*, Entry> map_;

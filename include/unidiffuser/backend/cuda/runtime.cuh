@@ -8,7 +8,8 @@
 //! reduction partials, GEMM workspace) come from the device's default memory pool through
 //! `cudaMallocAsync` / `cudaFreeAsync` on the context's stream, with the pool's release threshold
 //! raised so that after the first step no call reaches the driver's allocator (stream-ordered
-//! allocation; capturable in CUDA graphs).
+//! allocation). A failed allocation trims the pool and retries once. Uploads go through pinned
+//! staging with a host-side wait on reuse, so a step is not yet capturable in a CUDA graph.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -77,6 +79,22 @@ inline int device_count() noexcept {
   return n;
 }
 
+//! The current device (throws on failure).
+inline int current_device(const char* op) {
+  int dev = 0;
+  check(cudaGetDevice(&dev), op, "cudaGetDevice");
+  return dev;
+}
+
+// Returns the cached memory of the current device's default pool to the driver (after a failed
+// allocation: the pool keeps what cudaFreeAsync released, up to its raised threshold).
+inline void trim_pool() noexcept {
+  int dev = 0;
+  cudaMemPool_t pool;
+  if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess)
+    (void)cudaMemPoolTrimTo(pool, 0);
+}
+
 // Raises the release threshold of the current device's default pool once per device, so that
 // memory freed by cudaFreeAsync stays cached for the next step.
 inline void configure_pool() {
@@ -102,7 +120,14 @@ class Scratch {
   Scratch(const Context<cuda>& ctx, std::size_t bytes, const char* op) : stream_(ctx.stream) {
     if (bytes == 0) return;
     configure_pool();
-    check(cudaMallocAsync(&p_, bytes, stream_), op, "stream-ordered scratch allocation");
+    cudaError_t e = cudaMallocAsync(&p_, bytes, stream_);
+    if (e == cudaErrorMemoryAllocation) {  // memory parked in the pool: release it, retry once
+      (void)cudaGetLastError();
+      (void)cudaStreamSynchronize(stream_);
+      trim_pool();
+      e = cudaMallocAsync(&p_, bytes, stream_);
+    }
+    check(e, op, "stream-ordered scratch allocation");
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -174,9 +199,13 @@ class Staging {
   std::array<Chunk, 32> ring_{};
   std::size_t next_ = 0;
 };
+//! The calling thread's staging ring for the current device (events belong to a device).
 inline Staging& staging() {
-  thread_local Staging s;
-  return s;
+  thread_local std::vector<std::unique_ptr<Staging>> rings;
+  const auto dev = static_cast<std::size_t>(current_device("cuda::upload"));
+  if (rings.size() <= dev) rings.resize(dev + 1);
+  if (!rings[dev]) rings[dev] = std::make_unique<Staging>();
+  return *rings[dev];
 }
 
 //! Copies n host values into stream-ordered scratch through the pinned staging ring (no host
@@ -242,7 +271,14 @@ struct allocator<cuda> {
   static void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     void* p = nullptr;
-    cuda_detail::check(cudaMalloc(&p, bytes), "Tensor<cuda>",
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaErrorMemoryAllocation) {  // scratch memory parked in the pool: release, retry
+      (void)cudaGetLastError();
+      (void)cudaDeviceSynchronize();
+      cuda_detail::trim_pool();
+      e = cudaMalloc(&p, bytes);
+    }
+    cuda_detail::check(e, "Tensor<cuda>",
                        ("allocation of " + std::to_string(bytes) + " bytes").c_str());
     return p;
   }
