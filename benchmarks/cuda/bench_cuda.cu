@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // unidiffuser-bench-cuda: timings of the CUDA backend with CUDA events (median of repeats after a
 // warm-up): the cuBLASLt matrix ceilings (fp32, TF32, bf16 at 8192^3), the fused attention at the
-// official v1 shape, the official v1 U-ViT forward (4x64x64 latent, 1,105 tokens) at batch 1 and
-// 8 in fp32 and TF32, one training step (forward + backward) at batch 1, and a guided t2i
-// DPM-Solver++ run. One JSON object per line, then a table. Exits 77 without a device.
+// official v1 shape (exact fp32 forward and backward, bf16 tensor-core forward), the official v1
+// U-ViT forward (4x64x64 latent, 1,105 tokens) at batch 1 and 8 in the fp32, TF32 and bf16 math
+// modes, one training step (forward + backward) at batch 1 in each, and a guided t2i
+// DPM-Solver++ run in bf16 (50 steps by default). One JSON object per line, then a table. Exits 77
+// without a device.
 //
 // usage: unidiffuser-bench-cuda [--quick] [--steps N] [--depth D]
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
