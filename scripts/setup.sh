@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Installs the Debian packages unidiffuser needs to build, test, benchmark and fuzz, if missing.
-# Prints what it installs; does nothing when everything is present. Usage: setup.sh [--onednn]
+# Prints what it installs; does nothing when everything is present.
+# Usage: setup.sh [--onednn | --compare]
 set -euo pipefail
 packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-dev doctest-dev
           libbenchmark-dev clang-14 libclang-rt-14-dev clang-format
@@ -10,6 +11,9 @@ packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-de
 # Debian's dnnl-config.cmake calls find_package(OpenCL) unconditionally, so the OpenCL headers and
 # loader (a Recommends of libdnnl-dev, skipped by --no-install-recommends) are needed as well.
 if [ "${1:-}" = "--onednn" ]; then packages+=(libdnnl-dev ocl-icd-opencl-dev); fi
+# --compare: Debian's PyTorch for benchmarks/compare (not needed to build or test); without the
+# pthread OpenBLAS (a Recommends-level choice) Debian's torch falls back to the reference BLAS.
+if [ "${1:-}" = "--compare" ]; then packages+=(python3-torch python3-numpy libopenblas0-pthread); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -156,6 +156,18 @@ void layer_norm(const char* op, const X& x, const R& r, const Y& y, const St& st
   if (stats) check_batch(op, "stats", stats, x.samples, x.rows, 2);
   if (stats && stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
 }
+//! Layer norm backward operands: r (optional), dy and dz like x [S; rows, n]; stats [S; rows, 2]
+//! with contiguous rows.
+template <class X, class R, class St, class D, class Z>
+void layer_norm_backward(const char* op, const X& x, const R& r, const St& stats, const D& dy,
+                         const Z& dz) {
+  const std::int64_t S = x.samples, m = x.rows, n = x.cols;
+  if (r) check_batch(op, "r", r, S, m, n);
+  check_batch(op, "stats", stats, S, m, 2);
+  check_batch(op, "dy", dy, S, m, n);
+  check_batch(op, "dz", dz, S, m, n);
+  if (stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+}
 }  // namespace checks
 
 //! A backend's cache of prepared (e.g. reordered) copies of weight matrices for `linear`. The

@@ -494,11 +494,7 @@ void layer_norm_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x,
                          BatchBlock<const T, cpu> dy, BatchBlock<T, cpu> dz, T* dg, T* db) {
   const char* op = "ops::layer_norm_backward";
   const std::int64_t S = x.samples, m = x.rows, n = x.cols;
-  if (r) check_batch(op, "r", r, S, m, n);
-  check_batch(op, "stats", stats, S, m, 2);
-  check_batch(op, "dy", dy, S, m, n);
-  check_batch(op, "dz", dz, S, m, n);
-  if (stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+  checks::layer_norm_backward(op, x, r, stats, dy, dz);
   // parameter gradients first: dz may overwrite dy
   if (dg || db) {
     const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);

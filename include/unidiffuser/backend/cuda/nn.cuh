@@ -478,60 +478,58 @@ void linear_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> x,
 // ---------------------------------------------------------------------------------------------
 // Element-wise activations
 
-//! y = GELU(u) (exact erf); y may be u.
-template <class T>
-void gelu(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<T, cuda> y) {
-  check_batch("ops::gelu", "y", y, u.samples, u.rows, u.cols);
+namespace cuda_nn_detail {
+// out = f(u) (dy null) or out = dy * f(u), element by element over [S; rows, cols] (out may
+// alias u or dy: one element per thread).
+template <class T, class F>
+void activation(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<const T, cuda> dy,
+                BatchBlock<T, cuda> out, F f, const char* op) {
+  if (dy.data) check_batch(op, "dy", dy, u.samples, u.rows, u.cols);
+  check_batch(op, dy.data ? "du" : "y", out, u.samples, u.rows, u.cols);
   cuda_detail::for_each(
       ctx, u.samples * u.rows * u.cols,
       [=] __device__(std::int64_t i) {
-        y.data[cuda_detail::batch_offset(y, i)] =
-            cuda_detail::gelu_exact(u.data[cuda_detail::batch_offset(u, i)]);
+        const T v = f(u.data[cuda_detail::batch_offset(u, i)]);
+        out.data[cuda_detail::batch_offset(out, i)] =
+            dy.data ? dy.data[cuda_detail::batch_offset(dy, i)] * v : v;
       },
-      "ops::gelu");
+      op);
+}
+}  // namespace cuda_nn_detail
+
+//! y = GELU(u) (exact erf); y may be u.
+template <class T>
+void gelu(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<T, cuda> y) {
+  cuda_nn_detail::activation<T>(
+      ctx, u, {}, y, [] __device__(T v) { return cuda_detail::gelu_exact(v); }, "ops::gelu");
 }
 //! du = dy GELU'(u), GELU'(u) = Phi(u) + u phi(u); du may be dy.
 template <class T>
 void gelu_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> u,
                    BatchBlock<const T, cuda> dy, BatchBlock<T, cuda> du) {
-  check_batch("ops::gelu_backward", "dy", dy, u.samples, u.rows, u.cols);
-  check_batch("ops::gelu_backward", "du", du, u.samples, u.rows, u.cols);
-  cuda_detail::for_each(
-      ctx, u.samples * u.rows * u.cols,
-      [=] __device__(std::int64_t i) {
-        const T v = u.data[cuda_detail::batch_offset(u, i)];
+  cuda_nn_detail::activation<T>(
+      ctx, u, dy, du,
+      [] __device__(T v) {
         const T cdf = T(0.5) * (T(1) + erf(v * T(0.70710678118654752440)));
-        const T pdf = T(0.39894228040143267794) * exp(T(-0.5) * v * v);
-        du.data[cuda_detail::batch_offset(du, i)] =
-            dy.data[cuda_detail::batch_offset(dy, i)] * (cdf + v * pdf);
+        return cdf + v * (T(0.39894228040143267794) * exp(T(-0.5) * v * v));
       },
       "ops::gelu_backward");
 }
 //! y = u sigmoid(u); y may be u.
 template <class T>
 void silu(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<T, cuda> y) {
-  check_batch("ops::silu", "y", y, u.samples, u.rows, u.cols);
-  cuda_detail::for_each(
-      ctx, u.samples * u.rows * u.cols,
-      [=] __device__(std::int64_t i) {
-        const T v = u.data[cuda_detail::batch_offset(u, i)];
-        y.data[cuda_detail::batch_offset(y, i)] = v / (T(1) + exp(-v));
-      },
-      "ops::silu");
+  cuda_nn_detail::activation<T>(
+      ctx, u, {}, y, [] __device__(T v) { return v / (T(1) + exp(-v)); }, "ops::silu");
 }
 //! du = dy s (1 + u (1 - s)), s = sigmoid(u); du may be dy.
 template <class T>
 void silu_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> u,
                    BatchBlock<const T, cuda> dy, BatchBlock<T, cuda> du) {
-  check_batch("ops::silu_backward", "dy", dy, u.samples, u.rows, u.cols);
-  check_batch("ops::silu_backward", "du", du, u.samples, u.rows, u.cols);
-  cuda_detail::for_each(
-      ctx, u.samples * u.rows * u.cols,
-      [=] __device__(std::int64_t i) {
-        const T v = u.data[cuda_detail::batch_offset(u, i)];
-        const T s = T(1) / (T(1) + exp(-v));
-        du.data[cuda_detail::batch_offset(du, i)] =
-            dy.data[cuda_detail::batch_offset(dy, i)] * s * (T(1) + v * (T(1) - s));
+  cuda_nn_detail::activation<T>(
+      ctx, u, dy, du,
+      [] __device__(T v) {
+        const T sg = T(1) / (T(1) + exp(-v));
+        return sg * (T(1) + v * (T(1) - sg));
       },
       "ops::silu_backward");
 }
@@ -560,11 +558,7 @@ void layer_norm_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> x,
                          BatchBlock<const T, cuda> dy, BatchBlock<T, cuda> dz, T* dg, T* db) {
   const char* op = "ops::layer_norm_backward";
   const std::int64_t S = x.samples, m = x.rows, n = x.cols;
-  if (r) check_batch(op, "r", r, S, m, n);
-  check_batch(op, "stats", stats, S, m, 2);
-  check_batch(op, "dy", dy, S, m, n);
-  check_batch(op, "dz", dz, S, m, n);
-  if (stats.ld != 2) throw error(op, "stats", "rows of stats must be contiguous (ld 2)");
+  checks::layer_norm_backward(op, x, r, stats, dy, dz);
   if (S * m == 0) return;
   using Acc = cuda_detail::acc_t<T>;
   if (dg || db) {  // before dz: dz may overwrite dy
