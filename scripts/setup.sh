@@ -6,7 +6,8 @@
 set -euo pipefail
 packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-dev doctest-dev
           libbenchmark-dev clang-14 libclang-rt-14-dev clang-format
-          libopenmpi-dev openmpi-bin)  # Open MPI: the data-parallel training test (mpirun -n 2)
+          libopenmpi-dev openmpi-bin   # Open MPI: the data-parallel training test (mpirun -n 2)
+          libstb-dev)                  # stb_image_write: the shapes demo's PNG grids
 # --onednn: also oneDNN, for the optional GEMM path (CMake option UNIDIFFUSER_ONEDNN, preset onednn).
 # Debian's dnnl-config.cmake calls find_package(OpenCL) unconditionally, so the OpenCL headers and
 # loader (a Recommends of libdnnl-dev, skipped by --no-install-recommends) are needed as well.

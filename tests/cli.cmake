@@ -220,3 +220,20 @@ if(UNIDIFFUSER_BUILD_EXAMPLES)
              STDERR "oracle_demo: error: command line: '--bogus': unexpected argument"
              COMMAND $<TARGET_FILE:oracle_demo> --bogus)
 endif()
+
+# ---- unidiffuser-shapes ------------------------------------------------------------------------
+if(TARGET unidiffuser-shapes)
+  set(_shapes $<TARGET_FILE:unidiffuser-shapes>)
+  set(_serr "unidiffuser-shapes: error: ")
+  cli_expect(cli_shapes_unknown_option RC 1 STDERR "${_serr}command line: --bogus: unknown option"
+             COMMAND ${_shapes} --bogus)
+  cli_expect(cli_shapes_train_option_without_retrain RC 1
+             STDERR "${_serr}command line: --train-steps: applies with --retrain only"
+             COMMAND ${_shapes} --train-steps 5)
+  cli_expect(cli_shapes_missing_checkpoint RC 1
+             STDERR "${_serr}.*${_cli}/none.safetensors.*cannot open"
+             COMMAND ${_shapes} --checkpoint ${_cli}/none.safetensors --out ${_cli}/shapes-none)
+  cli_expect(cli_shapes_steps_range RC 1 STDERR "${_serr}command line: --steps"
+             COMMAND ${_shapes} --steps 0)
+  cli_expect(cli_shapes_help RC 0 STDOUT "usage: unidiffuser-shapes" COMMAND ${_shapes} --help)
+endif()

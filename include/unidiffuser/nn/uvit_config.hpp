@@ -120,9 +120,10 @@ struct UViTConfig {
     c.validate();
     return c;
   }
-  //! From the official constructor arguments as JSON (img_size, in_chans, patch_size, embed_dim,
+  //! From JSON: the official constructor arguments (img_size, in_chans, patch_size, embed_dim,
   //! depth, num_heads, mlp_ratio, qkv_bias, mlp_time_embed, text_dim, num_text_tokens,
-  //! clip_img_dim) plus "version" ("v0" / "v1"); `default_version` when the key is absent.
+  //! clip_img_dim) plus "version" ("v0" / "v1"; `default_version` when the key is absent), or the
+  //! general form of any layout written by to_json() ("version": "custom").
   static UViTConfig from_json(const nlohmann::json& j, const std::string& default_version = "") {
     const char* op = "UViTConfig::from_json";
     auto need = [&](const char* k) -> const nlohmann::json& {
@@ -133,7 +134,8 @@ struct UViTConfig {
       throw_mismatch(op, "config", "JSON type", "an object {...}", std::string(j.type_name()));
     try {
       const std::string v = j.value("version", default_version);
-      if (v.empty()) throw error(op, "version", "missing; expected \"v0\" or \"v1\"");
+      if (v.empty()) throw error(op, "version", "missing; expected \"v0\", \"v1\" or \"custom\"");
+      if (v == "custom") return from_custom_json(j);
       return official(v, need("img_size").get<std::int64_t>(), need("in_chans").get<std::int64_t>(),
                       need("patch_size").get<std::int64_t>(), need("embed_dim").get<std::int64_t>(),
                       need("depth").get<std::int64_t>(), need("num_heads").get<std::int64_t>(),
@@ -145,24 +147,144 @@ struct UViTConfig {
       throw error(op, "config", std::string("malformed value: ") + e.what());
     }
   }
+  //! The official constructor arguments when this config is exactly an official preset (every
+  //! field, names included), else the general form: hyper-parameters, time_names and the
+  //! component list, "version": "custom". Either form reloads with from_json().
   nlohmann::json to_json() const {
     const UViTComponent* img = find("img");
     const UViTComponent* text = find("text");
     const UViTComponent* clip = find("clip_img");
-    if (!img || !text || !clip)
-      throw error("UViTConfig::to_json", version, "only the official layout has a JSON form");
-    return {{"version", version},        {"img_size", img->size},
-            {"in_chans", img->channels}, {"patch_size", img->patch},
-            {"embed_dim", embed_dim},    {"depth", depth},
-            {"num_heads", num_heads},    {"mlp_ratio", mlp_ratio},
-            {"qkv_bias", qkv_bias},      {"mlp_time_embed", mlp_time_embed},
-            {"text_dim", text->dim},     {"num_text_tokens", text->length},
-            {"clip_img_dim", clip->dim}};
+    if (img && text && clip && (version == "v0" || version == "v1") &&
+        img->kind == ComponentKind::patched_image && text->kind == ComponentKind::tokens &&
+        clip->kind == ComponentKind::tokens) {
+      try {
+        const UViTConfig o =
+            official(version, img->size, img->channels, img->patch, embed_dim, depth, num_heads,
+                     mlp_ratio, qkv_bias, mlp_time_embed, text->dim, text->length, clip->dim);
+        if (o.custom_json() == custom_json())
+          return {{"version", version},        {"img_size", img->size},
+                  {"in_chans", img->channels}, {"patch_size", img->patch},
+                  {"embed_dim", embed_dim},    {"depth", depth},
+                  {"num_heads", num_heads},    {"mlp_ratio", mlp_ratio},
+                  {"qkv_bias", qkv_bias},      {"mlp_time_embed", mlp_time_embed},
+                  {"text_dim", text->dim},     {"num_text_tokens", text->length},
+                  {"clip_img_dim", clip->dim}};
+      } catch (const error&) {  // not an official preset: the general form below
+      }
+    }
+    return custom_json();
+  }
+  //! The general JSON form of any layout (what to_json() writes for non-official configs).
+  nlohmann::json custom_json() const {
+    nlohmann::json comps = nlohmann::json::array();
+    for (const auto& c : components) {
+      nlohmann::json o = {{"name", c.name},         {"group", c.group},
+                          {"slot", c.slot},         {"in_name", c.in_name},
+                          {"out_name", c.out_name}, {"kind", kind_name(c.kind)}};
+      if (c.kind == ComponentKind::patched_image)
+        o["channels"] = c.channels, o["size"] = c.size, o["patch"] = c.patch;
+      else
+        o["length"] = c.length, o["dim"] = c.dim;
+      comps.push_back(std::move(o));
+    }
+    return {{"version", "custom"},
+            {"embed_dim", embed_dim},
+            {"depth", depth},
+            {"num_heads", num_heads},
+            {"mlp_ratio", mlp_ratio},
+            {"qkv_bias", qkv_bias},
+            {"mlp_time_embed", mlp_time_embed},
+            {"time_names", time_names},
+            {"data_type_token", data_type_token},
+            {"data_types", data_types},
+            {"components", std::move(comps)}};
+  }
+  static const char* kind_name(ComponentKind k) {
+    return k == ComponentKind::patched_image ? "patched_image" : "tokens";
   }
   const UViTComponent* find(const std::string& name) const {
     for (const auto& c : components)
       if (c.name == name) return &c;
     return nullptr;
+  }
+
+  //! Reads the general form (every field required, integers in [0, 2^40]); then validate().
+  static UViTConfig from_custom_json(const nlohmann::json& j) {
+    const char* op = "UViTConfig::from_json";
+    constexpr std::int64_t big = std::int64_t{1} << 40;
+    auto field = [&](const nlohmann::json& o, const std::string& where,
+                     const char* k) -> const nlohmann::json& {
+      if (!o.is_object() || !o.contains(k)) throw error(op, where + k, "missing key in the config");
+      return o.at(k);
+    };
+    auto integer = [&](const nlohmann::json& o, const std::string& where, const char* k) {
+      const auto& v = field(o, where, k);
+      if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() > big) ||
+          (!v.is_number_unsigned() && (v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > big)))
+        throw_mismatch(op, where + k, "value", "an integer in [0, 2^40]", v.dump());
+      return v.get<std::int64_t>();
+    };
+    auto boolean = [&](const nlohmann::json& o, const std::string& where, const char* k) {
+      const auto& v = field(o, where, k);
+      if (!v.is_boolean()) throw_mismatch(op, where + k, "value", "true or false", v.dump());
+      return v.get<bool>();
+    };
+    auto text = [&](const nlohmann::json& o, const std::string& where, const char* k) {
+      const auto& v = field(o, where, k);
+      if (!v.is_string()) throw_mismatch(op, where + k, "value", "a string", v.dump());
+      return v.get<std::string>();
+    };
+    UViTConfig c;
+    c.version = "custom";
+    c.embed_dim = integer(j, "", "embed_dim");
+    c.depth = integer(j, "", "depth");
+    c.num_heads = integer(j, "", "num_heads");
+    const auto& r = field(j, "", "mlp_ratio");
+    if (!r.is_number() || !(r.get<double>() > 0 && r.get<double>() <= 1024))
+      throw_mismatch(op, "mlp_ratio", "value", "a number in (0, 1024]", r.dump());
+    c.mlp_ratio = r.get<double>();
+    c.qkv_bias = boolean(j, "", "qkv_bias");
+    c.mlp_time_embed = boolean(j, "", "mlp_time_embed");
+    c.data_type_token = boolean(j, "", "data_type_token");
+    c.data_types = integer(j, "", "data_types");
+    const auto& tn = field(j, "", "time_names");
+    if (!tn.is_array() || tn.size() > 64)
+      throw_mismatch(op, "time_names", "value", "an array of at most 64 strings", tn.dump());
+    for (const auto& t : tn) {
+      if (!t.is_string()) throw_mismatch(op, "time_names", "entry", "a string", t.dump());
+      c.time_names.push_back(t.get<std::string>());
+    }
+    const auto& cs = field(j, "", "components");
+    if (!cs.is_array() || cs.size() > 64)
+      throw_mismatch(op, "components", "value", "an array of at most 64 objects",
+                     std::string(cs.type_name()));
+    for (std::size_t i = 0; i < cs.size(); ++i) {
+      const auto& o = cs[i];
+      const std::string w = "components[" + std::to_string(i) + "].";
+      UViTComponent k;
+      k.name = text(o, w, "name");
+      const std::string kind = text(o, w, "kind");
+      k.group = static_cast<std::size_t>(integer(o, w, "group"));
+      k.slot = static_cast<std::size_t>(integer(o, w, "slot"));
+      k.in_name = text(o, w, "in_name");
+      k.out_name = text(o, w, "out_name");
+      if (kind == "patched_image") {
+        k.kind = ComponentKind::patched_image;
+        k.channels = integer(o, w, "channels");
+        k.size = integer(o, w, "size");
+        k.patch = integer(o, w, "patch");
+      } else if (kind == "tokens") {
+        k.kind = ComponentKind::tokens;
+        k.length = integer(o, w, "length");
+        k.dim = integer(o, w, "dim");
+      } else {
+        throw_mismatch(op, w + "kind", "component kind", "\"patched_image\" or \"tokens\"",
+                       "\"" + kind + "\"");
+      }
+      c.components.push_back(std::move(k));
+    }
+    c.validate();
+    return c;
   }
 
   void validate() const {
@@ -181,6 +303,42 @@ struct UViTConfig {
     if (hidden() < 1) throw error(op, "mlp_ratio", "MLP hidden width must be positive");
     if (time_names.empty()) throw error(op, "time_names", "need one time token per group");
     if (components.empty()) throw error(op, "components", "need at least one component");
+    // names: non-empty and unique (parameter prefixes that collided would merge parameters)
+    std::vector<std::string> prefixes(time_names.begin(), time_names.end()), names;
+    for (const auto& c : components) {
+      if (c.name.empty()) throw error(op, "components", "a component has an empty name");
+      if (c.in_name.empty() || c.out_name.empty())
+        throw error(op, c.name, "in_name and out_name (parameter prefixes) must be non-empty");
+      names.push_back(c.name);
+      prefixes.push_back(c.in_name);
+      prefixes.push_back(c.out_name);
+    }
+    for (const auto& t : time_names)
+      if (t.empty()) throw error(op, "time_names", "a time-embedding prefix is empty");
+    auto duplicate = [](std::vector<std::string> v) -> std::string {
+      std::sort(v.begin(), v.end());
+      const auto it = std::adjacent_find(v.begin(), v.end());
+      return it == v.end() ? std::string() : *it;
+    };
+    if (const auto d = duplicate(names); !d.empty())
+      throw error(op, d, "two components share this name");
+    if (const auto d = duplicate(prefixes); !d.empty())
+      throw error(op, d, "parameter prefix used twice (time_names, in_name, out_name)");
+    // slots: each group's components take the slots 0 .. n-1 once each
+    for (std::size_t g = 0; g < groups(); ++g) {
+      std::vector<std::size_t> slots;
+      for (const auto& c : components)
+        if (c.group == g) slots.push_back(c.slot);
+      std::sort(slots.begin(), slots.end());
+      for (std::size_t i = 0; i < slots.size(); ++i)
+        if (slots[i] != i)
+          throw error(op, "slot",
+                      "group " + std::to_string(g) + " (" + time_names[g] + "): the slots of its " +
+                          std::to_string(slots.size()) + " components must be 0.." +
+                          std::to_string(slots.size() - 1) + " once each");
+    }
+    if (data_type_token && data_types < 1)
+      throw_mismatch(op, "data_types", "data_types", ">= 1", data_types);
     for (const auto& c : components) {
       if (c.group >= groups()) throw error(op, c.name, "component group out of range");
       if (c.kind == ComponentKind::patched_image) {

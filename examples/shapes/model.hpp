@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+//! \file model.hpp
+//! The shapes demo's two-group U-ViT (group 0: the image, pixels [3, 16, 16] in 4 x 4 patches;
+//! group 1: the caption, [5, 32] tokens) and its training on the procedural world with the
+//! library's Trainer (the UniDiffuser objective: an independent level per group).
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <span>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "unidiffuser/io/checkpoint.hpp"
+#include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_config.hpp"
+#include "unidiffuser/train/trainer.hpp"
+#include "world.hpp"
+
+namespace shapes {
+
+namespace ud = unidiffuser;
+
+//! Network size.
+struct ModelSize {
+  std::int64_t embed_dim = 128, depth = 7, heads = 4, patch = 4;
+  double mlp_ratio = 4.0;
+};
+
+//! The two-group layout: "img" (patched image, group 0) and "text" (tokens, group 1), official
+//! parameter names, no data-type token.
+inline ud::nn::UViTConfig config(const ModelSize& m = {}) {
+  using ud::nn::ComponentKind;
+  ud::nn::UViTConfig c;
+  c.version = "custom";
+  c.embed_dim = m.embed_dim;
+  c.depth = m.depth;
+  c.num_heads = m.heads;
+  c.mlp_ratio = m.mlp_ratio;
+  c.time_names = {"time_img_embed", "time_text_embed"};
+  ud::nn::UViTComponent img;
+  img.name = "img";
+  img.kind = ComponentKind::patched_image;
+  img.group = 0;
+  img.channels = kChannels;
+  img.size = kSide;
+  img.patch = m.patch;
+  img.in_name = "patch_embed.proj";
+  img.out_name = "decoder_pred";
+  ud::nn::UViTComponent text;
+  text.name = "text";
+  text.kind = ComponentKind::tokens;
+  text.group = 1;
+  text.length = kWords;
+  text.dim = kEmbed;
+  text.in_name = "text_embed";
+  text.out_name = "text_out";
+  c.components = {text, img};
+  c.validate();
+  return c;
+}
+
+//! The world as the Trainer's data source: sample `first + r` of the run's seed fills row r.
+inline void fill_batch(std::uint64_t seed, std::int64_t first, std::int64_t rows, float* img,
+                       std::int64_t img_ld, float* text, std::int64_t text_ld) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const Scene s = sample_scene(seed, static_cast<std::uint64_t>(first + r));
+    render(s, std::span<float>(img + r * img_ld, kPixels));
+    const auto w = caption_words(s.attr);
+    encode_caption(w, std::span<float>(text + r * text_ld, kTextSize));
+  }
+}
+
+using Trainer = ud::train::Trainer<float, 2>;
+
+inline Trainer::DataSource data_source() {
+  return [](std::uint64_t seed, std::int64_t, std::int64_t first, const Trainer::Views& x0,
+            std::span<std::int64_t>) {
+    fill_batch(seed, first, x0[0].rows, x0[0].data, x0[0].ld, x0[1].data, x0[1].ld);
+  };
+}
+
+//! The demo's initialisation: the library's N(0, 0.02^2) for every parameter (init_random), then
+//! the input embeddings (patch and token projections) at std 1 / sqrt(fan_in), so that a token's
+//! content starts at unit scale, and the positional table at std `pos_std`. With the positional
+//! table at 0.02 next to unit-scale content the network starts out almost blind to where a patch
+//! or a caption word sits, and learned positions only slowly (docs/SHAPES.md, "Training").
+inline void init_network(ud::nn::UViT<float>& net, std::uint64_t seed, double pos_std = 0.5) {
+  net.init_random(seed);
+  const ud::Context<ud::cpu> ctx{};
+  std::uint64_t stream = 1000;
+  auto redraw = [&](const std::string& name, double std) {
+    auto v = net.param(name);
+    ud::RowBlock<float> b(v.data(), 1, v.size(), v.size());
+    ud::ops::random_normal(ctx, b, ud::NoiseKey{seed, stream++}, 0);
+    for (std::int64_t i = 0; i < v.size(); ++i) v.data()[i] = static_cast<float>(v.data()[i] * std);
+  };
+  for (const auto& c : net.config().components) {
+    const double fan_in = static_cast<double>(c.in_features());
+    redraw(c.in_name + ".weight", 1.0 / std::sqrt(fan_in));
+  }
+  redraw("pos_embed", pos_std);
+  net.parameters_changed();
+}
+
+//! Training settings of the committed checkpoint (docs/SHAPES.md).
+struct TrainSettings {
+  std::uint64_t seed = 1;
+  std::int64_t steps = 6500, batch = 128, warmup = 300;
+  double lr = 5e-4, min_lr = 1e-5, weight_decay = 0.03, clip = 1.0, ema = 0.999, pos_std = 0.5;
+};
+
+inline Trainer::Options trainer_options(const TrainSettings& s) {
+  Trainer::Options o;
+  o.seed = s.seed;
+  o.batch = s.batch;
+  o.lr.lr = s.lr;
+  o.lr.min_lr = s.min_lr;
+  o.lr.warmup = s.warmup;
+  o.lr.total = s.steps;
+  o.lr.decay = ud::train::Decay::cosine;
+  o.adamw.weight_decay = s.weight_decay;
+  o.clip_norm = s.clip;
+  o.ema_decay = s.ema;
+  return o;
+}
+
+//! Trains the network from scratch (or resumes `state_path`), saving the trainer's state every
+//! 500 steps, and writes the EMA weights with the config and the run's settings as metadata to
+//! `path` (atomic writer).
+inline void train(const ModelSize& ms, const TrainSettings& ts, const std::string& path,
+                  const std::string& state_path, bool resume, bool quiet) {
+  ud::nn::UViT<float> net(config(ms));
+  init_network(net, ts.seed, ts.pos_std);
+  Trainer tr(net, trainer_options(ts), data_source());
+  if (resume) tr.load(state_path);
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::int64_t first = tr.step_index();
+  if (!quiet)
+    std::fprintf(stderr, "training %lld steps of batch %lld (%.2f M parameters)\n",
+                 static_cast<long long>(ts.steps), static_cast<long long>(ts.batch),
+                 static_cast<double>(net.parameters().size()) / 1e6);
+  const ud::Context<ud::cpu> ctx{};
+  const auto last = tr.run(ctx, ts.steps, 100, state_path, 500, quiet);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // the EMA weights become the network's parameters
+  const auto ema = tr.ema().weights();
+  std::copy_n(ema.data(), ema.size(), net.parameters().data());
+  net.parameters_changed();
+  nlohmann::json info = {{"seed", ts.seed},         {"steps", ts.steps},
+                         {"batch", ts.batch},       {"lr", ts.lr},
+                         {"min_lr", ts.min_lr},     {"warmup", ts.warmup},
+                         {"ema", ts.ema},           {"weight_decay", ts.weight_decay},
+                         {"clip", ts.clip},         {"pos_std", ts.pos_std},
+                         {"final_loss", last.loss}, {"seconds", secs},
+                         {"resumed_at", first}};
+  ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", "shapes-16x16-v1"}});
+  if (!quiet)
+    std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,
+                 path.c_str());
+}
+
+}  // namespace shapes

@@ -1,0 +1,231 @@
+// SPDX-License-Identifier: Apache-2.0
+// The shapes demo (examples/shapes): the world generator and its attribute readers, a short
+// training run on it, a trained checkpoint reloading from its own metadata; and the general JSON
+// form of U-ViT configs with the configuration checks it relies on.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "model.hpp"
+#include "unidiffuser/io/checkpoint.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
+#include "world.hpp"
+
+namespace ud = unidiffuser;
+
+TEST_CASE("shapes: the readers recover the attributes of every scene and caption") {
+  int scenes = 0;
+  for (int size = 0; size < 2; ++size)
+    for (int colour = 0; colour < 4; ++colour)
+      for (int shape = 0; shape < 3; ++shape)
+        for (int pos = 0; pos < 4; ++pos) {
+          const int d = shapes::kBox[static_cast<std::size_t>(size)], room = 8 - d + 1;
+          for (int dy = 0; dy < room; ++dy)
+            for (int dx = 0; dx < room; ++dx) {
+              shapes::Scene s;
+              s.attr.v = {size, colour, shape, pos};
+              s.x0 = (pos % 2) * 8 + dx;
+              s.y0 = (pos / 2) * 8 + dy;
+              std::vector<float> img(shapes::kPixels);
+              shapes::render(s, img);
+              const auto got = shapes::read_image(img);
+              CAPTURE(shapes::describe(s.attr));
+              CAPTURE(dx);
+              CAPTURE(dy);
+              CHECK(got == s.attr);
+              ++scenes;
+            }
+          shapes::Attributes a;
+          a.v = {size, colour, shape, pos};
+          std::vector<float> text(shapes::kTextSize);
+          shapes::encode_caption(shapes::caption_words(a), text);
+          CHECK(shapes::read_caption(text) == a);
+          // a token perturbed by a little noise still decodes to its word
+          for (float& x : text) x += 0.1f * std::sin(7.f * x);
+          CHECK(shapes::read_caption(text) == a);
+        }
+  CHECK(scenes == 96 / 2 * (16 + 4));
+}
+
+TEST_CASE("shapes: the sampled world follows its frequencies and stays inside its quadrant") {
+  std::map<int, int> counts[shapes::kAttributes];
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    const auto s = shapes::sample_scene(5, static_cast<std::uint64_t>(i));
+    for (int k = 0; k < shapes::kAttributes; ++k) ++counts[k][s.attr[k]];
+    const int d = shapes::kBox[static_cast<std::size_t>(s.attr[shapes::size_attr])];
+    const int q = s.attr[shapes::position_attr];
+    CHECK(s.x0 >= (q % 2) * 8);
+    CHECK(s.x0 + d <= (q % 2) * 8 + 8);
+    CHECK(s.y0 >= (q / 2) * 8);
+    CHECK(s.y0 + d <= (q / 2) * 8 + 8);
+  }
+  for (int k = 0; k < shapes::kAttributes; ++k) {
+    const auto& p = shapes::frequencies()[static_cast<std::size_t>(k)];
+    for (std::size_t v = 0; v < p.size(); ++v)
+      CHECK(std::abs(counts[k][static_cast<int>(v)] / double(n) - p[v]) < 0.015);
+  }
+  // a pure function of (seed, index)
+  const auto a = shapes::sample_scene(9, 1234), b = shapes::sample_scene(9, 1234);
+  CHECK(a.attr == b.attr);
+  CHECK(a.x0 == b.x0);
+}
+
+TEST_CASE("shapes: the readers refuse what they cannot read") {
+  std::vector<float> img(shapes::kPixels, -1.f);
+  CHECK_FALSE(shapes::read_image(img).readable());  // blank
+  // a 3 x 3 blob has no readable size
+  for (int y = 2; y < 5; ++y)
+    for (int x = 2; x < 5; ++x) img[static_cast<std::size_t>(y * 16 + x)] = 1.f;
+  CHECK(shapes::read_image(img)[shapes::size_attr] == -1);
+  // a caption with a colour word in the shape slot
+  const std::vector<int> words{1, 2, 3, 9, 11};
+  const auto a = shapes::read_caption_words(words);
+  CHECK(a[shapes::size_attr] == 1);
+  CHECK(a[shapes::colour_attr] == 0);
+  CHECK(a[shapes::shape_attr] == -1);
+  CHECK(a[shapes::position_attr] == 0);
+  CHECK(shapes::caption_text(shapes::caption_words(a)).size() > 0);
+}
+
+TEST_CASE("shapes: a short training run lowers the loss") {
+  shapes::ModelSize ms;
+  ms.embed_dim = 32;
+  ms.depth = 3;
+  ms.heads = 2;
+  ud::nn::UViT<float> net(shapes::config(ms));
+  shapes::init_network(net, 3);
+  shapes::TrainSettings ts;
+  ts.steps = 150;
+  ts.batch = 16;
+  ts.warmup = 10;
+  ts.lr = 3e-3;
+  shapes::Trainer tr(net, shapes::trainer_options(ts), shapes::data_source());
+  double first = 0, last = 0;
+  for (int s = 0; s < ts.steps; ++s) {
+    const auto log = tr.step(ud::Context<ud::cpu>{});
+    REQUIRE(std::isfinite(log.loss));
+    if (s < 10) first += log.loss / 10;
+    if (s >= ts.steps - 10) last += log.loss / 10;
+  }
+  CAPTURE(first);
+  CAPTURE(last);
+  CHECK(last < 0.6 * first);
+}
+
+TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
+  namespace fs = std::filesystem;
+  const fs::path dir =
+      fs::temp_directory_path() / ("unidiffuser-shapes-test-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  shapes::ModelSize ms;
+  ms.embed_dim = 16;
+  ms.depth = 1;
+  ms.heads = 2;
+  shapes::TrainSettings ts;
+  ts.steps = 2;
+  ts.batch = 4;
+  ts.warmup = 1;
+  const std::string path = (dir / "net.safetensors").string();
+  shapes::train(ms, ts, path, (dir / "state.safetensors").string(), false, true);
+  const auto f = ud::safetensors::File::read(path);
+  const auto cfg = ud::checkpoint_config(f);
+  CHECK(cfg.version == "custom");
+  CHECK(cfg.custom_json() == shapes::config(ms).custom_json());
+  ud::nn::UViT<float> net(cfg);
+  ud::load_checkpoint(net, f);
+  CHECK(f.metadata("training").size() > 0);
+  // the trainer's state resumes to the same step
+  shapes::Trainer tr(net, shapes::trainer_options(ts), shapes::data_source());
+  tr.load((dir / "state.safetensors").string());
+  CHECK(tr.step_index() == 2);
+  // one denoising call on a noised world sample: finite output of the layout's size
+  ud::nn::UViTPredictor<float, 2> model(net, 0);
+  std::vector<float> img(shapes::kPixels), text(shapes::kTextSize), oi(shapes::kPixels),
+      ot(shapes::kTextSize);
+  shapes::fill_batch(1, 0, 1, img.data(), shapes::kPixels, text.data(), shapes::kTextSize);
+  const std::vector<double> t{500.0};
+  model(ud::Context<ud::cpu>{},
+        {ud::TensorView<const float>(img.data(), ud::Shape{1, shapes::kPixels}),
+         ud::TensorView<const float>(text.data(), ud::Shape{1, shapes::kTextSize})},
+        {std::span<const double>(t), std::span<const double>(t)},
+        {ud::TensorView<float>(oi.data(), ud::Shape{1, shapes::kPixels}),
+         ud::TensorView<float>(ot.data(), ud::Shape{1, shapes::kTextSize})});
+  for (float x : oi) REQUIRE(std::isfinite(x));
+  for (float x : ot) REQUIRE(std::isfinite(x));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("U-ViT config: the general JSON form round-trips; official presets keep theirs") {
+  const auto c = shapes::config();
+  const auto j = c.to_json();
+  CHECK(j.at("version") == "custom");
+  const auto back = ud::nn::UViTConfig::from_json(nlohmann::json::parse(j.dump()));
+  CHECK(back.custom_json() == c.custom_json());
+  CHECK(back.parameters() == c.parameters());
+  const auto v1 = ud::nn::UViTConfig::official("v1", 8, 4, 2, 32, 3, 2);
+  CHECK(v1.to_json().at("version") == "v1");
+  CHECK(v1.to_json().contains("img_size"));
+  // official component names in a layout that is not the official one: the general form
+  auto k3 = v1;
+  k3.time_names.push_back("time_audio_embed");
+  ud::nn::UViTComponent audio;
+  audio.name = "audio";
+  audio.group = 2;
+  audio.length = 3;
+  audio.dim = 4;
+  audio.in_name = "audio_embed";
+  audio.out_name = "audio_out";
+  k3.components.push_back(audio);
+  k3.validate();
+  CHECK(k3.to_json().at("version") == "custom");
+  const auto k3b = ud::nn::UViTConfig::from_json(k3.to_json());
+  CHECK(k3b.groups() == 3);
+  CHECK(k3b.parameters() == k3.parameters());
+}
+
+TEST_CASE("U-ViT config: misconfigurations are errors naming the field") {
+  auto expect = [](ud::nn::UViTConfig c, const std::string& needle) {
+    try {
+      c.validate();
+      FAIL("accepted: " << needle);
+    } catch (const ud::error& e) {
+      CAPTURE(e.what());
+      CHECK(std::string(e.what()).find(needle) != std::string::npos);
+    }
+  };
+  auto c = shapes::config();
+  auto e1 = c;
+  e1.components[0].in_name.clear();
+  expect(e1, "in_name and out_name");
+  auto e2 = c;
+  e2.components[1].out_name = e2.components[0].out_name;
+  expect(e2, "parameter prefix used twice");
+  auto e3 = c;
+  e3.components[1].name = e3.components[0].name;
+  expect(e3, "two components share this name");
+  auto e4 = c;
+  e4.components[1].slot = 1;
+  expect(e4, "slots");
+  auto e5 = c;
+  e5.time_names[1] = "text_embed";
+  expect(e5, "parameter prefix used twice");
+  // malformed general JSON
+  auto j = c.custom_json();
+  j["components"][0]["kind"] = "audio";
+  CHECK_THROWS_WITH_AS(ud::nn::UViTConfig::from_json(j), doctest::Contains("kind"), ud::error);
+  j = c.custom_json();
+  j["embed_dim"] = -4;
+  CHECK_THROWS_WITH_AS(ud::nn::UViTConfig::from_json(j), doctest::Contains("embed_dim"), ud::error);
+  j = c.custom_json();
+  j.erase("time_names");
+  CHECK_THROWS_WITH_AS(ud::nn::UViTConfig::from_json(j), doctest::Contains("time_names"),
+                       ud::error);
+}
