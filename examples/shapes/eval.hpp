@@ -5,8 +5,6 @@
 //! readers, drawn as PNG grids, and written as report.md / report.json.
 #pragma once
 
-#include <stb/stb_image_write.h>
-
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -15,7 +13,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,10 +57,6 @@ struct ModeSamples {
 
 namespace detail {
 
-inline ud::Mode mode_of(const std::string& m) {
-  return ud::parse_mode(m);
-}
-
 // A progress line per batch chunk.
 struct Progress {
   bool quiet = false;
@@ -99,7 +92,7 @@ inline void world_batch(std::uint64_t seed, std::int64_t first, std::int64_t n,
 inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::string& mode,
                           double scale, std::int64_t n, const EvalSettings& ev,
                           std::uint64_t stream) {
-  const ud::Mode m = detail::mode_of(mode);
+  const ud::Mode m = ud::parse_mode(mode);
   ModeSamples out;
   out.n = n;
   std::vector<Attributes> attr;

@@ -2,22 +2,15 @@
 // unidiffuser-shapes: the main demo. A two-group UniDiffuser (image + caption) trained on a
 // procedural world of coloured shapes samples all seven modes and scores them with rule-based
 // attribute readers; writes PNG grids and report.md / report.json (docs/SHAPES.md).
-#include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <numeric>
 #include <string>
-#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
 #include <Eigen/Core>
-#include <nlohmann/json.hpp>
 
 // stb_image_write: its implementation is compiled in this translation unit only
 #define STB_IMAGE_WRITE_IMPLEMENTATION

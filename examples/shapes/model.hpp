@@ -43,23 +43,21 @@ inline ud::nn::UViTConfig config(const ModelSize& m = {}) {
   c.num_heads = m.heads;
   c.mlp_ratio = m.mlp_ratio;
   c.time_names = {"time_img_embed", "time_text_embed"};
-  ud::nn::UViTComponent img;
-  img.name = "img";
-  img.kind = ComponentKind::patched_image;
-  img.group = 0;
-  img.channels = kChannels;
-  img.size = kSide;
-  img.patch = m.patch;
-  img.in_name = "patch_embed.proj";
-  img.out_name = "decoder_pred";
-  ud::nn::UViTComponent text;
-  text.name = "text";
-  text.kind = ComponentKind::tokens;
-  text.group = 1;
-  text.length = kWords;
-  text.dim = kEmbed;
-  text.in_name = "text_embed";
-  text.out_name = "text_out";
+  const ud::nn::UViTComponent img{.name = "img",
+                                  .kind = ComponentKind::patched_image,
+                                  .group = 0,
+                                  .channels = kChannels,
+                                  .size = kSide,
+                                  .patch = m.patch,
+                                  .in_name = "patch_embed.proj",
+                                  .out_name = "decoder_pred"};
+  const ud::nn::UViTComponent text{.name = "text",
+                                   .kind = ComponentKind::tokens,
+                                   .group = 1,
+                                   .length = kWords,
+                                   .dim = kEmbed,
+                                   .in_name = "text_embed",
+                                   .out_name = "text_out"};
   c.components = {text, img};
   c.validate();
   return c;
