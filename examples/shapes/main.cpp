@@ -54,8 +54,8 @@ writes a PNG grid per mode plus report.md and report.json.
   --quiet             no progress lines
   --check             exit with status 3 when a quality bar fails
 training (with --retrain):
-  --train-steps N     optimisation steps (default 6500)   --batch N   (default 128)
-  --lr X              peak learning rate (default 5e-4)   --train-seed S (default 1)
+  --train-steps N     optimisation steps (default 10000)   --batch N   (default 128)
+  --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
   --embed E --depth D --heads H   network size (default 128, 7, 4)
   --pos-std X         initial std of the positional table (default 0.5)
   --resume            continue OUT/train_state.safetensors

@@ -109,8 +109,8 @@ inline void init_network(ud::nn::UViT<float>& net, std::uint64_t seed, double po
 //! Training settings of the committed checkpoint (docs/SHAPES.md).
 struct TrainSettings {
   std::uint64_t seed = 1;
-  std::int64_t steps = 6500, batch = 128, warmup = 300;
-  double lr = 5e-4, min_lr = 1e-5, weight_decay = 0.03, clip = 1.0, ema = 0.999, pos_std = 0.5;
+  std::int64_t steps = 10000, batch = 128, warmup = 300;
+  double lr = 3e-3, min_lr = 1e-5, weight_decay = 0.03, clip = 1.0, ema = 0.999, pos_std = 0.5;
 };
 
 inline Trainer::Options trainer_options(const TrainSettings& s) {
