@@ -97,6 +97,38 @@ cli_expect(cli_sample_scale_nan RC 1 STDERR "${_opt}--scale: not a finite number
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --scale nan)
 cli_expect(cli_sample_sampler RC 1 STDERR "${_opt}--sampler: unknown value. expected dpm_solver"
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --sampler euler)
+# ---- unidiffuser-sample: a three-group layout (any task through --task) ------------------------
+set(_k3 ${_sample} --checkpoint ${_cli}/k3.safetensors --steps 3 --batch 2 --quiet
+        --conditions ${_cli}/k3_conditions.safetensors)
+foreach(case "t2i;img|text;img" "one_to_many;img,audio|text;audio" "many_to_one;text|img,audio;text"
+             "chain;text|img > img|text;img" "joint;img,text,audio;audio" "marginal;audio;audio")
+  list(GET case 0 name)
+  list(GET case 1 spec)
+  list(GET case 2 wrote)
+  cli_expect(sample_cli_k3_${name} RC 0 HOSTILE CREATES ${_cli}/k3_${name}.safetensors
+             FILE_CONTAINS "\"${wrote}\""
+             COMMAND ${_k3} --task "${spec}" --out ${_cli}/k3_${name}.safetensors)
+endforeach()
+cli_expect(sample_cli_k3_mode RC 1 HOSTILE
+           STDERR "${_opt}--mode: the official modes need a two-group layout; this checkpoint has 3 groups"
+           COMMAND ${_k3} --mode t2i --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_k3_unknown_group RC 1 HOSTILE
+           STDERR "${_opt}--task: unknown group 'video'; the groups are 0 = time_img_embed .img.; 1 = time_text_embed .text.; 2 = time_audio_embed .audio."
+           COMMAND ${_k3} --task "video|text" --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_k3_twice RC 1 HOSTILE STDERR "${_opt}--task: stage 'img|img': .*listed twice"
+           COMMAND ${_k3} --task "img|img" --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_k3_no_conditions RC 1 HOSTILE
+           STDERR "${_opt}--conditions: required for task 'img.text'"
+           COMMAND ${_sample} --checkpoint ${_cli}/k3.safetensors --task "img|text"
+                   --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_mode_and_task RC 1 STDERR "${_opt}--mode: give --mode or --task, not both"
+           COMMAND ${_run_tiny} --mode joint --task img --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_no_mode RC 1 STDERR "${_opt}--mode: required: give --mode .official modes. or --task"
+           COMMAND ${_run_tiny} --out ${_cli}/x.safetensors)
+cli_expect(sample_cli_task_official RC 0 CREATES ${_cli}/task_t2i.safetensors FILE_CONTAINS "\"clip_img\""
+           COMMAND ${_run_tiny} --task "img|text" --steps 3 --batch 2 --quiet --conditions ${_tiny_cond}
+                   --out ${_cli}/task_t2i.safetensors)
+
 # ---- unidiffuser-sample: files -----------------------------------------------------------------
 cli_expect(cli_sample_config_array RC 1 HOSTILE
            STDERR "${_err}config: --config .*config_array.json: config JSON. expected an object .*, got array"

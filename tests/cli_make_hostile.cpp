@@ -10,6 +10,9 @@
 //   cond_transposed.safetensors   text condition of shape [8, 6] (the model wants [6, 8])
 //   cond_i64.safetensors          text condition of shape [6, 8] stored as I64
 //   config_array.json             the JSON text [1, 2]
+//   k3.safetensors                a three-group U-ViT (tests/uvit_configs.hpp k3_config: img, text
+//                                 and audio groups) with arbitrary weights, its config saved
+//   k3_conditions.safetensors     one sample of each of its components (img, text, audio)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +23,8 @@
 #include <string>
 
 #include "unidiffuser/io/safetensors.hpp"
+#include "unidiffuser/nn/uvit_config.hpp"
+#include "uvit_configs.hpp"
 
 namespace ud = unidiffuser;
 namespace fs = std::filesystem;
@@ -74,6 +79,31 @@ int main(int argc, char** argv) {
         .write((dir / "cond_i64.safetensors").string());
 
     std::ofstream(dir / "config_array.json") << "[1, 2]\n";
+
+    {  // a K = 3 checkpoint (weights need not be trained to sample) and its conditions
+      const auto cfg = ud::testing::k3_config();
+      ud::safetensors::Writer w;
+      std::int64_t k = 0;
+      for (const auto& [name, shape] : cfg.parameters()) {
+        ud::Tensor<float> t(shape);
+        for (std::int64_t i = 0; i < t.size(); ++i, ++k)
+          t.data()[i] = 0.2f * static_cast<float>(std::sin(0.37 * static_cast<double>(k)));
+        w.add<float>(name, t);
+      }
+      w.metadata("config", cfg.to_json().dump());
+      w.write((dir / "k3.safetensors").string());
+      ud::safetensors::Writer c;
+      for (const auto& comp : cfg.components) {
+        const ud::Shape s = comp.kind == ud::nn::ComponentKind::tokens
+                                ? ud::Shape{comp.length, comp.dim}
+                                : ud::Shape{comp.channels, comp.size, comp.size};
+        ud::Tensor<float> t(s);
+        for (std::int64_t i = 0; i < t.size(); ++i)
+          t.data()[i] = static_cast<float>(std::cos(0.9 * static_cast<double>(i)));
+        c.add<float>(comp.name, t);
+      }
+      c.write((dir / "k3_conditions.safetensors").string());
+    }
 
     if (argc == 5) {  // golden directories the checker must fail on
       // a reference whose tolerance is missing from the file's checks

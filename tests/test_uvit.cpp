@@ -23,6 +23,7 @@
 #include "unidiffuser/nn/uvit.hpp"
 
 #include "support.hpp"
+#include "uvit_configs.hpp"
 
 namespace ud = unidiffuser;
 namespace kk = unidiffuser::cpu_kernels;
@@ -59,6 +60,29 @@ std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::F
   std::vector<float> all;
   for (auto& o : outs) all.insert(all.end(), o.begin(), o.end());
   return all;
+}
+
+// Writes the parameters of `net` in diffusers naming by applying the documented mapping
+// (CHECKPOINTS.md §2): fused qkv weights and biases split in three, the patch embedding twice.
+void write_diffusers(const ud::nn::UViT<float>& net, const std::string& path) {
+  ud::safetensors::Writer w;
+  for (const auto& n : net.parameter_names()) {
+    const auto src = ud::detail::diffusers_names(n);
+    REQUIRE_MESSAGE(!src.empty(), n);
+    const auto& t = net.param(n);
+    if (src.size() == 3) {
+      const std::int64_t rows = t.dim(0) / 3, cols = t.size() / t.dim(0);
+      const ud::Shape s = t.rank() == 2 ? ud::Shape{rows, cols} : ud::Shape{rows};
+      for (int k = 0; k < 3; ++k)
+        w.add<float>(src[static_cast<std::size_t>(k)],
+                     ud::TensorView<const float>(t.data() + k * rows * cols, s));
+    } else {
+      w.add<float>(src[0], t.view());
+    }
+    if (n == "patch_embed.proj.weight") w.add<float>("transformer.pos_embed.proj.weight", t.view());
+    if (n == "patch_embed.proj.bias") w.add<float>("transformer.pos_embed.proj.bias", t.view());
+  }
+  w.write(path);
 }
 
 using unidiffuser::testing::message_of;
@@ -185,27 +209,7 @@ TEST_CASE("a diffusers-named checkpoint loads and gives the same outputs as the 
   const auto dir = std::filesystem::temp_directory_path() / "unidiffuser_test_ckpt";
   std::filesystem::create_directories(dir);
   const std::string path = (dir / "diffusers.safetensors").string();
-  {
-    ud::safetensors::Writer w;
-    for (const auto& n : a.parameter_names()) {
-      const auto src = ud::detail::diffusers_names(n);
-      REQUIRE(!src.empty());
-      const auto& t = a.param(n);
-      if (src.size() == 3) {
-        const std::int64_t rows = t.dim(0) / 3, cols = t.dim(1);
-        for (int k = 0; k < 3; ++k)
-          w.add<float>(
-              src[static_cast<std::size_t>(k)],
-              ud::TensorView<const float>(t.data() + k * rows * cols, ud::Shape{rows, cols}));
-      } else {
-        w.add<float>(src[0], t.view());
-      }
-      if (n == "patch_embed.proj.weight")
-        w.add<float>("transformer.pos_embed.proj.weight", t.view());
-      if (n == "patch_embed.proj.bias") w.add<float>("transformer.pos_embed.proj.bias", t.view());
-    }
-    w.write(path);
-  }
+  write_diffusers(a, path);
   const auto df = ud::safetensors::File::read(path);
   CHECK(ud::detect_naming(df) == ud::CheckpointNaming::diffusers);
   CHECK(df.tensors().size() == a.parameter_names().size() - 5 + 15 + 2);  // 5 blocks: qkv -> q,k,v
@@ -219,6 +223,113 @@ TEST_CASE("a diffusers-named checkpoint loads and gives the same outputs as the 
   ud::load_checkpoint(c, of);
   CHECK(run_native(c, f) == run_native(a, f));
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE(
+    "diffusers' attention_bias and use_timestep_embedding map to the qkv bias and time MLPs") {
+  // v0_config has both options on; its diffusers file carries to_{q,k,v}.bias and
+  // timestep_{img,text}_embed.linear_{1,2}
+  ud::nn::UViT<float> a(unidiffuser::testing::v0_config()), b(unidiffuser::testing::v0_config());
+  a.init_random(7, 0.3);
+  const auto dir = std::filesystem::temp_directory_path() / "unidiffuser_test_diffusers_opts";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "d.safetensors").string();
+  write_diffusers(a, path);
+  const auto df = ud::safetensors::File::read(path);
+  CHECK(df.contains("transformer.transformer_mid_block.attn1.to_k.bias"));
+  CHECK(df.contains("timestep_text_embed.linear_2.weight"));
+  CHECK(ud::detect_naming(df) == ud::CheckpointNaming::diffusers);
+  ud::load_checkpoint(b, df);
+  for (const auto& n : a.parameter_names()) {
+    CAPTURE(n);
+    const auto& x = a.param(n);
+    const auto& y = b.param(n);
+    CHECK(std::equal(x.data(), x.data() + x.size(), y.data()));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("diffusers' config.json gives the official config; unsupported options are refused") {
+  using Cfg = ud::nn::UViTConfig;
+  // the official v1 model as diffusers' converter writes it (CHECKPOINTS.md §2)
+  nlohmann::json d = {{"_class_name", "UniDiffuserModel"},
+                      {"_diffusers_version", "0.19.0"},
+                      {"num_attention_heads", 24},
+                      {"attention_head_dim", 64},
+                      {"num_layers", 30},
+                      {"sample_size", 64},
+                      {"patch_size", 2},
+                      {"in_channels", 4},
+                      {"out_channels", 4},
+                      {"text_dim", 64},
+                      {"clip_img_dim", 512},
+                      {"num_text_tokens", 77},
+                      {"attention_bias", false},
+                      {"activation_fn", "gelu"},
+                      {"block_type", "unidiffuser"},
+                      {"pre_layer_norm", false},
+                      {"use_timestep_embedding", false},
+                      {"use_patch_pos_embed", false},
+                      {"ff_final_dropout", true},
+                      {"dropout", 0.0},
+                      {"norm_num_groups", 32},
+                      {"cross_attention_dim", nullptr},
+                      {"num_vector_embeds", nullptr},
+                      {"num_embeds_ada_norm", nullptr},
+                      {"use_linear_projection", false},
+                      {"only_cross_attention", false},
+                      {"upcast_attention", false},
+                      {"norm_type", "layer_norm"},
+                      {"norm_elementwise_affine", true},
+                      {"use_data_type_embedding", true}};
+  CHECK(Cfg::from_json(d).custom_json() == Cfg::official("v1").custom_json());
+  CHECK(Cfg::from_json(d).version == "v1");
+  d["use_data_type_embedding"] = false;
+  CHECK(Cfg::from_json(d).custom_json() == Cfg::official("v0").custom_json());
+  // the toy v0 (qkv bias, time MLPs): the same through diffusers' keys
+  const auto v0 = unidiffuser::testing::v0_config();
+  nlohmann::json t = {{"num_attention_heads", 2},
+                      {"attention_head_dim", 6},
+                      {"num_layers", 3},
+                      {"sample_size", 4},
+                      {"patch_size", 2},
+                      {"in_channels", 2},
+                      {"text_dim", 3},
+                      {"num_text_tokens", 2},
+                      {"clip_img_dim", 5},
+                      {"attention_bias", true},
+                      {"use_timestep_embedding", true},
+                      {"activation_fn", "gelu"}};
+  auto toy = Cfg::from_json(t);
+  toy.mlp_ratio = v0.mlp_ratio;  // diffusers' FeedForward is fixed at 4x; the toy uses 2x
+  CHECK(toy.custom_json() == v0.custom_json());
+  CHECK(Cfg::from_json(t).mlp_ratio == 4.0);
+  // refused, naming the field
+  auto refused = [&](nlohmann::json j, const std::string& field) {
+    const std::string m = message_of([&] { (void)Cfg::from_json(j); });
+    CAPTURE(m);
+    CHECK(m.find("from_diffusers_json") != std::string::npos);
+    CHECK(m.find(field) != std::string::npos);
+  };
+  auto with = [&](const char* k, nlohmann::json v) {
+    auto j = d;
+    j[k] = std::move(v);
+    return j;
+  };
+  refused(with("pre_layer_norm", true), "pre_layer_norm");
+  refused(with("block_type", "diffusers"), "block_type");
+  refused(with("use_patch_pos_embed", true), "use_patch_pos_embed");
+  refused(with("cross_attention_dim", 768), "cross_attention_dim");
+  refused(with("out_channels", 8), "out_channels");
+  refused(with("num_layers", -3), "num_layers");
+  refused(with("attention_head_dim", "64"), "attention_head_dim");
+  refused(with("_class_name", "UNet2DConditionModel"), "_class_name");
+  auto no_act = d;
+  no_act.erase("activation_fn");  // diffusers' default is geglu
+  refused(no_act, "activation_fn");
+  auto no_size = d;
+  no_size.erase("sample_size");
+  refused(no_size, "sample_size");
 }
 
 TEST_CASE(

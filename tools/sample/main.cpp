@@ -3,6 +3,7 @@
 // modes. See `unidiffuser-sample --help`.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -31,22 +32,35 @@ namespace ud = unidiffuser;
 
 namespace {
 
-const char* kUsage = R"(usage: unidiffuser-sample --checkpoint FILE --mode MODE --out FILE [options]
+const char* kUsage =
+    R"(usage: unidiffuser-sample --checkpoint FILE (--mode MODE | --task SPEC) --out FILE [options]
 
-Samples UniDiffuser from a U-ViT checkpoint (official or diffusers tensor names, F32/F16/BF16)
-and writes the generated latents / text embeddings as safetensors.
+Samples UniDiffuser from a U-ViT checkpoint (official or diffusers tensor names, F32/F16/BF16;
+any saved layout of 1 to 4 timestep groups) and writes the generated components as safetensors.
 
   --checkpoint FILE     U-ViT weights (.safetensors)
   --prefix P            only tensors whose names start with P (e.g. param/)       [none]
-  --config FILE         JSON config (official constructor arguments + "version"); default: the
-                        checkpoint's "config" metadata
-  --mode MODE           joint | t2i | i2t | i | t | i2t2i | t2i2t
-  --conditions FILE     safetensors with the clean conditions the mode needs (float dtypes
+  --config FILE         JSON config: official constructor arguments + "version", the general
+                        form of any layout, or diffusers' config.json; default: the checkpoint's
+                        "config" metadata
+  --mode MODE           an official mode (two-group layouts): joint | t2i | i2t | i | t | i2t2i |
+                        t2i2t
+  --task SPEC           any task of any layout, instead of --mode: stages separated by '>' (run
+                        in order), each GENERATE[|CONDITION], groups separated by ',' and named by
+                        a component (img, text, audio, ...), the group's time name or its index;
+                        groups in neither list are marginalised. A conditioned group takes the
+                        value an earlier stage sampled, else --conditions. Spaces are ignored.
+                        Examples: "img|text" (= t2i), "img,audio|text" (one-to-many),
+                        "text|img,audio" (many-to-one), "text|img > img|text" (= i2t2i),
+                        "img,text,audio" (joint), "audio" (marginal)
+  --conditions FILE     safetensors with the clean conditions the task needs, one tensor per
+                        component of each conditioned group, named as the component (float dtypes
                         F32/F16/BF16/F64; exactly one sample's shape, or [1, ...] or [B, ...]):
                           text      [L, Dt]                 (alias y; t2i, t2i2t)
                           img       [C, H, W]               (alias z; i2t, i2t2i)
                           clip_img  [1, Dc]                 (alias c; i2t, i2t2i)
-                          empty_text [L, Dt]                (only with --t2i-cfg-mode empty_token)
+                          empty_text [L, Dt]                (only with --t2i-cfg-mode empty_token;
+                                                             empty_NAME for any conditioned NAME)
   --out FILE            output .safetensors (written atomically; must differ from every input,
                         its directory must exist and be writable)
   --steps N             number of function evaluations, 1..100000                  [50]
@@ -77,14 +91,26 @@ caption models, which this library does not include yet.)";
 
 constexpr const char* kProgram = "unidiffuser-sample";
 
-const std::vector<ud::cli::Option> kOptions = {
-    {"checkpoint"},   {"prefix"},     {"config"},
-    {"mode"},         {"conditions"}, {"out"},
-    {"steps"},        {"scale"},      {"sampler"},
-    {"t2i-cfg-mode"}, {"method"},     {"order"},
-    {"skip-type"},    {"seed"},       {"batch"},
-    {"threads"},      {"data-type"},  {"allow-nonfinite-weights", false},
-    {"quiet", false}};
+const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},
+                                               {"prefix"},
+                                               {"config"},
+                                               {"mode"},
+                                               {"task"},
+                                               {"conditions"},
+                                               {"out"},
+                                               {"steps"},
+                                               {"scale"},
+                                               {"sampler"},
+                                               {"t2i-cfg-mode"},
+                                               {"method"},
+                                               {"order"},
+                                               {"skip-type"},
+                                               {"seed"},
+                                               {"batch"},
+                                               {"threads"},
+                                               {"data-type"},
+                                               {"allow-nonfinite-weights", false},
+                                               {"quiet", false}};
 
 // A condition tensor for group component `spec`, broadcast to B rows: [B, numel]. The stored
 // shape must be the component's, or [1] / [B] followed by it; the dtype must be a float type.
@@ -122,16 +148,17 @@ ud::Tensor<float> condition(const ud::safetensors::File& f, const ud::ComponentS
 }
 
 // The network with a progress line per NFE on stderr.
+template <std::size_t K>
 struct Progress {
-  ud::nn::UViTPredictor<float, 2>* net = nullptr;
+  ud::nn::UViTPredictor<float, K>* net = nullptr;
   int per_nfe = 1, nfe = 0, calls = 0;
   bool quiet = false;
   std::string stage;
   std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
   void operator()(const ud::Context<ud::cpu>& ctx,
-                  const std::array<ud::TensorView<const float>, 2>& x,
-                  const std::array<std::span<const double>, 2>& t,
-                  const std::array<ud::TensorView<float>, 2>& out) {
+                  const std::array<ud::TensorView<const float>, K>& x,
+                  const std::array<std::span<const double>, K>& t,
+                  const std::array<ud::TensorView<float>, K>& out) {
     (*net)(ctx, x, t, out);
     ++calls;
     if (!quiet && calls % per_nfe == 0) {
@@ -142,21 +169,20 @@ struct Progress {
   }
 };
 
-template <class Sampler>
-std::array<ud::Tensor<float>, 2> run(Progress& prog, ud::PhiloxNoise& noise,
-                                     const ud::GroupLayout<2>& layout, ud::Mode mode,
+template <std::size_t K, class Sampler>
+std::array<ud::Tensor<float>, K> run(Progress<K>& prog, ud::PhiloxNoise& noise,
+                                     const ud::GroupLayout<K>& layout, const ud::Chain<K>& stages,
                                      const ud::GuidanceOptions& g, const Sampler& sampler,
                                      std::int64_t batch,
-                                     std::array<ud::TensorView<const float>, 2> cond,
-                                     std::array<ud::TensorView<const float>, 2> null) {
-  std::array<ud::Tensor<float>, 2> result;
+                                     std::array<ud::TensorView<const float>, K> cond,
+                                     std::array<ud::TensorView<const float>, K> null) {
+  std::array<ud::Tensor<float>, K> result;
   int stage = 0;
-  const auto stages = ud::tasks::stages(mode);
   for (const auto& task : stages) {
     auto c = cond;
-    for (std::size_t k = 0; k < 2; ++k)
+    for (std::size_t k = 0; k < K; ++k)
       if (task.roles[k] == ud::Role::condition && result[k].size() > 0) c[k] = result[k].view();
-    ud::GuidedPredictor<float, 2, Progress, ud::PhiloxNoise> probe(
+    ud::GuidedPredictor<float, K, Progress<K>, ud::PhiloxNoise> probe(
         ud::Context<ud::cpu>{}, prog, noise, layout, task, g, batch, c, null);
     prog.per_nfe = probe.forwards_per_call();
     prog.nfe = sampler.nfe();
@@ -164,12 +190,85 @@ std::array<ud::Tensor<float>, 2> run(Progress& prog, ud::PhiloxNoise& noise,
     prog.stage = stages.size() > 1
                      ? "stage " + std::to_string(++stage) + "/" + std::to_string(stages.size())
                      : "";
-    auto out = ud::sample_task<float, 2>(ud::Context<ud::cpu>{}, prog, noise, layout, task, g,
+    auto out = ud::sample_task<float, K>(ud::Context<ud::cpu>{}, prog, noise, layout, task, g,
                                          sampler, batch, c, null);
-    for (std::size_t k = 0; k < 2; ++k)
+    for (std::size_t k = 0; k < K; ++k)
       if (task.generated(k)) result[k] = std::move(out[k]);
   }
   return result;
+}
+
+// The group a --task name refers to: an index, a component name or a group's time name.
+std::size_t group_of(const ud::nn::UViTConfig& cfg, const std::string& ref) {
+  if (!ref.empty() && ref.find_first_not_of("0123456789") == std::string::npos && ref.size() < 4 &&
+      std::stoul(ref) < cfg.groups())
+    return std::stoul(ref);
+  for (const auto& c : cfg.components)
+    if (c.name == ref) return c.group;
+  for (std::size_t g = 0; g < cfg.groups(); ++g)
+    if (cfg.time_names[g] == ref) return g;
+  std::string known;
+  for (std::size_t g = 0; g < cfg.groups(); ++g) {
+    known += (g ? "; " : "") + std::to_string(g) + " = " + cfg.time_names[g] + " (";
+    bool first = true;
+    for (const auto& c : cfg.components)
+      if (c.group == g) known += (first ? "" : ", ") + c.name, first = false;
+    known += ")";
+  }
+  throw ud::error(ud::cli::op, "--task", "unknown group '" + ref + "'; the groups are " + known);
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::size_t a = 0;
+  while (true) {
+    const std::size_t b = s.find(sep, a);
+    out.push_back(s.substr(a, b == std::string::npos ? std::string::npos : b - a));
+    if (b == std::string::npos) return out;
+    a = b + 1;
+  }
+}
+
+// "GEN[|COND] > ..." -> the stages (tasks::make validates each).
+template <std::size_t K>
+ud::Chain<K> parse_task(std::string spec, const ud::nn::UViTConfig& cfg) {
+  std::erase_if(spec, [](char c) { return c == ' ' || c == '\t'; });
+  ud::Chain<K> chain;
+  for (const std::string& st : split(spec, '>')) {
+    const auto parts = split(st, '|');
+    if (parts.size() > 2 || parts[0].empty() || (parts.size() == 2 && parts[1].empty()))
+      throw ud::error(ud::cli::op, "--task",
+                      "stage '" + st + "' is not GENERATE[|CONDITION] (e.g. \"img|text\")");
+    std::array<std::vector<std::size_t>, 2> lists;
+    for (std::size_t i = 0; i < parts.size(); ++i)
+      for (const std::string& r : split(parts[i], ',')) lists[i].push_back(group_of(cfg, r));
+    try {
+      chain.push_back(ud::tasks::make<K>(lists[0], lists[1]));
+    } catch (const ud::error& e) {
+      throw ud::error(ud::cli::op, "--task", "stage '" + st + "': " + e.what());
+    }
+  }
+  return chain;
+}
+
+// Every group a chain conditions on before any stage generated it: the user must give it.
+template <std::size_t K>
+std::array<bool, K> user_conditions(const ud::Chain<K>& chain) {
+  std::array<bool, K> need{}, made{};
+  for (const auto& t : chain)
+    for (std::size_t g = 0; g < K; ++g) {
+      if (t.roles[g] == ud::Role::condition && !made[g]) need[g] = true;
+      if (t.generated(g)) made[g] = true;
+    }
+  return need;
+}
+
+// The official aliases of the official component names (y, z, c).
+std::string alias_of(const std::string& name) {
+  if (name == "text") return "y";
+  if (name == "img") return "z";
+  if (name == "clip_img") return "c";
+  return name;
 }
 
 namespace fs = std::filesystem;
@@ -243,150 +342,135 @@ std::string nonfinite_report(const std::vector<std::pair<std::string, ud::Tensor
   return r;
 }
 
-int main_impl(int argc, char** argv) {
-  const ud::cli::Args a(kOptions, argc, argv);
-  if (a.help()) {
-    std::puts(kUsage);
-    return 0;
-  }
-  // 1. every option, before any file is read
-  const std::string ckpt = a.required("checkpoint"), out_path = a.required("out");
-  const ud::Mode mode = ud::parse_mode(a.required("mode"));
-  const std::string prefix = a.text("prefix"), config_path = a.text("config");
-  const std::string cond_path = a.text("conditions");
-  const int steps = a.integer("steps", 50, 1, 100000), order = a.integer("order", 3, 1, 3);
-  const std::int64_t batch = a.integer<std::int64_t>("batch", 1, 1, 4096);
-  const std::uint64_t seed = a.integer<std::uint64_t>("seed", 1234, 0, UINT64_MAX);
-  const std::int64_t data_type = a.integer<std::int64_t>("data-type", 1, 0, 1);
-  const int threads = a.threads();
-  const std::string sampler =
-      a.choice("sampler", "dpm_solver++", {"dpm_solver++", "dpm_solver", "ddim", "ddpm"});
-  const std::string method = a.choice("method", "fast", {"fast", "singlestep", "multistep"});
-  const std::string skip_type = a.text("skip-type", "time_uniform");
-  const auto spacing = ud::parse_spacing(skip_type);
+// Everything the options say, parsed and checked before any file is read.
+struct Settings {
+  std::string ckpt, out_path, prefix, config_path, cond_path, mode_name, task_spec;
+  int steps = 50, order = 3, threads = 0;
+  std::int64_t batch = 1, data_type = 1;
+  std::uint64_t seed = 1234;
+  std::string sampler, method, skip_type, cfg_mode;
+  ud::Spacing spacing{};
   ud::GuidanceOptions g;
-  g.scale = a.real("scale", 7.0, -1000, 1000);
-  const std::string cfg_mode =
-      a.choice("t2i-cfg-mode", "true_uncond", {"true_uncond", "empty_token"});
-  if (cfg_mode == "empty_token") g.cfg_mode = ud::CfgMode::empty_condition;
-  const bool needs_text = mode == ud::Mode::t2i || mode == ud::Mode::t2i2t;
-  const bool needs_img = mode == ud::Mode::i2t || mode == ud::Mode::i2t2i;
-  if (g.cfg_mode == ud::CfgMode::empty_condition && !needs_text)
-    throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token applies to t2i and t2i2t only");
-  const bool needs_conditions = needs_text || needs_img;
-  if (needs_conditions && cond_path.empty())
-    throw ud::error(ud::cli::op, "--conditions",
-                    "required for mode " + std::string(ud::mode_name(mode)) + " (see --help)");
+  bool quiet = false, allow_nonfinite = false;
+};
 
-  // 2. files: inputs are regular files, the output is none of them and can be written
-  check_input(ckpt, "--checkpoint");
-  if (!config_path.empty()) check_input(config_path, "--config");
-  if (!cond_path.empty()) check_input(cond_path, "--conditions");
-  check_output(out_path,
-               {{"--checkpoint", ckpt}, {"--config", config_path}, {"--conditions", cond_path}});
+template <std::size_t K>
+int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg) {
+  const auto layout = cfg.layout<K>();
+  // the stages: an official mode (two groups) or --task
+  ud::Chain<K> chain;
+  if (!st.mode_name.empty()) {
+    if constexpr (K == 2)
+      chain = ud::tasks::stages(ud::parse_mode(st.mode_name));
+    else
+      throw ud::error(ud::cli::op, "--mode",
+                      "the official modes need a two-group layout; this checkpoint has " +
+                          std::to_string(K) + " groups: use --task");
+  } else {
+    chain = parse_task<K>(st.task_spec, cfg);
+  }
+  const std::string what =
+      st.mode_name.empty() ? "task '" + st.task_spec + "'" : "mode " + st.mode_name;
+  const auto need = user_conditions(chain);
+  const bool needs_conditions = std::find(need.begin(), need.end(), true) != need.end();
+  if (st.g.cfg_mode == ud::CfgMode::empty_condition) {
+    if (!st.mode_name.empty() && st.mode_name != "t2i" && st.mode_name != "t2i2t")
+      throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token applies to t2i and t2i2t only");
+    if (!needs_conditions)
+      throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token needs a conditioned group");
+  }
+  if (needs_conditions && st.cond_path.empty())
+    throw ud::error(ud::cli::op, "--conditions", "required for " + what + " (see --help)");
 
-#if defined(_OPENMP)
-  if (threads > 0) omp_set_num_threads(threads);
-#endif
-  Eigen::setNbThreads(threads);
-
-  // 3. config and checkpoint checked, memory estimated, before the network is allocated
-  const auto f = ud::safetensors::File::read(ckpt);
-  const auto cfg = load_config(config_path, f, prefix);
-  ud::check_config_bounds(cfg);
-  ud::check_checkpoint(cfg, f, prefix);
-  const auto layout = cfg.layout<2>();
   // The guided predictor calls the network with one batch of rows at a time; its own buffers,
   // the solver's workspace and the results take a few more [B, D] matrices (16 is generous).
-  auto need = ud::estimate_memory<float>(cfg, batch);
-  const std::uint64_t extra = 16 * static_cast<std::uint64_t>(batch) *
-                              static_cast<std::uint64_t>(layout.size(0) + layout.size(1)) *
-                              sizeof(float);
+  auto mem = ud::estimate_memory<float>(cfg, st.batch);
+  std::uint64_t row = 0;
+  for (std::size_t k = 0; k < K; ++k) row += static_cast<std::uint64_t>(layout.size(k));
+  const std::uint64_t extra = 16 * static_cast<std::uint64_t>(st.batch) * row * sizeof(float);
   const auto add = [](std::uint64_t x, std::uint64_t y) {
     return x > UINT64_MAX - y ? UINT64_MAX : x + y;
   };
-  need.workspace = add(need.workspace, extra);
-  need.total = add(need.total, extra);
-  ud::check_memory_fits(need, "sampling batch " + std::to_string(batch) + " (network + buffers)");
+  mem.workspace = add(mem.workspace, extra);
+  mem.total = add(mem.total, extra);
+  ud::check_memory_fits(mem, "sampling batch " + std::to_string(st.batch) + " (network + buffers)");
 
-  // 4. conditions
-  std::array<ud::Tensor<float>, 2> cond, null;
-  std::array<ud::TensorView<const float>, 2> cv{}, nv{};
+  // conditions: one tensor per component of each group the user conditions on
+  std::array<ud::Tensor<float>, K> cond, null;
+  std::array<ud::TensorView<const float>, K> cv{}, nv{};
   if (needs_conditions) {
-    const auto cf = ud::safetensors::File::read(cond_path);
-    const auto& img = layout.group(ud::tasks::image);
-    const auto& txt = layout.group(ud::tasks::text);
-    if (needs_text) {
-      cond[1] = condition(cf, txt.components[0], "text", "y", batch);
-      cv[1] = cond[1].view();
-    }
-    if (needs_img) {
-      auto z = condition(cf, img.components[0], "img", "z", batch);
-      auto c = condition(cf, img.components[1], "clip_img", "c", batch);
-      cond[0] = ud::Tensor<float>(ud::Shape{batch, layout.size(0)});
-      for (std::int64_t b = 0; b < batch; ++b) {
-        std::copy_n(z.data() + b * z.dim(1), z.dim(1), cond[0].data() + b * layout.size(0));
-        std::copy_n(c.data() + b * c.dim(1), c.dim(1),
-                    cond[0].data() + b * layout.size(0) + z.dim(1));
+    const auto cf = ud::safetensors::File::read(st.cond_path);
+    auto group_rows = [&](std::size_t k, const std::string& pre) {
+      ud::Tensor<float> t(ud::Shape{st.batch, layout.size(k)});
+      const auto& comps = layout.group(k).components;
+      for (std::size_t c = 0; c < comps.size(); ++c) {
+        const auto x = condition(cf, comps[c], pre + comps[c].name,
+                                 (pre + alias_of(comps[c].name)).c_str(), st.batch);
+        for (std::int64_t b = 0; b < st.batch; ++b)
+          std::copy_n(x.data() + b * x.dim(1), x.dim(1),
+                      t.data() + b * layout.size(k) + layout.offset(k, c));
       }
-      cv[0] = cond[0].view();
-    }
-    if (g.cfg_mode == ud::CfgMode::empty_condition) {
-      null[1] = condition(cf, txt.components[0], "empty_text", "empty_y", batch);
-      nv[1] = null[1].view();
+      return t;
+    };
+    for (std::size_t k = K; k-- > 0;) {  // last group first: text before image (K = 2)
+      if (!need[k]) continue;
+      cond[k] = group_rows(k, "");
+      cv[k] = cond[k].view();
+      if (st.g.cfg_mode == ud::CfgMode::empty_condition) {
+        null[k] = group_rows(k, "empty_");
+        nv[k] = null[k].view();
+      }
     }
   }
 
-  // 5. the network
+  // the network
   ud::nn::UViT<float> net(cfg);
-  ud::load_checkpoint(net, f, prefix, ud::CheckpointNaming::automatic,
-                      a.has("allow-nonfinite-weights"));
-  ud::nn::UViTPredictor<float, 2> model(net, data_type);
+  ud::load_checkpoint(net, f, st.prefix, ud::CheckpointNaming::automatic, st.allow_nonfinite);
+  ud::nn::UViTPredictor<float, K> model(net, st.data_type);
 
-  // 6. sampling
-  // coefficients from the float64 table, time grid from the reference's float32 table
-  // (docs/NOTES.md)
+  // sampling: coefficients from the float64 table, time grid from the reference's float32
+  // table (docs/NOTES.md)
   const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
   const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
-  ud::PhiloxNoise noise(seed);
-  Progress prog;
+  ud::PhiloxNoise noise(st.seed);
+  Progress<K> prog;
   prog.net = &model;
-  prog.quiet = a.has("quiet");
-  std::array<ud::Tensor<float>, 2> result;
-  if (sampler == "dpm_solver++" || sampler == "dpm_solver") {
+  prog.quiet = st.quiet;
+  std::array<ud::Tensor<float>, K> result;
+  if (st.sampler == "dpm_solver++" || st.sampler == "dpm_solver") {
     ud::DpmSolverOptions o;
-    o.steps = steps;
-    o.order = order;
-    o.method = ud::parse_solver_method(method);
-    o.skip_type = spacing;
-    o.predict_x0 = sampler == "dpm_solver++";
+    o.steps = st.steps;
+    o.order = st.order;
+    o.method = ud::parse_solver_method(st.method);
+    o.skip_type = st.spacing;
+    o.predict_x0 = st.sampler == "dpm_solver++";
     const ud::DpmSolver<float> s(ns, o, &grid);
-    result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
+    result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
   } else {
     ud::DdimOptions o;
-    o.steps = steps;
-    o.skip_type = spacing;
-    o.seed = seed;
-    if (sampler == "ddpm") {
+    o.steps = st.steps;
+    o.skip_type = st.spacing;
+    o.seed = st.seed;
+    if (st.sampler == "ddpm") {
       const ud::Ddpm<float> s(ns, o);
-      result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
+      result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
     } else {
       const ud::Ddim<float> s(ns, o);
-      result = run(prog, noise, layout, mode, g, s, batch, cv, nv);
+      result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
     }
   }
 
-  // 7. output
+  // output: one tensor per generated component, [B, ...its shape]
   std::vector<std::pair<std::string, ud::Tensor<float>>> outs;
-  for (std::size_t k = 0; k < 2; ++k) {
+  for (std::size_t k = 0; k < K; ++k) {
     if (result[k].size() == 0) continue;
     const auto& grp = layout.group(k);
     for (std::size_t c = 0; c < grp.components.size(); ++c) {
       const auto& spec = grp.components[c];
-      std::vector<std::int64_t> dims{batch};
+      std::vector<std::int64_t> dims{st.batch};
       for (int i = 0; i < spec.shape.rank(); ++i) dims.push_back(spec.shape[i]);
       ud::Tensor<float> t(ud::Shape::from_range(dims.begin(), dims.end()));
-      for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t b = 0; b < st.batch; ++b)
         std::copy_n(result[k].data() + b * layout.size(k) + layout.offset(k, c), spec.numel(),
                     t.data() + b * spec.numel());
       outs.emplace_back(spec.name, std::move(t));
@@ -394,29 +478,101 @@ int main_impl(int argc, char** argv) {
   }
   ud::safetensors::Writer w;
   for (const auto& [name, t] : outs) w.add<float>(name, t);
-  nlohmann::json settings = {{"mode", std::string(ud::mode_name(mode))},
-                             {"steps", steps},
-                             {"scale", g.scale},
-                             {"sampler", sampler},
-                             {"method", method},
-                             {"order", order},
-                             {"skip_type", skip_type},
-                             {"seed", seed},
-                             {"batch", batch},
-                             {"t2i_cfg_mode", cfg_mode},
-                             {"checkpoint", ckpt},
-                             {"data_type", data_type}};
+  nlohmann::json settings = {
+      {"steps", st.steps},     {"scale", st.g.scale},      {"sampler", st.sampler},
+      {"method", st.method},   {"order", st.order},        {"skip_type", st.skip_type},
+      {"seed", st.seed},       {"batch", st.batch},        {"t2i_cfg_mode", st.cfg_mode},
+      {"checkpoint", st.ckpt}, {"data_type", st.data_type}};
+  if (st.mode_name.empty())
+    settings["task"] = st.task_spec;
+  else
+    settings["mode"] = st.mode_name;
   w.metadata("settings", settings.dump());
   w.metadata("config", cfg.to_json().dump());
-  w.write(out_path);
+  w.write(st.out_path);
   const std::string bad = nonfinite_report(outs);
   if (!bad.empty()) {
     ud::cli::report(kProgram, "the output holds NaN or infinite values (" + bad +
-                                  "); the file was written anyway: " + out_path);
+                                  "); the file was written anyway: " + st.out_path);
     return 2;
   }
-  if (!a.has("quiet")) std::fprintf(stderr, "wrote %s\n", out_path.c_str());
+  if (!st.quiet) std::fprintf(stderr, "wrote %s\n", st.out_path.c_str());
   return 0;
+}
+
+int main_impl(int argc, char** argv) {
+  const ud::cli::Args a(kOptions, argc, argv);
+  if (a.help()) {
+    std::puts(kUsage);
+    return 0;
+  }
+  // 1. every option, before any file is read
+  Settings st;
+  st.ckpt = a.required("checkpoint");
+  st.out_path = a.required("out");
+  st.mode_name = a.text("mode");
+  st.task_spec = a.text("task");
+  if (st.mode_name.empty() == st.task_spec.empty())
+    throw ud::error(ud::cli::op, "--mode",
+                    st.mode_name.empty() ? "required: give --mode (official modes) or --task"
+                                         : "give --mode or --task, not both");
+  if (!st.mode_name.empty()) (void)ud::parse_mode(st.mode_name);
+  st.prefix = a.text("prefix");
+  st.config_path = a.text("config");
+  st.cond_path = a.text("conditions");
+  st.steps = a.integer("steps", 50, 1, 100000);
+  st.order = a.integer("order", 3, 1, 3);
+  st.batch = a.integer<std::int64_t>("batch", 1, 1, 4096);
+  st.seed = a.integer<std::uint64_t>("seed", 1234, 0, UINT64_MAX);
+  st.data_type = a.integer<std::int64_t>("data-type", 1, 0, 1);
+  st.threads = a.threads();
+  st.sampler = a.choice("sampler", "dpm_solver++", {"dpm_solver++", "dpm_solver", "ddim", "ddpm"});
+  st.method = a.choice("method", "fast", {"fast", "singlestep", "multistep"});
+  st.skip_type = a.text("skip-type", "time_uniform");
+  st.spacing = ud::parse_spacing(st.skip_type);
+  st.g.scale = a.real("scale", 7.0, -1000, 1000);
+  st.cfg_mode = a.choice("t2i-cfg-mode", "true_uncond", {"true_uncond", "empty_token"});
+  if (st.cfg_mode == "empty_token") st.g.cfg_mode = ud::CfgMode::empty_condition;
+  if (st.g.cfg_mode == ud::CfgMode::empty_condition && !st.mode_name.empty() &&
+      st.mode_name != "t2i" && st.mode_name != "t2i2t")
+    throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token applies to t2i and t2i2t only");
+  if (!st.mode_name.empty() && st.cond_path.empty()) {
+    const ud::Mode m = ud::parse_mode(st.mode_name);
+    if (m == ud::Mode::t2i || m == ud::Mode::t2i2t || m == ud::Mode::i2t || m == ud::Mode::i2t2i)
+      throw ud::error(ud::cli::op, "--conditions",
+                      "required for mode " + st.mode_name + " (see --help)");
+  }
+  st.quiet = a.has("quiet");
+  st.allow_nonfinite = a.has("allow-nonfinite-weights");
+
+  // 2. files: inputs are regular files, the output is none of them and can be written
+  check_input(st.ckpt, "--checkpoint");
+  if (!st.config_path.empty()) check_input(st.config_path, "--config");
+  if (!st.cond_path.empty()) check_input(st.cond_path, "--conditions");
+  check_output(
+      st.out_path,
+      {{"--checkpoint", st.ckpt}, {"--config", st.config_path}, {"--conditions", st.cond_path}});
+
+#if defined(_OPENMP)
+  if (st.threads > 0) omp_set_num_threads(st.threads);
+#endif
+  Eigen::setNbThreads(st.threads);
+
+  // 3. config and checkpoint checked, memory estimated, before the network is allocated
+  const auto f = ud::safetensors::File::read(st.ckpt);
+  const auto cfg = load_config(st.config_path, f, st.prefix);
+  ud::check_config_bounds(cfg);
+  ud::check_checkpoint(cfg, f, st.prefix);
+  switch (cfg.groups()) {
+    case 1: return sample<1>(st, f, cfg);
+    case 2: return sample<2>(st, f, cfg);
+    case 3: return sample<3>(st, f, cfg);
+    case 4: return sample<4>(st, f, cfg);
+    default:
+      throw ud::error(ud::cli::op, st.ckpt,
+                      "layout of " + std::to_string(cfg.groups()) +
+                          " timestep groups: this program samples layouts of 1 to 4 groups");
+  }
 }
 
 }  // namespace

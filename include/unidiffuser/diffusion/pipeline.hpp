@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! \file pipeline.hpp
 //! Sampling a task end to end: initial noise, guided predictor, sampler, and the split of the
-//! final state back into groups; plus the official modes, two-stage ones included
-//! (UNIDIFFUSER.md §7).
+//! final state back into groups; multi-stage chains over any K, and the official modes, two-stage
+//! ones included (UNIDIFFUSER.md §7).
 #pragma once
 
 #include <array>
@@ -59,6 +59,30 @@ std::array<Tensor<T, Backend>, K> sample_task(
   return out;
 }
 
+//! Runs the stages of `chain` in order (any K). A stage's conditioned group takes the latest value
+//! an earlier stage generated for it, else `conditions[g]`. Returns the latest generated value of
+//! every group (empty for groups no stage generated).
+template <class T, std::size_t K, class Net, class Noise, class Sampler, class Backend>
+std::array<Tensor<T, Backend>, K> sample_chain(
+    const Context<Backend>& ctx, Net& net, Noise& noise, const GroupLayout<K>& layout,
+    const Chain<K>& chain, const GuidanceOptions& guidance, const Sampler& sampler,
+    std::int64_t batch,
+    std::type_identity_t<std::array<TensorView<const T, Backend>, K>> conditions = {},
+    std::type_identity_t<std::array<TensorView<const T, Backend>, K>> null_conditions = {}) {
+  if (chain.empty()) throw error("sample_chain", "chain", "needs at least one stage");
+  std::array<Tensor<T, Backend>, K> result;
+  for (const Task<K>& task : chain) {
+    std::array<TensorView<const T, Backend>, K> cond = conditions;
+    for (std::size_t g = 0; g < K; ++g)
+      if (task.roles[g] == Role::condition && result[g].size() > 0) cond[g] = result[g].view();
+    auto out = sample_task<T, K>(ctx, net, noise, layout, task, guidance, sampler, batch, cond,
+                                 null_conditions);
+    for (std::size_t g = 0; g < K; ++g)
+      if (task.generated(g)) result[g] = std::move(out[g]);
+  }
+  return result;
+}
+
 //! Runs an official mode on the two-group layout. `conditions[g]` are the clean inputs the mode
 //! needs (image group for i2t / i2t2i, text group for t2i / t2i2t). Two-stage modes feed the
 //! sampled state of the first stage, as is, as the condition of the second. Returns the final
@@ -69,17 +93,8 @@ std::array<Tensor<T, Backend>, 2> sample_mode(
     const GuidanceOptions& guidance, const Sampler& sampler, std::int64_t batch,
     std::type_identity_t<std::array<TensorView<const T, Backend>, 2>> conditions = {},
     std::type_identity_t<std::array<TensorView<const T, Backend>, 2>> null_conditions = {}) {
-  std::array<Tensor<T, Backend>, 2> result;
-  for (const Task<2>& task : tasks::stages(mode)) {
-    std::array<TensorView<const T, Backend>, 2> cond = conditions;
-    for (std::size_t g = 0; g < 2; ++g)
-      if (task.roles[g] == Role::condition && result[g].size() > 0) cond[g] = result[g].view();
-    auto out = sample_task<T, 2>(ctx, net, noise, layout, task, guidance, sampler, batch, cond,
-                                 null_conditions);
-    for (std::size_t g = 0; g < 2; ++g)
-      if (task.generated(g)) result[g] = std::move(out[g]);
-  }
-  return result;
+  return sample_chain<T, 2>(ctx, net, noise, layout, tasks::stages(mode), guidance, sampler, batch,
+                            conditions, null_conditions);
 }
 
 }  // namespace unidiffuser

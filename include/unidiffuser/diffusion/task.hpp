@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! \file task.hpp
-//! Sampling tasks: a role per group (generate / condition / marginalize) and the official modes
-//! as presets (UNIDIFFUSER.md §5, §7, §8).
+//! Sampling tasks: a role per group (generate / condition / marginalize), task helpers for any
+//! number of groups K (conditionals, many-to-one, one-to-many, joint, marginals, multi-stage
+//! chains) and the official two-group modes as presets (UNIDIFFUSER.md §5, §7, §8, §10).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <string>
@@ -64,7 +66,66 @@ inline std::string_view mode_name(Mode m) {
   return "?";
 }
 
+//! A multi-stage task: the stages run in order and each stage's conditioned groups take the
+//! latest sampled value of that group when an earlier stage generated it (sample_chain).
+template <std::size_t K>
+using Chain = std::vector<Task<K>>;
+
 namespace tasks {
+
+//! Any K: generate the groups in `generate`, condition on those in `condition`, marginalise the
+//! rest. Indices must be < K and appear once; at least one group is generated.
+template <std::size_t K>
+Task<K> make(const std::vector<std::size_t>& generate,
+             const std::vector<std::size_t>& condition = {}) {
+  const char* op = "tasks::make";
+  if (generate.empty()) throw error(op, "generate", "at least one group must be generated");
+  Task<K> t;
+  t.roles.fill(Role::marginalize);
+  std::array<bool, K> seen{};
+  auto set = [&](const std::vector<std::size_t>& v, Role r, const char* what) {
+    for (std::size_t g : v) {
+      if (g >= K)
+        throw error(
+            op, what,
+            "group index " + std::to_string(g) + " out of range (K = " + std::to_string(K) + ")");
+      if (seen[g])
+        throw error(op, what, "group " + std::to_string(g) + " listed twice (generate/condition)");
+      seen[g] = true;
+      t.roles[g] = r;
+    }
+  };
+  set(generate, Role::generate, "generate");
+  set(condition, Role::condition, "condition");
+  return t;
+}
+//! Every group generated together (the joint of all K).
+template <std::size_t K>
+Task<K> joint_all() {
+  Task<K> t;
+  t.roles.fill(Role::generate);
+  return t;
+}
+//! Group g alone, every other group marginalised.
+template <std::size_t K>
+Task<K> marginal(std::size_t g) {
+  return make<K>({g});
+}
+//! Group `target` given group `given`, the others marginalised (t2i, i2t for K = 2).
+template <std::size_t K>
+Task<K> conditional(std::size_t target, std::size_t given) {
+  return make<K>({target}, {given});
+}
+//! The generalisation of i2t2i: from a clean `from`, sample `via` (the rest marginalised), then
+//! sample `from` again given the sampled `via`.
+template <std::size_t K>
+Chain<K> variation(std::size_t from, std::size_t via) {
+  if (from == via)
+    throw error("tasks::variation", "via",
+                "must differ from `from` (group " + std::to_string(from) + ")");
+  return {conditional<K>(via, from), conditional<K>(from, via)};
+}
+
 inline constexpr std::size_t image = 0;  //!< group index of the image group in the official layout
 inline constexpr std::size_t text = 1;   //!< group index of the text group
 inline Task<2> joint() {

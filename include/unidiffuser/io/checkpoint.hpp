@@ -40,7 +40,7 @@ inline bool ends_with(const std::string& s, const std::string& p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
 }
 
-//! diffusers source name(s) of one official parameter (three for a fused qkv weight).
+//! diffusers source name(s) of one official parameter (three for a fused qkv weight or bias).
 inline std::vector<std::string> diffusers_names(const std::string& n) {
   static const std::map<std::string, std::string> top = {
       {"pos_embed", "pos_embed"},
@@ -61,6 +61,13 @@ inline std::vector<std::string> diffusers_names(const std::string& n) {
       {"text_out.weight", "text_out.weight"},
       {"text_out.bias", "text_out.bias"}};
   if (auto it = top.find(n); it != top.end()) return {it->second};
+  // the optional time MLPs (use_timestep_embedding): diffusers' TimestepEmbedding linear_1 / _2
+  for (const char* g : {"img", "text"}) {
+    const std::string o = std::string("time_") + g + "_embed.";
+    const std::string d = std::string("timestep_") + g + "_embed.";
+    if (starts_with(n, o + "0.")) return {d + "linear_1." + n.substr(o.size() + 2)};
+    if (starts_with(n, o + "2.")) return {d + "linear_2." + n.substr(o.size() + 2)};
+  }
   std::string pre, rest, q;
   if (starts_with(n, "in_blocks.") || starts_with(n, "out_blocks.")) {
     const bool in = starts_with(n, "in_blocks.");
@@ -79,10 +86,12 @@ inline std::vector<std::string> diffusers_names(const std::string& n) {
     rest = n.substr(10);
     q = "transformer.transformer_mid_block";
   } else {
-    return {};  // no diffusers counterpart (e.g. the optional time MLPs, which the converter drops)
+    return {};  // no diffusers counterpart (a custom layout's names)
   }
-  if (rest == "attn.qkv.weight")
-    return {q + ".attn1.to_q.weight", q + ".attn1.to_k.weight", q + ".attn1.to_v.weight"};
+  if (rest == "attn.qkv.weight" || rest == "attn.qkv.bias") {  // bias: attention_bias = True
+    const std::string w = rest.substr(9);
+    return {q + ".attn1.to_q." + w, q + ".attn1.to_k." + w, q + ".attn1.to_v." + w};
+  }
   if (starts_with(rest, "attn.proj.")) return {q + ".attn1.to_out.0." + rest.substr(10)};
   if (starts_with(rest, "norm2.")) return {q + ".norm1." + rest.substr(6)};
   if (starts_with(rest, "norm3.")) return {q + ".norm3." + rest.substr(6)};

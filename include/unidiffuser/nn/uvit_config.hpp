@@ -123,7 +123,9 @@ struct UViTConfig {
   //! From JSON: the official constructor arguments (img_size, in_chans, patch_size, embed_dim,
   //! depth, num_heads, mlp_ratio, qkv_bias, mlp_time_embed, text_dim, num_text_tokens,
   //! clip_img_dim) plus "version" ("v0" / "v1"; `default_version` when the key is absent), or the
-  //! general form of any layout written by to_json() ("version": "custom").
+  //! general form of any layout written by to_json() ("version": "custom"), or diffusers'
+  //! `config.json` (recognised by "_class_name", or by "num_attention_heads" without "version";
+  //! from_diffusers_json()).
   static UViTConfig from_json(const nlohmann::json& j, const std::string& default_version = "") {
     const char* op = "UViTConfig::from_json";
     auto need = [&](const char* k) -> const nlohmann::json& {
@@ -132,6 +134,8 @@ struct UViTConfig {
     };
     if (!j.is_object())
       throw_mismatch(op, "config", "JSON type", "an object {...}", std::string(j.type_name()));
+    if (j.contains("_class_name") || (j.contains("num_attention_heads") && !j.contains("version")))
+      return from_diffusers_json(j);
     try {
       const std::string v = j.value("version", default_version);
       if (v.empty()) throw error(op, "version", "missing; expected \"v0\", \"v1\" or \"custom\"");
@@ -146,6 +150,75 @@ struct UViTConfig {
     } catch (const nlohmann::json::exception& e) {
       throw error(op, "config", std::string("malformed value: ") + e.what());
     }
+  }
+  //! From diffusers' `config.json` of a `UniDiffuserModel` (CHECKPOINTS.md §2). Absent keys take
+  //! diffusers' constructor defaults. num_attention_heads x attention_head_dim is embed_dim,
+  //! num_layers is depth, sample_size / in_channels / patch_size the image latent, attention_bias
+  //! the qkv bias, use_timestep_embedding the time MLPs, use_data_type_embedding selects v1. The
+  //! options the official network does not have (pre-LN, another block type or activation,
+  //! patch positional embeddings, cross-attention, ...) are refused by name; dropout settings are
+  //! irrelevant at inference and ignored.
+  static UViTConfig from_diffusers_json(const nlohmann::json& j) {
+    const char* op = "UViTConfig::from_diffusers_json";
+    if (!j.is_object())
+      throw_mismatch(op, "config", "JSON type", "an object {...}", std::string(j.type_name()));
+    if (j.contains("_class_name") && (!j["_class_name"].is_string() ||
+                                      j["_class_name"].get<std::string>() != "UniDiffuserModel"))
+      throw_mismatch(op, "_class_name", "model class", "\"UniDiffuserModel\"",
+                     j["_class_name"].dump());
+    constexpr std::int64_t big = std::int64_t{1} << 40;
+    auto integer = [&](const char* k, std::int64_t def, bool required) -> std::int64_t {
+      if (!j.contains(k) || j[k].is_null()) {
+        if (required) throw error(op, k, "missing key (diffusers' default is None)");
+        return def;
+      }
+      const auto& v = j[k];
+      if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() > big) ||
+          (!v.is_number_unsigned() && (v.get<std::int64_t>() < 1 || v.get<std::int64_t>() > big)))
+        throw_mismatch(op, k, "value", "an integer in [1, 2^40]", v.dump());
+      return v.get<std::int64_t>();
+    };
+    auto boolean = [&](const char* k, bool def) {
+      if (!j.contains(k)) return def;
+      if (!j[k].is_boolean()) throw_mismatch(op, k, "value", "true or false", j[k].dump());
+      return j[k].get<bool>();
+    };
+    auto must_equal = [&](const char* k, const nlohmann::json& def, const nlohmann::json& want,
+                          const char* why) {
+      const nlohmann::json& v = j.contains(k) ? j[k] : def;
+      if (v != want)
+        throw error(op, k,
+                    "expected " + want.dump() + ", got " + v.dump() +
+                        (j.contains(k) ? "" : " (diffusers' default)") + ": " + why);
+    };
+    must_equal("block_type", "unidiffuser", "unidiffuser",
+               "only UniDiffuser's block (LayerNorms on the residual path) is implemented");
+    must_equal("pre_layer_norm", false, false, "the official U-ViT is post-LayerNorm");
+    must_equal("activation_fn", "geglu", "gelu", "the official MLP uses GELU");
+    must_equal("norm_type", "layer_norm", "layer_norm", "the official blocks use LayerNorm");
+    must_equal("norm_elementwise_affine", true, true, "the official LayerNorms are affine");
+    must_equal("use_patch_pos_embed", false, false,
+               "the official patch embedding has no positional embedding of its own");
+    must_equal("only_cross_attention", false, false, "the U-ViT has no cross-attention");
+    for (const char* k : {"cross_attention_dim", "num_vector_embeds", "num_embeds_ada_norm"})
+      must_equal(k, nullptr, nullptr, "not part of the U-ViT");
+    const std::int64_t heads = integer("num_attention_heads", 16, false);
+    const std::int64_t head_dim = integer("attention_head_dim", 88, false);
+    if (heads > (std::int64_t{1} << 20) || head_dim > (std::int64_t{1} << 20))
+      throw error(
+          op, "num_attention_heads/attention_head_dim",
+          "each must be <= 2^20; got " + std::to_string(heads) + " / " + std::to_string(head_dim));
+    const std::int64_t in_ch = integer("in_channels", 0, true);
+    if (j.contains("out_channels") && !j["out_channels"].is_null() &&
+        integer("out_channels", 0, true) != in_ch)
+      throw_mismatch(op, "out_channels", "out_channels", "null or in_channels",
+                     j["out_channels"].dump());
+    return official(boolean("use_data_type_embedding", false) ? "v1" : "v0",
+                    integer("sample_size", 0, true), in_ch, integer("patch_size", 0, true),
+                    heads * head_dim, integer("num_layers", 1, false), heads, 4.0,
+                    boolean("attention_bias", false), boolean("use_timestep_embedding", false),
+                    integer("text_dim", 768, false), integer("num_text_tokens", 77, false),
+                    integer("clip_img_dim", 512, false));
   }
   //! The official constructor arguments when this config is exactly an official preset (every
   //! field, names included), else the general form: hyper-parameters, time_names and the
