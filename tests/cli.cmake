@@ -251,6 +251,12 @@ if(UNIDIFFUSER_BUILD_EXAMPLES)
   cli_expect(cli_oracle_demo_unknown_option RC 1
              STDERR "oracle_demo: error: command line: '--bogus': unexpected argument"
              COMMAND $<TARGET_FILE:oracle_demo> --bogus)
+  # the three-modality example end to end on a network trained for a few steps
+  cli_expect(example_three_groups_smoke RC 0 STDOUT "saved and reloaded .* .3 groups.*audio"
+             COMMAND $<TARGET_FILE:three_groups> --train-steps 6 --out ${_cli}/three_groups.safetensors)
+  cli_expect(cli_three_groups_unknown_option RC 1
+             STDERR "three_groups: error: three_groups: --bogus: unknown option"
+             COMMAND $<TARGET_FILE:three_groups> --bogus 1)
 endif()
 
 # ---- unidiffuser-shapes ------------------------------------------------------------------------

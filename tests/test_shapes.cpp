@@ -108,7 +108,7 @@ TEST_CASE("shapes: a short training run lowers the loss") {
   ts.batch = 16;
   ts.warmup = 10;
   ts.lr = 3e-3;
-  shapes::Trainer tr(net, shapes::trainer_options(ts), shapes::data_source());
+  shapes::Trainer tr(net, shapes::trainer_options(ts, net.config()), shapes::data_source());
   double first = 0, last = 0;
   for (int s = 0; s < ts.steps; ++s) {
     const auto log = tr.step(ud::Context<ud::cpu>{});
@@ -144,7 +144,7 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   ud::load_checkpoint(net, f);
   CHECK(f.metadata("training").size() > 0);
   // the trainer's state resumes to the same step
-  shapes::Trainer tr(net, shapes::trainer_options(ts), shapes::data_source());
+  shapes::Trainer tr(net, shapes::trainer_options(ts, net.config()), shapes::data_source());
   tr.load((dir / "state.safetensors").string());
   CHECK(tr.step_index() == 2);
   // one denoising call on a noised world sample: finite output of the layout's size

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@
 
 #include <Eigen/Core>
 
+#include "support.hpp"
 #include "unidiffuser/diffusion/forward.hpp"
 #include "unidiffuser/diffusion/noise.hpp"
 #include "unidiffuser/diffusion/objective.hpp"
@@ -394,4 +396,67 @@ TEST_CASE("gradient accumulation over micro-batches matches one pass over the ba
   bad.micro_batches = 4;
   using Tr = tr::Trainer<float, 2>;
   CHECK_THROWS_AS(Tr(a, bad, pattern_data), ud::error);
+}
+
+TEST_CASE("group loss weights: the weighted loss, its gradient, group_mean_weights, bad weights") {
+  const auto cfg = tiny();
+  const auto layout = cfg.layout<2>();
+  const double d0 = static_cast<double>(layout.size(0)), d1 = static_cast<double>(layout.size(1));
+  auto run_one = [&](std::vector<double> w) {
+    auto net = std::make_unique<nn::UViT<float>>(cfg);
+    net->init_random(4, 0.02);
+    auto o = options(4);
+    o.clip_norm = 0;  // the raw gradient stays in net.gradients() after the step
+    o.group_weights = std::move(w);
+    tr::Trainer<float, 2> t(*net, o, pattern_data);
+    const auto log = t.step(ud::Context<ud::cpu>{});
+    auto g = values(net->gradients());
+    return std::tuple{log, g, std::move(net)};
+  };
+  const auto [l1, g1, n1] = run_one({});
+  const auto [l2, g2, n2] = run_one({2.0, 2.0});
+  const auto [lm, gm, nm] = run_one(tr::group_mean_weights(layout));
+  const auto [l0, g0, n0] = run_one({1.0, 0.0});
+  // default: the mean over all elements; weights scale each group's share
+  CHECK(l1.loss == doctest::Approx((l1.group_mse[0] * d0 + l1.group_mse[1] * d1) / (d0 + d1)));
+  CHECK(l2.loss == doctest::Approx(2 * l1.loss));
+  CHECK(lm.loss == doctest::Approx((lm.group_mse[0] + lm.group_mse[1]) / 2));
+  CHECK(lm.group_mse == l1.group_mse);  // same step, same data: only the weighting differs
+  std::size_t exact = 0;
+  for (std::size_t i = 0; i < g1.size(); ++i) exact += g2[i] == 2 * g1[i];
+  CHECK(exact == g1.size());  // a power-of-two weight scales the gradient exactly
+  // weight 0 on the caption group: its head gets no gradient, the image head does
+  const auto grad_of = [](nn::UViT<float>& n, const char* name) { return values(n.grad(name)); };
+  for (float v : grad_of(*n0, "text_out.weight")) CHECK(v == 0.0f);
+  bool any = false;
+  for (float v : grad_of(*n0, "decoder_pred.weight")) any = any || v != 0.0f;
+  CHECK(any);
+  // a checkpoint of one weighting does not resume under another
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("ud_weights_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string ck = (dir / "t.safetensors").string();
+  {
+    auto o = options(4);
+    o.group_weights = {1.0, 3.0};
+    tr::Trainer<float, 2>(*nm, o, pattern_data).save(ck);
+    tr::Trainer<float, 2>(*nm, o, pattern_data).load(ck);  // the same weighting loads
+    o.group_weights = {};
+    const std::string m =
+        ud::testing::message_of([&] { tr::Trainer<float, 2>(*nm, o, pattern_data).load(ck); });
+    CHECK(m.find("group_weights of the checkpoint [1.0,3.0]") != std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+  // bad weights are named
+  nn::UViT<float> net(cfg);
+  using Tr = tr::Trainer<float, 2>;
+  for (const std::vector<double>& w :
+       {std::vector<double>{1.0}, std::vector<double>{-1.0, 1.0}, std::vector<double>{0.0, 0.0},
+        std::vector<double>{1.0, std::nan("")}}) {
+    auto o = options(4);
+    o.group_weights = w;
+    const std::string m = ud::testing::message_of([&] { Tr(net, o, pattern_data); });
+    CAPTURE(m);
+    CHECK(m.find("group_weights") != std::string::npos);
+  }
 }

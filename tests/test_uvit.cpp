@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "unidiffuser/backend/cpu/onednn.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
+#include "unidiffuser/nn/uvit_predictor.hpp"
 
 #include "support.hpp"
 #include "uvit_configs.hpp"
@@ -247,6 +249,50 @@ TEST_CASE(
     CHECK(std::equal(x.data(), x.data() + x.size(), y.data()));
   }
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("UViTPredictor: per-sample data types equal one value per call, row by row") {
+  ud::nn::UViT<float> net(unidiffuser::testing::v1_config());
+  net.init_random(11, 0.3);
+  const auto layout = net.config().layout<2>();
+  constexpr std::int64_t B = 3;
+  std::array<ud::Tensor<float>, 2> x, out;
+  std::array<ud::TensorView<const float>, 2> xv;
+  std::array<ud::TensorView<float>, 2> ov;
+  for (std::size_t g = 0; g < 2; ++g) {
+    x[g] = ud::Tensor<float>(ud::Shape{B, layout.size(g)});
+    const auto r = random_vec(static_cast<std::size_t>(x[g].size()), 40 + g);
+    std::copy(r.begin(), r.end(), x[g].data());
+    out[g] = ud::Tensor<float>(ud::Shape{B, layout.size(g)});
+    xv[g] = x[g].view();
+    ov[g] = out[g].view();
+  }
+  const std::vector<double> t0{500, 20, 999}, t1{0, 700, 1000};
+  const std::array<std::span<const double>, 2> t{t0, t1};
+  auto run = [&](ud::nn::UViTPredictor<float, 2>& p) {
+    p(ud::Context<ud::cpu>{}, xv, t, ov);
+    std::array<std::vector<float>, 2> r;
+    for (std::size_t g = 0; g < 2; ++g) r[g].assign(out[g].data(), out[g].data() + out[g].size());
+    return r;
+  };
+  ud::nn::UViTPredictor<float, 2> p0(net, 0), p1(net, 1), mixed(net, 1);
+  const auto a0 = run(p0), a1 = run(p1);
+  mixed.set_data_types({0, 1, 0});
+  const auto m = run(mixed);
+  CHECK(a0[0] != a1[0]);  // the data type matters
+  for (std::size_t g = 0; g < 2; ++g) {
+    const auto D = static_cast<std::size_t>(layout.size(g));
+    for (std::size_t b = 0; b < 3; ++b) {
+      const auto& want = b == 1 ? a1[g] : a0[g];
+      CHECK(std::equal(m[g].begin() + static_cast<std::ptrdiff_t>(b * D),
+                       m[g].begin() + static_cast<std::ptrdiff_t>((b + 1) * D),
+                       want.begin() + static_cast<std::ptrdiff_t>(b * D)));
+    }
+  }
+  mixed.set_data_types({0, 1});  // not one per sample
+  CHECK(message_of([&] { (void)run(mixed); }).find("one per sample") != std::string::npos);
+  mixed.set_data_types({});
+  CHECK(run(mixed) == a1);
 }
 
 TEST_CASE("diffusers' config.json gives the official config; unsupported options are refused") {

@@ -58,6 +58,8 @@ training (with --retrain):
   --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
   --embed E --depth D --heads H   network size (default 128, 7, 4)
   --pos-std X         initial std of the positional table (default 0.5)
+  --loss L            elements (mean over all elements) | group-mean (mean of the groups' MSEs)
+                      (default elements)
   --resume            continue OUT/train_state.safetensors
 
 Prints the quality table. Exit codes: 0 done; 1 error (one line on stderr); 3 (with --check) a
@@ -65,20 +67,37 @@ quality bar failed.
 )";
 
 int main_impl(int argc, char** argv) {
-  const ud::cli::Args a(
-      {{"checkpoint"}, {"prefix"},       {"retrain", false},   {"out"},         {"full", false},
-       {"scale"},      {"samples"},      {"marginal-samples"}, {"steps"},       {"seed"},
-       {"threads"},    {"quiet", false}, {"check", false},     {"train-steps"}, {"batch"},
-       {"lr"},         {"pos-std"},      {"train-seed"},       {"embed"},       {"depth"},
-       {"heads"},      {"resume", false}},
-      argc, argv);
+  const ud::cli::Args a({{"checkpoint"},
+                         {"prefix"},
+                         {"retrain", false},
+                         {"out"},
+                         {"full", false},
+                         {"scale"},
+                         {"samples"},
+                         {"marginal-samples"},
+                         {"steps"},
+                         {"seed"},
+                         {"threads"},
+                         {"quiet", false},
+                         {"check", false},
+                         {"train-steps"},
+                         {"batch"},
+                         {"lr"},
+                         {"pos-std"},
+                         {"train-seed"},
+                         {"embed"},
+                         {"depth"},
+                         {"heads"},
+                         {"resume", false},
+                         {"loss"}},
+                        argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
     return 0;
   }
   const bool retrain = a.has("retrain"), quiet = a.has("quiet");
-  for (const char* k :
-       {"train-steps", "batch", "lr", "pos-std", "train-seed", "embed", "depth", "heads", "resume"})
+  for (const char* k : {"train-steps", "batch", "lr", "pos-std", "train-seed", "embed", "depth",
+                        "heads", "resume", "loss"})
     if (a.has(k) && !retrain)
       throw ud::error(ud::cli::op, std::string("--") + k, "applies with --retrain only");
   if (retrain && a.has("checkpoint"))
@@ -110,6 +129,7 @@ int main_impl(int argc, char** argv) {
     ts.batch = a.integer<std::int64_t>("batch", ts.batch, 1, 65536);
     ts.lr = a.real("lr", ts.lr, 1e-7, 1.0);
     ts.pos_std = a.real("pos-std", ts.pos_std, 0.0, 10.0);
+    ts.loss = a.choice("loss", ts.loss, {"elements", "group-mean"});
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);

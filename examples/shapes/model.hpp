@@ -111,10 +111,14 @@ struct TrainSettings {
   std::uint64_t seed = 1;
   std::int64_t steps = 10000, batch = 128, warmup = 300;
   double lr = 3e-3, min_lr = 1e-5, weight_decay = 0.03, clip = 1.0, ema = 0.999, pos_std = 0.5;
+  //! "elements": the mean over all elements of both groups (the image has 768, the caption 160);
+  //! "group-mean": the mean of the two groups' MSEs (train::group_mean_weights).
+  std::string loss = "elements";
 };
 
-inline Trainer::Options trainer_options(const TrainSettings& s) {
+inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UViTConfig& cfg) {
   Trainer::Options o;
+  if (s.loss == "group-mean") o.group_weights = ud::train::group_mean_weights(cfg.layout<2>());
   o.seed = s.seed;
   o.batch = s.batch;
   o.lr.lr = s.lr;
@@ -135,7 +139,7 @@ inline void train(const ModelSize& ms, const TrainSettings& ts, const std::strin
                   const std::string& state_path, bool resume, bool quiet) {
   ud::nn::UViT<float> net(config(ms));
   init_network(net, ts.seed, ts.pos_std);
-  Trainer tr(net, trainer_options(ts), data_source());
+  Trainer tr(net, trainer_options(ts, net.config()), data_source());
   if (resume) tr.load(state_path);
   const auto t0 = std::chrono::steady_clock::now();
   const std::int64_t first = tr.step_index();
@@ -150,13 +154,13 @@ inline void train(const ModelSize& ms, const TrainSettings& ts, const std::strin
   const auto ema = tr.ema().weights();
   std::copy_n(ema.data(), ema.size(), net.parameters().data());
   net.parameters_changed();
-  nlohmann::json info = {{"seed", ts.seed},         {"steps", ts.steps},
-                         {"batch", ts.batch},       {"lr", ts.lr},
-                         {"min_lr", ts.min_lr},     {"warmup", ts.warmup},
-                         {"ema", ts.ema},           {"weight_decay", ts.weight_decay},
-                         {"clip", ts.clip},         {"pos_std", ts.pos_std},
-                         {"final_loss", last.loss}, {"seconds", secs},
-                         {"resumed_at", first}};
+  nlohmann::json info = {{"seed", ts.seed},     {"steps", ts.steps},
+                         {"batch", ts.batch},   {"lr", ts.lr},
+                         {"min_lr", ts.min_lr}, {"warmup", ts.warmup},
+                         {"ema", ts.ema},       {"weight_decay", ts.weight_decay},
+                         {"clip", ts.clip},     {"pos_std", ts.pos_std},
+                         {"loss", ts.loss},     {"final_loss", last.loss},
+                         {"seconds", secs},     {"resumed_at", first}};
   ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", "shapes-16x16-v1"}});
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,

@@ -7,9 +7,11 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "unidiffuser/backend/tags.hpp"
+#include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/diffusion/groups.hpp"
 #include "unidiffuser/nn/uvit.hpp"
@@ -18,7 +20,8 @@ namespace unidiffuser::nn {
 
 //! The network as the multimodal noise predictor of GuidedPredictor / sample_task: group g's
 //! row [B, D_g] holds the group's components in slot order (UViTConfig::layout), addressed in
-//! place; every call uses the same data-type value (official: 1 for v1).
+//! place; every call uses the same data-type value (official: 1 for v1) unless per-sample values
+//! are set (set_data_types).
 template <class T, std::size_t K, class Backend = cpu>
 class UViTPredictor {
  public:
@@ -38,6 +41,9 @@ class UViTPredictor {
   }
   const GroupLayout<K>& layout() const { return layout_; }
   UViT<T, Backend>& network() { return net_; }
+  //! Per-sample data types (the v1 token) for the following calls, one per row of their batch;
+  //! empty: every row takes the constructor's single value again.
+  void set_data_types(std::vector<std::int64_t> per_sample) { per_sample_ = std::move(per_sample); }
 
   void operator()(const Context<Backend>& ctx, const std::array<TensorView<const T, Backend>, K>& x,
                   const std::array<std::span<const double>, K>& t,
@@ -57,9 +63,16 @@ class UViTPredictor {
       o.push_back(RowBlock<T, Backend>(out[g].data() + offset_[k], B, n, ld));
     }
     for (std::size_t g = 0; g < K; ++g) in.t.push_back(t[g]);
-    if (static_cast<std::int64_t>(dt_.size()) != B)
-      dt_.assign(static_cast<std::size_t>(B), data_type_);
-    in.data_type = dt_;
+    if (!per_sample_.empty()) {
+      if (static_cast<std::int64_t>(per_sample_.size()) != B)
+        throw_mismatch("UViTPredictor", "data types", "one per sample of the batch", B,
+                       per_sample_.size());
+      in.data_type = per_sample_;
+    } else {
+      if (static_cast<std::int64_t>(dt_.size()) != B)
+        dt_.assign(static_cast<std::size_t>(B), data_type_);
+      in.data_type = dt_;
+    }
     in.latent_h = h_;
     in.latent_w = w_;
     net_.forward(ctx, in, std::span<const RowBlock<T, Backend>>(o));
@@ -70,7 +83,7 @@ class UViTPredictor {
   GroupLayout<K> layout_;
   std::int64_t data_type_, h_, w_;
   std::vector<std::int64_t> offset_;
-  std::vector<std::int64_t> dt_;
+  std::vector<std::int64_t> dt_, per_sample_;
   UViTInputs<T, Backend> in_;
   std::vector<RowBlock<T, Backend>> out_;
 };

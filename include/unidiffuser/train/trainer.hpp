@@ -62,9 +62,27 @@ struct TrainerOptions {
   double ema_decay = 0.9999;
   bool recompute = false;      //!< per-block activation recomputation in the backward
   std::int64_t data_type = 1;  //!< default data type of v1 networks when the source sets none
+  //! Weight of each group's squared error in the loss; empty: 1 for every group, i.e. the mean
+  //! over the concatenation of all groups' elements (UNIDIFFUSER.md §3, the library's default).
+  //! group_mean_weights() gives every group's MSE the same weight whatever its size.
+  std::vector<double> group_weights{};
 };
 
-//! One step's log: the loss (mean over the global batch) and each group's MSE.
+//! Loss weights that make the loss the mean of the K groups' MSEs (each group counts the same,
+//! whatever its number of elements): w_g = D / (K D_g), D = the sum of the D_g.
+template <std::size_t K>
+std::vector<double> group_mean_weights(const GroupLayout<K>& layout) {
+  std::int64_t total = 0;
+  for (std::size_t g = 0; g < K; ++g) total += layout.size(g);
+  std::vector<double> w(K);
+  for (std::size_t g = 0; g < K; ++g)
+    w[g] =
+        static_cast<double>(total) / (static_cast<double>(K) * static_cast<double>(layout.size(g)));
+  return w;
+}
+
+//! One step's log: the loss (weighted by group_weights, mean over the global batch) and each
+//! group's MSE.
 struct StepLog {
   std::int64_t step = 0;
   double loss = 0, grad_norm = 0, lr = 0;
@@ -103,6 +121,17 @@ class Trainer {
                       ")");
     if (opt_.levels < 1) throw_mismatch(op, "levels", "levels", ">= 1", opt_.levels);
     if (!data_) throw error(op, "data", "no data source");
+    if (opt_.group_weights.empty()) opt_.group_weights.assign(K, 1.0);
+    if (opt_.group_weights.size() != K)
+      throw_mismatch(op, "group_weights", "one weight per group", K, opt_.group_weights.size());
+    double wsum = 0;
+    for (double w : opt_.group_weights) {
+      if (!std::isfinite(w) || w < 0)
+        throw error(op, "group_weights",
+                    "weights must be finite and >= 0; got " + std::to_string(w));
+      wsum += w;
+    }
+    if (!(wsum > 0)) throw error(op, "group_weights", "at least one weight must be positive");
     const auto& C = net.config().components;
     for (std::size_t k = 0; k < C.size(); ++k) {
       std::int64_t off = 0;
@@ -214,11 +243,9 @@ class Trainer {
       w.add<T>("adam_m/" + r.name, TensorView<const T, cpu>(M.data() + r.offset, s));
       w.add<T>("adam_v/" + r.name, TensorView<const T, cpu>(V.data() + r.offset, s));
     }
-    nlohmann::json st = {{"step", step_},
-                         {"adam_steps", adam_.steps()},
-                         {"seed", opt_.seed},
-                         {"batch", opt_.batch},
-                         {"levels", opt_.levels}};
+    nlohmann::json st = {{"step", step_},         {"adam_steps", adam_.steps()},
+                         {"seed", opt_.seed},     {"batch", opt_.batch},
+                         {"levels", opt_.levels}, {"group_weights", opt_.group_weights}};
     w.metadata("train_state", st.dump());
     try {
       w.metadata("config", net_.config().to_json().dump());
@@ -248,6 +275,10 @@ class Trainer {
                       " / " + std::to_string(st.value("batch", 0ll)) +
                       ") differ from this run's (" + std::to_string(opt_.seed) + " / " +
                       std::to_string(opt_.batch) + ")");
+    if (st.contains("group_weights") && st["group_weights"] != nlohmann::json(opt_.group_weights))
+      throw error(op, path,
+                  "group_weights of the checkpoint " + st["group_weights"].dump() +
+                      " differ from this run's " + nlohmann::json(opt_.group_weights).dump());
     const auto P = net_.parameters();
     const auto E = ema_.weights();
     const auto M = adam_.first_moment();
@@ -325,17 +356,18 @@ class Trainer {
     for (std::size_t g = 0; g < K; ++g) in.t.push_back(times_[g]);
     in.data_type = dt_;
     net_.forward(ctx, in, out, tape_, opt_.recompute);
-    // squared errors and d loss / d pred = 2 (pred - eps) / (global batch x elements)
+    // squared errors and d loss / d pred = 2 w_g (pred - eps) / (global batch x elements)
     std::vector<double> rows(static_cast<std::size_t>(per));
-    const std::vector<double> a(static_cast<std::size_t>(per), 2.0 / denom),
-        b(static_cast<std::size_t>(per), -2.0 / denom);
     for (std::size_t g = 0; g < K; ++g) {
+      const double w = opt_.group_weights[g];
+      const std::vector<double> a(static_cast<std::size_t>(per), 2.0 * w / denom),
+          b(static_cast<std::size_t>(per), -2.0 * w / denom);
       const auto P = as_rows(TensorView<const T, Backend>(pred_[g].view()));
       const auto Ev = as_rows(TensorView<const T, Backend>(eps_[g].view()));
       ops::squared_error_rows<T>(ctx, P, Ev, rows.data());
       for (double r : rows) {
         sums[g] += r;
-        sums[K] += r;
+        sums[K] += w * r;
       }
       ops::axpby_rows(ctx, as_rows(dpred_[g].view()), a.data(), P, b.data(), Ev);
     }
