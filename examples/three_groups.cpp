@@ -10,7 +10,7 @@
 // reloads it by itself, and samples conditionals, many-to-one, one-to-many, a chain, the joint
 // and a marginal, each scored by nearest-prototype readers.
 //
-//   three_groups [--train-steps N] [--out FILE] [--threads T]
+//   three_groups [--train-steps N] [--samples N] [--out FILE] [--threads T]
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -190,7 +190,7 @@ Score run(ud::nn::UViT<float>& net, const std::string& name, const ud::Chain<3>&
 
 int main(int argc, char** argv) {
   try {
-    std::int64_t steps = 1500;
+    std::int64_t steps = 1500, samples = 256;
     std::string out = "three_groups.safetensors";
     for (int i = 1; i < argc; i += 2) {
       const std::string k = argv[i];
@@ -209,12 +209,15 @@ int main(int argc, char** argv) {
       };
       if (k == "--train-steps")
         steps = integer();
+      else if (k == "--samples")
+        samples = std::max<long long>(integer(), 1);
       else if (k == "--out")
         out = v;
       else if (k == "--threads")
         Eigen::setNbThreads(static_cast<int>(integer()));
       else
-        throw ud::error("three_groups", k, "unknown option (--train-steps, --out, --threads)");
+        throw ud::error("three_groups", k,
+                        "unknown option (--train-steps, --samples, --out, --threads)");
     }
     if (steps < 1) throw ud::error("three_groups", "--train-steps", "must be >= 1");
     ud::nn::UViT<float> net(make_config());
@@ -229,14 +232,14 @@ int main(int argc, char** argv) {
     namespace T = ud::tasks;
     constexpr std::size_t img = 0, text = 1, audio = 2;
     for (double scale : {0.0, 3.0}) {
-      run(loaded, "img | text", {T::conditional<3>(img, text)}, scale, 256);
-      run(loaded, "audio | img", {T::conditional<3>(audio, img)}, scale, 256);
-      run(loaded, "text | img, audio", {T::make<3>({text}, {img, audio})}, scale, 256);
-      run(loaded, "img, audio | text", {T::make<3>({img, audio}, {text})}, scale, 256);
-      run(loaded, "text | img > img | text", T::variation<3>(img, text), scale, 256);
+      run(loaded, "img | text", {T::conditional<3>(img, text)}, scale, samples);
+      run(loaded, "audio | img", {T::conditional<3>(audio, img)}, scale, samples);
+      run(loaded, "text | img, audio", {T::make<3>({text}, {img, audio})}, scale, samples);
+      run(loaded, "img, audio | text", {T::make<3>({img, audio}, {text})}, scale, samples);
+      run(loaded, "text | img > img | text", T::variation<3>(img, text), scale, samples);
     }
-    run(loaded, "img, text, audio", {T::joint_all<3>()}, 0.0, 256);
-    run(loaded, "audio", {T::marginal<3>(audio)}, 0.0, 1024);
+    run(loaded, "img, text, audio", {T::joint_all<3>()}, 0.0, samples);
+    run(loaded, "audio", {T::marginal<3>(audio)}, 0.0, 4 * samples);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "three_groups: error: %s\n", e.what());

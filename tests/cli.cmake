@@ -253,7 +253,8 @@ if(UNIDIFFUSER_BUILD_EXAMPLES)
              COMMAND $<TARGET_FILE:oracle_demo> --bogus)
   # the three-modality example end to end on a network trained for a few steps
   cli_expect(example_three_groups_smoke RC 0 STDOUT "saved and reloaded .* .3 groups.*audio"
-             COMMAND $<TARGET_FILE:three_groups> --train-steps 6 --out ${_cli}/three_groups.safetensors)
+             COMMAND $<TARGET_FILE:three_groups> --train-steps 6 --samples 4
+                     --out ${_cli}/three_groups.safetensors)
   cli_expect(cli_three_groups_unknown_option RC 1
              STDERR "three_groups: error: three_groups: --bogus: unknown option"
              COMMAND $<TARGET_FILE:three_groups> --bogus 1)
