@@ -373,12 +373,9 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
       st.mode_name.empty() ? "task '" + st.task_spec + "'" : "mode " + st.mode_name;
   const auto need = user_conditions(chain);
   const bool needs_conditions = std::find(need.begin(), need.end(), true) != need.end();
-  if (st.g.cfg_mode == ud::CfgMode::empty_condition) {
-    if (!st.mode_name.empty() && st.mode_name != "t2i" && st.mode_name != "t2i2t")
-      throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token applies to t2i and t2i2t only");
-    if (!needs_conditions)
-      throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token needs a conditioned group");
-  }
+  // (the official modes were checked in main_impl: empty_token with t2i / t2i2t only)
+  if (st.g.cfg_mode == ud::CfgMode::empty_condition && !needs_conditions)
+    throw ud::error(ud::cli::op, "--t2i-cfg-mode", "empty_token needs a conditioned group");
   if (needs_conditions && st.cond_path.empty())
     throw ud::error(ud::cli::op, "--conditions", "required for " + what + " (see --help)");
 
