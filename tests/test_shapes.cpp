@@ -17,6 +17,7 @@
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/schedule/discrete.hpp"
+#include "wave.hpp"
 #include "world.hpp"
 
 namespace ud = unidiffuser;
@@ -94,6 +95,56 @@ TEST_CASE("shapes: the readers refuse what they cannot read") {
   CHECK(a[shapes::shape_attr] == -1);
   CHECK(a[shapes::position_attr] == 0);
   CHECK(shapes::caption_text(shapes::caption_words(a)).size() > 0);
+}
+
+TEST_CASE("shapes: the wave reader recovers every signal and refuses noise") {
+  std::vector<float> s(shapes::kWave);
+  int read = 0, total = 0;
+  for (int z = 0; z < 2; ++z)
+    for (int c = 0; c < 4; ++c)
+      for (int h = 0; h < 3; ++h)
+        for (int p = 0; p < 4; ++p)
+          for (double u : {-1.0, 0.0, 1.0}) {
+            shapes::Attributes a;
+            a.v = {z, c, h, p};
+            shapes::render_wave(a, u, s);
+            for (float v : s) CHECK(std::abs(v) <= 1.0f);
+            ++total;
+            read += shapes::read_wave(s) == a;
+            // deterministic small perturbation (std 0.03): still read
+            for (int n = 0; n < shapes::kWave; ++n) {
+              const auto b = ud::philox_normal(77, static_cast<std::uint64_t>(total), 0,
+                                               static_cast<std::uint64_t>(n));
+              s[static_cast<std::size_t>(n)] += 0.03f * b;
+            }
+            read += shapes::read_wave(s) == a;
+          }
+  CHECK(read == 2 * total);
+  // the world's samples: the reader returns the scene's attributes
+  for (std::uint64_t i = 0; i < 500; ++i) {
+    const auto sc = shapes::sample_scene(3, i);
+    const double u = shapes::wave_jitter(3, i);
+    CHECK(u >= -1.0);
+    CHECK(u <= 1.0);
+    shapes::render_wave(sc.attr, u, s);
+    CHECK(shapes::read_wave(s) == sc.attr);
+  }
+  // silence, white noise and a signal at the wrong level are unreadable
+  std::fill(s.begin(), s.end(), 0.f);
+  CHECK_FALSE(shapes::read_wave(s).readable());
+  int noise_read = 0;
+  for (std::uint64_t k = 0; k < 50; ++k) {
+    for (int n = 0; n < shapes::kWave; ++n)
+      s[static_cast<std::size_t>(n)] =
+          0.5f * ud::philox_normal(78, k, 0, static_cast<std::uint64_t>(n));
+    noise_read += shapes::read_wave(s).readable();
+  }
+  CHECK(noise_read == 0);
+  shapes::Attributes a;
+  a.v = {1, 2, 0, 1};
+  shapes::render_wave(a, 0, s);
+  for (auto& v : s) v *= 2.f;  // gain 1.8: no size
+  CHECK_FALSE(shapes::read_wave(s).readable());
 }
 
 TEST_CASE("shapes: a short training run lowers the loss") {
