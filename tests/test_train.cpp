@@ -460,3 +460,83 @@ TEST_CASE("group loss weights: the weighted loss, its gradient, group_mean_weigh
     CHECK(m.find("group_weights") != std::string::npos);
   }
 }
+
+TEST_CASE(
+    "marginalisation training: the draws, data never seen, a resume under another p refused") {
+  // the draws: frequency, independence of the batch split, the edge probabilities, bad input
+  const std::vector<double> p{0.25, 0.0};
+  const auto all = ud::draw_marginalised<2>(9, 3, 40000, p);
+  double n = 0;
+  for (auto v : all[0]) n += v;
+  CHECK(n / 40000 == doctest::Approx(0.25).epsilon(0.05));  // 5 standard deviations: 0.011
+  for (auto v : all[1]) CHECK(v == 0);
+  const auto part = ud::draw_marginalised<2>(9, 3, 10, p, 100);
+  for (std::size_t b = 0; b < 10; ++b) CHECK(part[0][b] == all[0][100 + b]);
+  const auto other_step = ud::draw_marginalised<2>(9, 4, 40000, p);
+  CHECK(other_step[0] != all[0]);
+  const std::vector<double> ones{1.0, 1.0};
+  for (const auto& g : ud::draw_marginalised<2>(9, 3, 1000, ones))
+    for (auto v : g) CHECK(v == 1);
+  const std::vector<double> bad{0.5, 1.5}, one{0.5};
+  CHECK(ud::testing::message_of([&] { ud::draw_marginalised<2>(1, 0, 4, bad); }).find("p[1]") !=
+        std::string::npos);
+  CHECK(ud::testing::message_of([&] {
+          ud::draw_marginalised<2>(1, 0, 4, one);
+        }).find("one probability per group") != std::string::npos);
+
+  // with probability 1 for the caption group, its data never reaches the network: the run does
+  // not depend on it (its input and target are the noise); with probability 0 it does
+  const auto cfg = tiny();
+  auto run = [&](std::vector<double> mp, float shift1, float shift0) {
+    nn::UViT<float> net(cfg);
+    net.init_random(4, 0.02);
+    auto o = options(8);
+    o.marginal_probability = std::move(mp);
+    auto data = [&](std::uint64_t seed, std::int64_t step, std::int64_t first,
+                    const std::array<ud::RowBlock<float>, 2>& x0, std::span<std::int64_t> dt) {
+      pattern_data(seed, step, first, x0, dt);
+      const float shift[2] = {shift0, shift1};
+      for (std::size_t g = 0; g < 2; ++g)
+        for (std::int64_t r = 0; r < x0[g].rows; ++r)
+          for (std::int64_t j = 0; j < x0[g].cols; ++j) x0[g].data[r * x0[g].ld + j] += shift[g];
+    };
+    tr::Trainer<float, 2> t(net, o, data);
+    for (int s = 0; s < 3; ++s) t.step(ud::Context<ud::cpu>{});
+    return values(net.parameters());
+  };
+  CHECK(run({0.0, 1.0}, 0.f, 0.f) == run({0.0, 1.0}, 5.f, 0.f));
+  CHECK(run({0.0, 1.0}, 0.f, 0.f) != run({0.0, 1.0}, 0.f, 5.f));
+  CHECK(run({0.0, 0.0}, 0.f, 0.f) != run({0.0, 0.0}, 5.f, 0.f));
+  CHECK(run({}, 0.f, 0.f) == run({0.0, 0.0}, 0.f, 0.f));  // empty: the exact objective
+  // some but not all samples marginalised: neither the plain run nor the always-marginalised one
+  const auto half = run({0.5, 0.5}, 0.f, 0.f);
+  CHECK(half != run({0.0, 0.0}, 0.f, 0.f));
+  CHECK(half != run({1.0, 1.0}, 0.f, 0.f));
+
+  // the probabilities are part of the run: a state of one does not resume under another
+  nn::UViT<float> net(cfg);
+  net.init_random(4, 0.02);
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("ud_marginal_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string ck = (dir / "t.safetensors").string();
+  auto o = options(4);
+  o.marginal_probability = {0.1, 0.1};
+  tr::Trainer<float, 2>(net, o, pattern_data).save(ck);
+  tr::Trainer<float, 2>(net, o, pattern_data).load(ck);
+  o.marginal_probability = {};
+  const std::string m =
+      ud::testing::message_of([&] { tr::Trainer<float, 2>(net, o, pattern_data).load(ck); });
+  CHECK(m.find("marginal_probability of the checkpoint [0.1,0.1]") != std::string::npos);
+  std::filesystem::remove_all(dir);
+  using Tr = tr::Trainer<float, 2>;
+  for (const std::vector<double>& w :
+       {std::vector<double>{0.1}, std::vector<double>{-0.1, 0.0},
+        std::vector<double>{std::nan(""), 0.0}, std::vector<double>{0.0, 1.5}}) {
+    auto ob = options(4);
+    ob.marginal_probability = w;
+    const std::string mb = ud::testing::message_of([&] { Tr(net, ob, pattern_data); });
+    CAPTURE(mb);
+    CHECK(mb.find("marginal_probability") != std::string::npos);
+  }
+}

@@ -60,6 +60,8 @@ training (with --retrain):
   --pos-std X         initial std of the positional table (default 0.5)
   --loss L            elements (mean over all elements) | group-mean (mean of the groups' MSEs)
                       (default elements)
+  --marginal-p P      per group, the probability that a training sample sees that group as
+                      sampling marginalises it: N(0, I) noise at level N (default 0)
   --resume            continue OUT/train_state.safetensors
 
 Prints the quality table. Exit codes: 0 done; 1 error (one line on stderr); 3 (with --check) a
@@ -67,37 +69,21 @@ quality bar failed.
 )";
 
 int main_impl(int argc, char** argv) {
-  const ud::cli::Args a({{"checkpoint"},
-                         {"prefix"},
-                         {"retrain", false},
-                         {"out"},
-                         {"full", false},
-                         {"scale"},
-                         {"samples"},
-                         {"marginal-samples"},
-                         {"steps"},
-                         {"seed"},
-                         {"threads"},
-                         {"quiet", false},
-                         {"check", false},
-                         {"train-steps"},
-                         {"batch"},
-                         {"lr"},
-                         {"pos-std"},
-                         {"train-seed"},
-                         {"embed"},
-                         {"depth"},
-                         {"heads"},
-                         {"resume", false},
-                         {"loss"}},
-                        argc, argv);
+  const ud::cli::Args a(
+      {{"checkpoint"},   {"prefix"},        {"retrain", false}, {"out"},
+       {"full", false},  {"scale"},         {"samples"},        {"marginal-samples"},
+       {"steps"},        {"seed"},          {"threads"},        {"quiet", false},
+       {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
+       {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
+       {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"}},
+      argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
     return 0;
   }
   const bool retrain = a.has("retrain"), quiet = a.has("quiet");
   for (const char* k : {"train-steps", "batch", "lr", "pos-std", "train-seed", "embed", "depth",
-                        "heads", "resume", "loss"})
+                        "heads", "resume", "loss", "marginal-p"})
     if (a.has(k) && !retrain)
       throw ud::error(ud::cli::op, std::string("--") + k, "applies with --retrain only");
   if (retrain && a.has("checkpoint"))
@@ -130,6 +116,7 @@ int main_impl(int argc, char** argv) {
     ts.lr = a.real("lr", ts.lr, 1e-7, 1.0);
     ts.pos_std = a.real("pos-std", ts.pos_std, 0.0, 10.0);
     ts.loss = a.choice("loss", ts.loss, {"elements", "group-mean"});
+    ts.marginal_p = a.real("marginal-p", ts.marginal_p, 0.0, 1.0);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <type_traits>
@@ -44,6 +45,43 @@ std::array<std::vector<std::int64_t>, K> draw_levels(std::uint64_t seed, std::ui
       const std::uint64_t hi =
           (static_cast<std::uint64_t>(r[0]) * static_cast<std::uint64_t>(n_levels)) >> 32;
       out[g][static_cast<std::size_t>(b)] = static_cast<std::int64_t>(hi) + 1;
+    }
+  }
+  return out;
+}
+
+//! Draws which samples train a group's marginalised input (a library extension, off by default):
+//! out[g][b] = 1 with probability p[g], a pure function of (seed, stream, group, global sample
+//! index) like draw_levels, from its own Philox stream. Such a sample sees, for group g, what
+//! sampling feeds a marginalised group (UNIDIFFUSER.md §5): fresh N(0, I) noise at level N.
+template <std::size_t K>
+std::array<std::vector<std::uint8_t>, K> draw_marginalised(std::uint64_t seed, std::uint64_t stream,
+                                                           std::int64_t batch,
+                                                           std::span<const double> p,
+                                                           std::uint64_t sample_offset = 0) {
+  if (!p.empty() && p.size() != K)
+    throw_mismatch("draw_marginalised", "p", "one probability per group", K, p.size());
+  std::array<std::vector<std::uint8_t>, K> out;
+  for (std::size_t g = 0; g < K; ++g) {
+    out[g].assign(static_cast<std::size_t>(batch), 0);
+    const double pg = p.empty() ? 0.0 : p[g];
+    if (!(pg >= 0.0 && pg <= 1.0))
+      throw error("draw_marginalised", "p[" + std::to_string(g) + "]",
+                  "a probability in [0, 1]; got " + std::to_string(pg));
+    if (pg == 0.0) continue;
+    // 32 random bits against p * 2^32 (p = 1 always, p = 0 never)
+    const auto threshold = static_cast<std::uint64_t>(std::ldexp(pg, 32));
+    for (std::int64_t b = 0; b < batch; ++b) {
+      using rng = r123::Philox4x32;
+      rng gen;
+      rng::key_type key = {{static_cast<std::uint32_t>(seed) ^ 0x243f6a88u,
+                            static_cast<std::uint32_t>(seed >> 32) ^ 0x85a308d3u}};
+      rng::ctr_type ctr = {
+          {static_cast<std::uint32_t>(g),
+           static_cast<std::uint32_t>(sample_offset + static_cast<std::uint64_t>(b)),
+           static_cast<std::uint32_t>(stream), static_cast<std::uint32_t>(stream >> 32)}};
+      const auto r = gen(ctr, key);
+      out[g][static_cast<std::size_t>(b)] = static_cast<std::uint64_t>(r[1]) < threshold ? 1 : 0;
     }
   }
   return out;

@@ -12,6 +12,7 @@
 //! train/mpi.hpp, a NCCL one would take the same seat.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -66,6 +67,15 @@ struct TrainerOptions {
   //! over the concatenation of all groups' elements (UNIDIFFUSER.md §3, the library's default).
   //! group_mean_weights() gives every group's MSE the same weight whatever its size.
   std::vector<double> group_weights{};
+  //! Marginalisation training (a library extension; empty or zeros: the objective of
+  //! UNIDIFFUSER.md §3 exactly): with probability marginal_probability[g], independently per
+  //! sample, group g's input is fresh N(0, I) noise at level N (its target that same noise), which
+  //! is exactly what sampling feeds a marginalised group: the marginal modes and the guidance
+  //! references then query inputs the network was trained on. At level N the noised data still
+  //! holds sqrt(abar_N) = 0.068 of the signal, so without this the marginalised input is off the
+  //! training distribution wherever the data's mean is far from 0. Off by default: on the shapes
+  //! demo it made the marginals worse (docs/CUSTOM_LAYOUTS.md §2).
+  std::vector<double> marginal_probability{};
 };
 
 //! Loss weights that make the loss the mean of the K groups' MSEs (each group counts the same,
@@ -132,6 +142,14 @@ class Trainer {
       wsum += w;
     }
     if (!(wsum > 0)) throw error(op, "group_weights", "at least one weight must be positive");
+    if (opt_.marginal_probability.empty()) opt_.marginal_probability.assign(K, 0.0);
+    if (opt_.marginal_probability.size() != K)
+      throw_mismatch(op, "marginal_probability", "one probability per group", K,
+                     opt_.marginal_probability.size());
+    for (double p : opt_.marginal_probability)
+      if (!(p >= 0.0 && p <= 1.0))
+        throw error(op, "marginal_probability",
+                    "probabilities must lie in [0, 1]; got " + std::to_string(p));
     const auto& C = net.config().components;
     for (std::size_t k = 0; k < C.size(); ++k) {
       std::int64_t off = 0;
@@ -243,9 +261,13 @@ class Trainer {
       w.add<T>("adam_m/" + r.name, TensorView<const T, cpu>(M.data() + r.offset, s));
       w.add<T>("adam_v/" + r.name, TensorView<const T, cpu>(V.data() + r.offset, s));
     }
-    nlohmann::json st = {{"step", step_},         {"adam_steps", adam_.steps()},
-                         {"seed", opt_.seed},     {"batch", opt_.batch},
-                         {"levels", opt_.levels}, {"group_weights", opt_.group_weights}};
+    nlohmann::json st = {{"step", step_},
+                         {"adam_steps", adam_.steps()},
+                         {"seed", opt_.seed},
+                         {"batch", opt_.batch},
+                         {"levels", opt_.levels},
+                         {"group_weights", opt_.group_weights},
+                         {"marginal_probability", opt_.marginal_probability}};
     w.metadata("train_state", st.dump());
     try {
       w.metadata("config", net_.config().to_json().dump());
@@ -279,6 +301,16 @@ class Trainer {
       throw error(op, path,
                   "group_weights of the checkpoint " + st["group_weights"].dump() +
                       " differ from this run's " + nlohmann::json(opt_.group_weights).dump());
+    {
+      // absent (a state written before the option existed): no marginalisation training
+      const auto mp = st.contains("marginal_probability") ? st["marginal_probability"]
+                                                          : nlohmann::json(std::vector<double>(K));
+      if (mp != nlohmann::json(opt_.marginal_probability))
+        throw error(op, path,
+                    "marginal_probability of the checkpoint " + mp.dump() +
+                        " differ from this run's " +
+                        nlohmann::json(opt_.marginal_probability).dump());
+    }
     const auto P = net_.parameters();
     const auto E = ema_.weights();
     const auto M = adam_.first_moment();
@@ -319,8 +351,14 @@ class Trainer {
     std::fill(dt_.begin(), dt_.end(), opt_.data_type);
     data_(opt_.seed, step_, first, x0, dt_);
     // levels and noise: pure functions of (seed, step, global sample, group / component)
-    const auto levels = draw_levels<K>(opt_.seed, static_cast<std::uint64_t>(step_), per,
-                                       opt_.levels, static_cast<std::uint64_t>(first));
+    auto levels = draw_levels<K>(opt_.seed, static_cast<std::uint64_t>(step_), per, opt_.levels,
+                                 static_cast<std::uint64_t>(first));
+    const auto marg =
+        draw_marginalised<K>(opt_.seed, static_cast<std::uint64_t>(step_), per,
+                             opt_.marginal_probability, static_cast<std::uint64_t>(first));
+    for (std::size_t g = 0; g < K; ++g)
+      for (std::size_t b = 0; b < levels[g].size(); ++b)
+        if (marg[g][b]) levels[g][b] = opt_.levels;
     std::uint64_t comp = 0;
     for (std::size_t g = 0; g < K; ++g)
       for (std::size_t c = 0; c < layout_.group(g).components.size(); ++c, ++comp)
@@ -341,6 +379,15 @@ class Trainer {
       times_[g].assign(levels[g].begin(), levels[g].end());
     }
     forward_process<T, K>(ctx, sched_, cx0, ceps, lv, xn);
+    // marginalised samples: the group's input becomes its noise (x_n = 0 x_n + 1 eps)
+    for (std::size_t g = 0; g < K; ++g) {
+      if (std::find(marg[g].begin(), marg[g].end(), std::uint8_t{1}) == marg[g].end()) continue;
+      std::vector<double> a(marg[g].size()), b(marg[g].size());
+      for (std::size_t r = 0; r < a.size(); ++r) a[r] = marg[g][r] ? 0.0 : 1.0, b[r] = 1.0 - a[r];
+      ops::axpby_rows(ctx, as_rows(xn_[g].view()), a.data(),
+                      as_rows(TensorView<const T, Backend>(xn_[g].view())), b.data(),
+                      as_rows(TensorView<const T, Backend>(eps_[g].view())));
+    }
     // the network on the component views of the noised groups
     const auto& C = net_.config().components;
     nn::UViTInputs<T, Backend> in;
