@@ -5,19 +5,25 @@
 // backward, a guided sampling run, the loss), and concurrent forwards of one network.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <span>
 #include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "kinds.hpp"
+#include "support.hpp"
 #include "unidiffuser/diffusion/noise.hpp"
 #include "unidiffuser/diffusion/objective.hpp"
 #include "unidiffuser/diffusion/pipeline.hpp"
+#include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
@@ -137,7 +143,9 @@ struct FdCase {
 TEST_CASE("U-ViT backward matches central finite differences in double") {
   for (const FdCase& fc : {FdCase{"v0 (qkv bias, time MLPs)", v0_config(), 0},
                            FdCase{"v1", v1_config(), 0}, FdCase{"K = 3 layout", k3_config(), 0},
-                           FdCase{"v1 at 6x6 latent (interpolated positions)", v1_config(), 6}}) {
+                           FdCase{"v1 at 6x6 latent (interpolated positions)", v1_config(), 6},
+                           FdCase{"kinds defined outside the library (frames, gelu_frames)",
+                                  ud::testing::kinds_config(), 0}}) {
     CAPTURE(fc.name);
     nn::UViT<double> net(fc.cfg);
     net.init_random(11, 0.3);
@@ -409,4 +417,128 @@ TEST_CASE("backward: thread count, tape reuse, optional input gradients, stale t
   in = b3.inputs<ud::cpu>(cfg);
   in.x[2].ld = in.x[2].cols - 1;
   CHECK_THROWS_AS(net.forward(ctx, in, o.blocks), ud::error);
+}
+
+TEST_CASE("a kind defined outside the library: the same arithmetic as the built-in it mirrors") {
+  // "frames" over [4, 3] in frames of 2 is a token sequence of 2 tokens of 6, element for element
+  auto with_audio = [](nn::UViTComponent audio) {
+    auto c = k3_config();
+    c.components[2] = std::move(audio);
+    c.validate();
+    return c;
+  };
+  (void)ud::testing::kinds_config();  // registers the kinds
+  nn::UViTComponent tok{"audio",    nn::ComponentKind::tokens, 2, 0, 0, 0, 0, 2, 6, "audio_embed",
+                        "audio_out"};
+  const auto ca = with_audio(tok);
+  const auto cb = with_audio(ud::testing::frames_component("frames", "audio", 2, 0, 4, 3, 2));
+  nn::UViT<float> a(ca), b(cb);
+  a.init_random(6, 0.2);
+  REQUIRE(a.parameter_names().size() == b.parameter_names().size());
+  for (const auto& n : a.parameter_names()) {
+    const auto src = a.param(n);
+    auto dst = b.param(n);
+    REQUIRE(dst.shape() == src.shape());
+    std::copy(src.begin(), src.end(), dst.begin());
+  }
+  b.parameters_changed();
+  Batch<float> in(ca, 3, 0, 4);
+  Outputs<float, ud::cpu> oa(ca, in.B, 0), ob(cb, in.B, 0);
+  a.forward(ud::Context<ud::cpu>{}, in.inputs<ud::cpu>(ca), oa.blocks);
+  b.forward(ud::Context<ud::cpu>{}, in.inputs<ud::cpu>(cb), ob.blocks);
+  CHECK(oa.y == ob.y);
+  for (bool rc : {false, true}) {
+    std::vector<std::vector<float>> dxa(3), dxb(3);
+    gradients(a, in, &dxa, rc);
+    gradients(b, in, &dxb, rc);
+    CHECK(dxa == dxb);
+    for (const auto& n : a.parameter_names()) {
+      CAPTURE(n);
+      const auto ga = a.grad(n), gb = b.grad(n);
+      CHECK(std::vector<float>(ga.begin(), ga.end()) == std::vector<float>(gb.begin(), gb.end()));
+    }
+  }
+}
+
+namespace {
+struct Impostor : ud::testing::Frames {};
+struct Builtin : ud::testing::Frames {
+  static constexpr const char* name = "tokens";
+};
+struct CpuOnly : ud::testing::Frames {
+  static constexpr const char* name = "cpu_only_frames";
+};
+}  // namespace
+
+TEST_CASE("custom kinds: JSON and checkpoints round-trip; CPU and reference agree; errors") {
+  const auto cfg = ud::testing::kinds_config();
+  // the general JSON form names the kind and keeps its options
+  const auto j = cfg.to_json();
+  CHECK(j["components"][2]["kind"] == "frames");
+  CHECK(j["components"][3]["options"]["patch"] == 2);
+  const auto back = nn::UViTConfig::from_json(j);
+  CHECK(back.custom_json() == j);
+  CHECK(back.layout<3>().group(2).components[0].shape == ud::Shape{4, 3});
+  // a checkpoint saves and reloads by itself
+  nn::UViT<float> net(cfg);
+  net.init_random(9, 0.1);
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("ud_kinds_" + std::to_string(::getpid()) + ".safetensors");
+  ud::save_checkpoint(net, path.string());
+  const auto f = ud::safetensors::File::read(path.string());
+  const auto cfg2 = ud::checkpoint_config(f);
+  ud::check_config_bounds(cfg2);
+  nn::UViT<float> net2(cfg2);
+  ud::load_checkpoint(net2, f);
+  CHECK(std::equal(net.parameters().begin(), net.parameters().end(), net2.parameters().begin()));
+  std::filesystem::remove(path);
+  // the reference backend runs the same kind code: whole network forward and backward agree
+  nn::UViT<double, ud::cpu> cpu(cfg);
+  nn::UViT<double, ud::reference> ref(cfg);
+  cpu.init_random(2, 0.3);
+  std::copy(cpu.parameters().begin(), cpu.parameters().end(), ref.parameters().begin());
+  ref.parameters_changed();
+  Batch<double> b(cfg, 2, 0, 3);
+  gradients(cpu, b, nullptr);
+  gradients(ref, b, nullptr);
+  double md = 0, mx = 0;
+  for (const auto& n : cpu.parameter_names()) {
+    const auto gc = cpu.grad(n);
+    const auto gr = ref.grad(n);
+    for (std::int64_t i = 0; i < gc.size(); ++i) {
+      md = std::max(md, std::abs(gc[i] - gr[i]));
+      mx = std::max(mx, std::abs(gr[i]));
+    }
+  }
+  CHECK(md <= 1e-11 * mx);
+  // errors name the component, the kind, the option
+  auto msg = [](auto&& fn) { return ud::testing::message_of(fn); };
+  auto bad = cfg;
+  bad.components[2].custom_kind = "nonesuch";
+  auto m = msg([&] { bad.validate(); });
+  CHECK(m.find("\"nonesuch\" is not registered") != std::string::npos);
+  CHECK(m.find("\"frames\"") != std::string::npos);  // the registered ones are listed
+  CHECK(m.find("sig") != std::string::npos);
+  bad = cfg;
+  bad.components[3].options["length"] = 5;  // not a multiple of the patch
+  CHECK(msg([&] { bad.validate(); }).find("audio.options.length") != std::string::npos);
+  bad = cfg;
+  bad.components[3].options.erase("channels");
+  CHECK(msg([&] { bad.validate(); }).find("audio.options.channels") != std::string::npos);
+  bad = cfg;
+  bad.components[3].custom_kind.clear();
+  CHECK(msg([&] { bad.validate(); }).find("custom_kind") != std::string::npos);
+  auto jb = j;
+  jb["components"][3]["options"] = 3;
+  CHECK(msg([&] { nn::UViTConfig::from_json(jb); }).find("options") != std::string::npos);
+  CHECK(msg([] { nn::register_kind<Impostor>(); }).find("another type") != std::string::npos);
+  CHECK(msg([] { nn::register_kind<Builtin>(); }).find("built-in") != std::string::npos);
+  nn::register_kind<ud::testing::Frames>();  // the same type again: fine
+  // registered for the CPU only: a float network on the reference backend is refused by name
+  nn::register_kind<CpuOnly>();
+  auto c3 = cfg;
+  c3.components[2].custom_kind = "cpu_only_frames";
+  nn::UViT<float> fine(c3);
+  CHECK(msg([&] { nn::UViT<float, ud::reference> r(c3); }).find("cpu_only_frames") !=
+        std::string::npos);
 }

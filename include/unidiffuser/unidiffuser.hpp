@@ -24,6 +24,7 @@
 #include "unidiffuser/diffusion/task.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/io/safetensors.hpp"
+#include "unidiffuser/nn/component_kind.hpp"
 #include "unidiffuser/nn/time_embedding.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 #include "unidiffuser/nn/uvit_config.hpp"

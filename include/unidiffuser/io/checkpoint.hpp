@@ -174,6 +174,20 @@ inline void check_config_bounds(const nn::UViTConfig& cfg) {
     if (c.kind == nn::ComponentKind::tokens) {
       detail::check_range(op, c.name + ".length", c.length, lim::extent);
       detail::check_range(op, c.name + ".dim", c.dim, lim::extent);
+    } else if (c.kind == nn::ComponentKind::custom) {
+      // the kind's own checks first (its options), then the sizes it derives from them
+      if (c.custom_kind.empty())
+        throw error(op, c.name, "a custom component needs custom_kind (a registered kind)");
+      const auto& k = nn::kind_info(c.custom_kind, c.name);
+      k.validate(c);
+      const Shape s = k.shape(c);
+      detail::check_range(op, c.name + ".numel", s.numel(), lim::extent);
+      detail::check_range(op, c.name + ".tokens", k.tokens(c), lim::extent);
+      const auto sc = k.scratch(c, cfg.embed_dim);
+      detail::check_range(op, c.name + ".scratch (embedding)", std::max<std::int64_t>(1, sc[0]),
+                          lim::extent);
+      detail::check_range(op, c.name + ".scratch (head)", std::max<std::int64_t>(1, sc[1]),
+                          lim::extent);
     } else {
       detail::check_range(op, c.name + ".channels", c.channels, lim::image_side);
       detail::check_range(op, c.name + ".patch", c.patch, lim::patch);
@@ -369,14 +383,22 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   const auto pad = [](std::uint64_t n) { return sat_add(n, 15) / 16 * 16; };
   const std::uint64_t E = u(cfg.embed_dim), Hm = u(cfg.hidden()), LE = pad(u(L) * E);
   std::uint64_t colsz = 0;
-  for (const auto& c : cfg.components)
+  std::uint64_t kinds = 0;  // custom kinds' scratch
+  for (const auto& c : cfg.components) {
     if (c.kind == nn::ComponentKind::patched_image)
       colsz = std::max(colsz, u(c.tokens(latent_h, latent_w)) * u(c.in_features()));
+    if (c.kind == nn::ComponentKind::custom) {
+      const auto sc = nn::kind_info(c.custom_kind, c.name).scratch(c, cfg.embed_dim);
+      kinds = sat_add(kinds, sat_add(pad(u(std::max<std::int64_t>(1, sc[0]))),
+                                     pad(u(std::max<std::int64_t>(1, sc[1])))));
+    }
+  }
   std::uint64_t per_sample = 3 * LE;            // x, tmp, attn
   per_sample += pad(3 * u(L) * E);              // qkv
   per_sample += pad(u(L) * Hm);                 // MLP hidden
   per_sample += u(cfg.blocks_per_side()) * LE;  // skips
   per_sample += pad(colsz);                     // im2col
+  per_sample = sat_add(per_sample, kinds);      // custom kinds' scratch
   per_sample += u(static_cast<std::int64_t>(cfg.groups())) *
                 (pad(E) + pad(cfg.mlp_time_embed ? 4 * E : 1));  // time embeddings per group
   const std::int64_t block = L * L * static_cast<std::int64_t>(sizeof(T)) <= (1 << 20)

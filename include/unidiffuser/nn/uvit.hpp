@@ -26,6 +26,7 @@
 #include "unidiffuser/core/error.hpp"
 #include "unidiffuser/core/rng.hpp"
 #include "unidiffuser/core/tensor.hpp"
+#include "unidiffuser/nn/component_kind.hpp"
 #include "unidiffuser/nn/uvit_config.hpp"
 
 namespace unidiffuser::nn {
@@ -62,7 +63,10 @@ class UViT {
     cfg_.validate();
     std::int64_t off = 0;
     for (auto& [name, shape] : cfg_.parameters()) {
-      index_.emplace(name, entries_.size());
+      if (!index_.emplace(name, entries_.size()).second)
+        throw error("UViT", name,
+                    "parameter declared twice (a custom kind's parameters must have names of "
+                    "their own, e.g. under its in_name / out_name)");
       entries_.push_back({name, shape, off});
       off += detail::slot(shape.numel());
     }
@@ -164,8 +168,10 @@ class UViT {
     double f = nb * (2 * L * E * 3 * E + 2 * 2 * L * L * E + 2 * L * E * E + 2 * 2 * L * E * Hm);
     f += static_cast<double>(cfg_.blocks_per_side()) * 2 * L * 2 * E * E;
     for (const auto& c : cfg_.components) {
+      // a custom kind counts as a linear embedding and head over its whole input
       const double tk = static_cast<double>(c.tokens(h, w)),
-                   in = static_cast<double>(c.in_features());
+                   in = c.kind == ComponentKind::custom ? static_cast<double>(c.numel()) / tk
+                                                        : static_cast<double>(c.in_features());
       f += 2 * tk * in * E * 2;
     }
     return f;
@@ -246,7 +252,21 @@ class UViT {
   struct Component {
     Lin in, out;
     ops::ImageGeom geom;  // patched images (latent side per pass)
+    // custom kinds: the compute side and the offsets of the kind's parameters (its order)
+    const KindOps<T, Backend>* kind = nullptr;
+    std::vector<std::int64_t> koff{};
+    std::array<std::int64_t, 2> scratch{0, 0};
   };
+  KindCall<T, Backend> kind_call(std::size_t k, std::vector<const T*>& p, std::vector<T*>& g,
+                                 T* G) const {
+    p.clear();
+    g.clear();
+    for (auto o : comps_[k].koff) {
+      p.push_back(params_.data() + o);
+      if (G) g.push_back(G + o);
+    }
+    return KindCall<T, Backend>{cfg_.components[k], cfg_.embed_dim, p, g};
+  }
 
   const Entry& entry(const std::string& n) const {
     auto it = index_.find(n);
@@ -295,7 +315,20 @@ class UViT {
     for (std::int64_t i = 0; i < cfg_.blocks_per_side(); ++i)
       add_block("out_blocks." + std::to_string(i), true);
     final_norm_ = norm("norm");
-    for (const auto& c : cfg_.components) comps_.push_back({lin(c.in_name), lin(c.out_name), {}});
+    for (const auto& c : cfg_.components) {
+      if (c.kind != ComponentKind::custom) {
+        comps_.push_back({lin(c.in_name), lin(c.out_name), {}});
+        continue;
+      }
+      Component k;
+      k.kind = &kind_ops<T, Backend>(c.custom_kind, c.name);
+      for (const auto& [name, shape] : kind_info(c.custom_kind, c.name).parameters(c, E))
+        k.koff.push_back(off(name));
+      k.scratch = kind_info(c.custom_kind, c.name).scratch(c, E);
+      if (k.scratch[0] < 0 || k.scratch[1] < 0)
+        throw error("UViT", c.name, "kind \"" + c.custom_kind + "\": negative scratch size");
+      comps_.push_back(std::move(k));
+    }
     if (cfg_.mlp_time_embed)
       for (const auto& t : cfg_.time_names) time_.push_back({lin(t + ".0"), lin(t + ".2")});
   }
@@ -398,6 +431,8 @@ class UViT {
     std::int64_t h = -1, w = -1;
     std::uint64_t version = 0;
   };
+  //! Per component: a custom kind's scratch for its embedding and its head (whole batch).
+  using KindScratch = std::vector<std::array<BatchBlock<T, Backend>, 2>>;
   //! One block's activations; in inference several of them are the same buffer.
   struct BlockActs {
     BatchBlock<T, Backend> in, skip, t, x1, qkv, att, p, x2, u, h, m, y, st1, st2, st3;
@@ -414,6 +449,8 @@ class UViT {
       Buffer x, tmp, attn, qkv, hid, col, temb, temb_h;
       std::vector<Buffer> skips;
       std::vector<BatchBlock<T, Backend>> cols;  // per component: the im2col slots (patched)
+      std::vector<std::array<Buffer, 2>> kbuf;   // per component: custom kinds' scratch
+      KindScratch kscr;
       std::int64_t B = 0;
     };
     void reserve(const UViT& net, const Pass& ps) {
@@ -438,6 +475,14 @@ class UViT {
                                                        c.in_features(), c.in_features(),
                                                        a_.col.slot)
                               : BatchBlock<T, Backend>{});
+      a_.kbuf.resize(cfg.components.size());
+      a_.kscr.assign(cfg.components.size(), {});
+      for (std::size_t k = 0; k < cfg.components.size(); ++k)
+        if (cfg.components[k].kind == ComponentKind::custom)
+          for (std::size_t i = 0; i < 2; ++i) {
+            a_.kbuf[k][i].fit(B, 1, std::max<std::int64_t>(1, net.comps_[k].scratch[i]));
+            a_.kscr[k][i] = a_.kbuf[k][i].all(B);
+          }
       a_.temb.fit(G * B, 1, E);
       a_.temb_h.fit(G * B, 1, cfg.mlp_time_embed ? 4 * E : 1);
       a_.skips.resize(static_cast<std::size_t>(cfg.blocks_per_side()));
@@ -557,7 +602,7 @@ class UViT {
   void embed(const Context<Backend>& ctx, const Pass& ps, const Positional& pe,
              BatchBlock<T, Backend> x, BatchBlock<T, Backend> temb, BatchBlock<T, Backend> temb_u,
              BatchBlock<T, Backend> temb_h, const std::vector<BatchBlock<T, Backend>>& cols,
-             std::int64_t s0, std::int64_t s1) const {
+             const KindScratch& ks, std::int64_t s0, std::int64_t s1) const {
     const Inputs& in = *ps.in;
     const T* P = params_.data();
     const std::int64_t n = s1 - s0;
@@ -597,6 +642,11 @@ class UViT {
       const auto dst = comp_rows(x, k, ps);
       if (c.kind == ComponentKind::tokens) {
         ops::linear<T>(ctx, src, comps_[k].in.wv(P), comps_[k].in.bv(P), dst, ops::Epilogue::none);
+      } else if (c.kind == ComponentKind::custom) {
+        std::vector<const T*> pp;
+        std::vector<T*> gg;
+        comps_[k].kind->embed(ctx, kind_call(k, pp, gg, nullptr), src, ks[k][0].sample_range(s0, n),
+                              dst);
       } else {
         const auto col = cols[k].sample_range(s0, n);
         ops::patchify<T>(ctx, src, geom(c, ps.lh, ps.lw), col);
@@ -615,8 +665,8 @@ class UViT {
 
   // Outputs of samples [s0, s1) from the normed tokens xn (UVIT.md §4.7).
   void heads(const Context<Backend>& ctx, const Pass& ps, BatchBlock<T, Backend> xn,
-             const std::vector<BatchBlock<T, Backend>>& cols, std::int64_t s0,
-             std::int64_t s1) const {
+             const std::vector<BatchBlock<T, Backend>>& cols, const KindScratch& ks,
+             std::int64_t s0, std::int64_t s1) const {
     const T* P = params_.data();
     for (std::size_t k = 0; k < cfg_.components.size(); ++k) {
       const auto& c = cfg_.components[k];
@@ -625,6 +675,11 @@ class UViT {
       if (c.kind == ComponentKind::tokens) {
         ops::linear<T>(ctx, src, comps_[k].out.wv(P), comps_[k].out.bv(P), dst,
                        ops::Epilogue::none);
+      } else if (c.kind == ComponentKind::custom) {
+        std::vector<const T*> pp;
+        std::vector<T*> gg;
+        comps_[k].kind->head(ctx, kind_call(k, pp, gg, nullptr), src,
+                             ks[k][1].sample_range(s0, s1 - s0), dst);
       } else {
         const auto col = cols[k].sample_range(s0, s1 - s0);
         ops::linear<T>(ctx, src, comps_[k].out.wv(P), comps_[k].out.bv(P), col,
@@ -632,7 +687,7 @@ class UViT {
         if (trace_) emit(ctx, c.out_name, col);
         ops::unpatchify<T>(ctx, col, geom(c, ps.lh, ps.lw), dst);
       }
-      if (trace_ && c.kind == ComponentKind::tokens) emit(ctx, c.out_name, dst);
+      if (trace_ && c.kind != ComponentKind::patched_image) emit(ctx, c.out_name, dst);
     }
   }
 
@@ -682,7 +737,7 @@ class UViT {
     const auto th = BatchBlock<T, Backend>(w.temb_h.t.data() + s0 * cfg_.groups() * w.temb_h.slot,
                                            n * static_cast<std::int64_t>(cfg_.groups()), 1,
                                            w.temb_h.cols, w.temb_h.cols, w.temb_h.slot);
-    embed(ctx, ps, pe, x, te, th, th, cols, s0, s1);
+    embed(ctx, ps, pe, x, te, th, th, cols, w.kscr, s0, s1);
     emit(ctx, "x_embedded", x);
     const std::int64_t sides = cfg_.blocks_per_side();
     BatchBlock<T, Backend> cur = x;
@@ -711,7 +766,7 @@ class UViT {
     ops::layer_norm<T>(ctx, x, BatchBlock<const T, Backend>{}, P + final_norm_.g, P + final_norm_.b,
                        x, BatchBlock<T, Backend>{});
     emit(ctx, "norm", x);
-    heads(ctx, ps, x, cols, s0, s1);
+    heads(ctx, ps, x, cols, w.kscr, s0, s1);
   }
 
  public:
@@ -764,12 +819,19 @@ class UViT {
       dt_.assign(ps.in->data_type.begin(), ps.in->data_type.end());
       xin.clear();
       cols.clear();
+      kscr.assign(cfg.components.size(), {});
       for (std::size_t k = 0; k < cfg.components.size(); ++k) {
         const auto& c = cfg.components[k];
         if (c.kind == ComponentKind::tokens) {
           xin.push_back(make(B, c.length, c.dim));
           ops::copy<T>(ctx, net.io_view<const T>(ps.in->x[k], k, 0, B), xin.back());
           cols.push_back({});
+        } else if (c.kind == ComponentKind::custom) {
+          xin.push_back(make(B, 1, c.numel()));
+          ops::copy<T>(ctx, net.io_view<const T>(ps.in->x[k], k, 0, B), xin.back());
+          cols.push_back({});
+          for (std::size_t i = 0; i < 2; ++i)
+            kscr[k][i] = make(B, 1, std::max<std::int64_t>(1, net.comps_[k].scratch[i]));
         } else {
           xin.push_back({});
           cols.push_back(make(B, c.tokens(ps.lh, ps.lw), c.in_features()));
@@ -847,6 +909,7 @@ class UViT {
     Workspace ws;  // positional table
     BatchBlock<T, Backend> x0, temb, temb_u, temb_h, xn, stn, x1_internal;
     std::vector<BatchBlock<T, Backend>> xin, cols;
+    KindScratch kscr;
     std::vector<BlockActs> acts;
     BatchBlock<T, Backend> gx, gy, ga, gb, gq, gh, gte, gth, gpe;
     std::vector<BatchBlock<T, Backend>> gskip, gcol;
@@ -865,7 +928,7 @@ class UViT {
         in.x[k] = RowBlock<const T, Backend>(tp.xin[k].data, B, in.x[k].cols, tp.xin[k].stride);
     Pass p2 = ps;
     p2.in = &in;
-    embed(ctx, p2, pe, tp.x0, tp.temb, tp.temb_u, tp.temb_h, tp.cols, 0, B);
+    embed(ctx, p2, pe, tp.x0, tp.temb, tp.temb_u, tp.temb_h, tp.cols, tp.kscr, 0, B);
     emit(ctx, "x_embedded", tp.x0);
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       const Block& b = blocks_[i];
@@ -880,7 +943,7 @@ class UViT {
     emit(ctx, "norm", tp.xn);
     std::vector<BatchBlock<T, Backend>> scratch;
     for (std::size_t k = 0; k < cfg_.components.size(); ++k) scratch.push_back(tp.gcol[k]);
-    heads(ctx, p2, tp.xn, scratch, 0, B);
+    heads(ctx, p2, tp.xn, scratch, tp.kscr, 0, B);
   }
 
   // Backward of one block: dy (clobbered) -> din (written), dskip (+=), parameter gradients.
@@ -929,6 +992,7 @@ class UViT {
       throw_mismatch(op, "dout", "one per component", C.size(), dout.size());
     if (!dx.empty() && dx.size() != C.size())
       throw_mismatch(op, "dx", "one per component (or none)", C.size(), dx.size());
+
     Inputs in;
     Pass ps{&in, {}, B, cfg_.tokens(tp.lh, tp.lw), tp.lh, tp.lw};
     for (std::size_t k = 0; k < C.size(); ++k) {
@@ -957,6 +1021,10 @@ class UViT {
       if (c.kind == ComponentKind::tokens) {
         ops::linear_backward<T>(ctx, xr, comps_[k].out.wv(P), d, rows, false, comps_[k].out.wg(G),
                                 comps_[k].out.bg(G));
+      } else if (c.kind == ComponentKind::custom) {
+        std::vector<const T*> pp;
+        std::vector<T*> gg;
+        comps_[k].kind->head_backward(ctx, kind_call(k, pp, gg, G), xr, tp.kscr[k][1], d, rows);
       } else {
         ops::unpatchify_backward<T>(ctx, d, geom(c, tp.lh, tp.lw), tp.gcol[k]);
         ops::linear_backward<T>(ctx, xr, comps_[k].out.wv(P), tp.gcol[k], rows, false,
@@ -1020,6 +1088,12 @@ class UViT {
         ops::linear_backward<T>(ctx, tp.xin[k], comps_[k].in.wv(P), d,
                                 want ? io_view<T>(dx[k], k, 0, B) : BatchBlock<T, Backend>{}, false,
                                 comps_[k].in.wg(G), comps_[k].in.bg(G));
+      } else if (c.kind == ComponentKind::custom) {
+        std::vector<const T*> pp;
+        std::vector<T*> gg;
+        comps_[k].kind->embed_backward(
+            ctx, kind_call(k, pp, gg, G), tp.xin[k], tp.kscr[k][0], d,
+            want ? io_view<T>(dx[k], k, 0, B) : BatchBlock<T, Backend>{});
       } else {
         ops::linear_backward<T>(ctx, tp.cols[k], comps_[k].in.wv(P), d,
                                 want ? tp.gcol[k] : BatchBlock<T, Backend>{}, false,

@@ -16,6 +16,9 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -27,7 +30,57 @@
 
 namespace unidiffuser::nn {
 
-enum class ComponentKind { patched_image, tokens };
+//! The built-in kinds, and `custom`: a kind registered by name (register_kind, component_kind.hpp;
+//! UViTComponent::custom_kind names it, UViTComponent::options holds its settings).
+enum class ComponentKind { patched_image, tokens, custom };
+
+struct UViTComponent;
+
+//! The shape side of a registered component kind (no element type or backend): what the
+//! configuration, the checkpoint loader and the layout need. register_kind fills it from the
+//! kind type's static functions; the compute side is in component_kind.hpp.
+struct KindInfo {
+  std::string name;
+  //! Checks the component's options; throws unidiffuser::error naming the field.
+  std::function<void(const UViTComponent&)> validate;
+  //! The component's input shape (without the batch; its GroupLayout shape) and token count.
+  std::function<Shape(const UViTComponent&)> shape;
+  std::function<std::int64_t(const UViTComponent&)> tokens;
+  //! Its parameters (full names, shapes) for embedding width E, in the order the kind's compute
+  //! functions receive them.
+  std::function<std::vector<std::pair<std::string, Shape>>(const UViTComponent&, std::int64_t E)>
+      parameters;
+  //! Per-sample scratch elements its forward keeps for its backward (embedding, head).
+  std::function<std::array<std::int64_t, 2>(const UViTComponent&, std::int64_t E)> scratch;
+};
+
+namespace detail {
+struct KindTable {
+  std::mutex m;
+  std::map<std::string, KindInfo> kinds;
+};
+inline KindTable& kind_table() {
+  static KindTable t;
+  return t;
+}
+}  // namespace detail
+
+//! The registered kind `name`, or an error naming the component (`who`) and the known kinds.
+inline const KindInfo& kind_info(const std::string& name, const std::string& who = "component") {
+  auto& t = detail::kind_table();
+  std::lock_guard<std::mutex> lock(t.m);
+  const auto it = t.kinds.find(name);
+  if (it == t.kinds.end()) {
+    std::string known;
+    for (const auto& [n, k] : t.kinds) known += (known.empty() ? "" : ", ") + ("\"" + n + "\"");
+    throw error("UViTConfig", who,
+                "component kind \"" + name +
+                    "\" is not registered in this program (nn::register_kind<Kind>() before "
+                    "building or loading the network); registered: " +
+                    (known.empty() ? std::string("none") : known));
+  }
+  return it->second;  // entries are never removed: the reference stays valid
+}
 
 //! One input/output tensor of the network.
 struct UViTComponent {
@@ -38,18 +91,30 @@ struct UViTComponent {
   std::int64_t channels = 0, size = 0, patch = 0;  //!< patched image: C, default side S, p
   std::int64_t length = 0, dim = 0;                //!< tokens: L, D
   std::string in_name, out_name;  //!< parameter prefixes of the embedding and the head
+  std::string custom_kind{};      //!< kind == custom: the registered kind's name
+  nlohmann::json options = nlohmann::json::object();  //!< kind == custom: its settings
 
   std::int64_t tokens(std::int64_t h = 0, std::int64_t w = 0) const {
     if (kind == ComponentKind::tokens) return length;
+    if (kind == ComponentKind::custom) return kind_info(custom_kind, name).tokens(*this);
     if (h == 0) h = w = size;
     return (h / patch) * (w / patch);
   }
   std::int64_t numel(std::int64_t h = 0, std::int64_t w = 0) const {
     if (kind == ComponentKind::tokens) return length * dim;
+    if (kind == ComponentKind::custom) return shape().numel();
     if (h == 0) h = w = size;
     return channels * h * w;
   }
+  //! The input's shape without the batch (patched images at latent side h x w).
+  Shape shape(std::int64_t h = 0, std::int64_t w = 0) const {
+    if (kind == ComponentKind::tokens) return Shape{length, dim};
+    if (kind == ComponentKind::custom) return kind_info(custom_kind, name).shape(*this);
+    return Shape{channels, h ? h : size, w ? w : size};
+  }
+  //! Input width of the embedding (built-in kinds; a custom kind's own business: 0).
   std::int64_t in_features() const {
+    if (kind == ComponentKind::custom) return 0;
     return kind == ComponentKind::tokens ? dim : channels * patch * patch;
   }
 };
@@ -256,8 +321,10 @@ struct UViTConfig {
                           {"out_name", c.out_name}, {"kind", kind_name(c.kind)}};
       if (c.kind == ComponentKind::patched_image)
         o["channels"] = c.channels, o["size"] = c.size, o["patch"] = c.patch;
-      else
+      else if (c.kind == ComponentKind::tokens)
         o["length"] = c.length, o["dim"] = c.dim;
+      else
+        o["kind"] = c.custom_kind, o["options"] = c.options;
       comps.push_back(std::move(o));
     }
     return {{"version", "custom"},
@@ -273,7 +340,9 @@ struct UViTConfig {
             {"components", std::move(comps)}};
   }
   static const char* kind_name(ComponentKind k) {
-    return k == ComponentKind::patched_image ? "patched_image" : "tokens";
+    return k == ComponentKind::patched_image ? "patched_image"
+           : k == ComponentKind::tokens      ? "tokens"
+                                             : "custom";
   }
   const UViTComponent* find(const std::string& name) const {
     for (const auto& c : components)
@@ -351,8 +420,14 @@ struct UViTConfig {
         k.length = integer(o, w, "length");
         k.dim = integer(o, w, "dim");
       } else {
-        throw_mismatch(op, w + "kind", "component kind", "\"patched_image\" or \"tokens\"",
-                       "\"" + kind + "\"");
+        // a registered kind: its settings are the "options" object (checked by validate())
+        k.kind = ComponentKind::custom;
+        k.custom_kind = kind;
+        (void)kind_info(kind, w + "kind");  // not registered: say so before anything else
+        const auto& opt = field(o, w, "options");
+        if (!opt.is_object())
+          throw_mismatch(op, w + "options", "value", "an object {...}", opt.dump());
+        k.options = opt;
       }
       c.components.push_back(std::move(k));
     }
@@ -417,8 +492,21 @@ struct UViTConfig {
       if (c.kind == ComponentKind::patched_image) {
         if (c.channels < 1 || c.patch < 1 || c.size < c.patch || c.size % c.patch)
           throw error(op, c.name, "image side must be a positive multiple of the patch size");
-      } else if (c.length < 1 || c.dim < 1) {
-        throw error(op, c.name, "token length and dim must be positive");
+      } else if (c.kind == ComponentKind::tokens) {
+        if (c.length < 1 || c.dim < 1)
+          throw error(op, c.name, "token length and dim must be positive");
+      } else {
+        if (c.custom_kind.empty())
+          throw error(op, c.name, "a custom component needs custom_kind (a registered kind)");
+        const KindInfo& k = kind_info(c.custom_kind, c.name);
+        k.validate(c);
+        const Shape s = k.shape(c);
+        const std::int64_t t = k.tokens(c);
+        if (s.rank() < 1 || s.numel() < 1 || t < 1)
+          throw error(op, c.name,
+                      "kind \"" + c.custom_kind + "\" gives an empty input or no tokens (" +
+                          std::to_string(s.numel()) + " elements, " + std::to_string(t) +
+                          " tokens)");
       }
     }
   }
@@ -456,6 +544,9 @@ struct UViTConfig {
       p.push_back({c->out_name + ".weight", Shape{c->dim, E}});
       p.push_back({c->out_name + ".bias", Shape{c->dim}});
     }
+    for (const auto& c : components)
+      if (c.kind == ComponentKind::custom)
+        for (auto& q : kind_info(c.custom_kind, c.name).parameters(c, E)) p.push_back(std::move(q));
     auto block = [&](const std::string& pre, bool out) {
       if (out)
         p.push_back({pre + ".norm1.weight", Shape{E}}),
@@ -497,11 +588,8 @@ struct UViTConfig {
     if (groups() != K) throw_mismatch("UViTConfig::layout", "K", "number of groups", groups(), K);
     std::array<GroupSpec, K> g;
     std::array<std::vector<std::pair<std::size_t, ComponentSpec>>, K> slots;
-    for (const auto& c : components) {
-      Shape s = c.kind == ComponentKind::tokens ? Shape{c.length, c.dim}
-                                                : Shape{c.channels, h ? h : c.size, w ? w : c.size};
-      slots[c.group].push_back({c.slot, ComponentSpec{c.name, s}});
-    }
+    for (const auto& c : components)
+      slots[c.group].push_back({c.slot, ComponentSpec{c.name, c.shape(h, w)}});
     for (std::size_t k = 0; k < K; ++k) {
       std::sort(slots[k].begin(), slots[k].end(),
                 [](auto& a, auto& b) { return a.first < b.first; });
