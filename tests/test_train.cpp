@@ -4,6 +4,7 @@
 // bit, surviving a kill during a checkpoint, and two data-parallel workers matching one process.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <barrier>
@@ -13,10 +14,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <sys/types.h>
@@ -33,6 +36,7 @@
 #include "unidiffuser/nn/uvit.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/oracle/gaussian_oracle.hpp"
+#include "unidiffuser/schedule/discrete.hpp"
 #include "unidiffuser/train/optim.hpp"
 #include "unidiffuser/train/trainer.hpp"
 
@@ -538,5 +542,57 @@ TEST_CASE(
     const std::string mb = ud::testing::message_of([&] { Tr(net, ob, pattern_data); });
     CAPTURE(mb);
     CHECK(mb.find("marginal_probability") != std::string::npos);
+  }
+}
+
+TEST_CASE("min-SNR level weighting: the weight, the objective it changes, a resume under another") {
+  const auto sched = ud::DiscreteSchedule::stable_diffusion();
+  for (std::int64_t n : {1, 50, 150, 200, 500, 1000}) {
+    const double a = sched.abar(static_cast<int>(n)), snr = a / (1 - a);
+    CAPTURE(n);
+    CHECK(tr::min_snr_weight(sched, n, 5.0) == doctest::Approx(std::min(snr, 5.0) / snr));
+  }
+  CHECK(tr::min_snr_weight(sched, 1000, 5.0) == 1.0);  // noisy levels keep weight 1
+  CHECK(tr::min_snr_weight(sched, 1, 5.0) < 0.01);     // the clean end is down-weighted
+  const auto cfg = tiny();
+  auto step = [&](double gamma) {
+    auto net = std::make_unique<nn::UViT<float>>(cfg);
+    net->init_random(4, 0.02);
+    auto o = options(16);
+    o.clip_norm = 0;  // the raw gradient stays in net.gradients() after the step
+    o.min_snr_gamma = gamma;
+    tr::Trainer<float, 2> t(*net, o, pattern_data);
+    const auto log = t.step(ud::Context<ud::cpu>{});
+    return std::pair{log, values(net->gradients())};
+  };
+  const auto [l0, g0] = step(0.0);
+  const auto [lbig, gbig] = step(1e30);  // min(SNR, gamma) / SNR = 1 exactly at every level
+  const auto [l5, g5] = step(5.0);
+  CHECK(lbig.loss == l0.loss);
+  CHECK(gbig == g0);
+  // the same forward: the plain group MSEs agree, the weighted objective and gradient do not
+  CHECK(l5.group_mse == l0.group_mse);
+  CHECK(l5.loss < l0.loss);  // weights <= 1, some < 1 among 16 x 2 uniform levels
+  CHECK(g5 != g0);
+  // part of the run's identity, and bad values are named
+  nn::UViT<float> net(cfg);
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("ud_minsnr_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string ck = (dir / "t.safetensors").string();
+  auto o = options(4);
+  o.min_snr_gamma = 5;
+  tr::Trainer<float, 2>(net, o, pattern_data).save(ck);
+  tr::Trainer<float, 2>(net, o, pattern_data).load(ck);
+  o.min_snr_gamma = 0;
+  CHECK(ud::testing::message_of([&] {
+          tr::Trainer<float, 2>(net, o, pattern_data).load(ck);
+        }).find("min_snr_gamma of the checkpoint") != std::string::npos);
+  std::filesystem::remove_all(dir);
+  for (double bad : {-1.0, std::nan(""), static_cast<double>(INFINITY)}) {
+    o.min_snr_gamma = bad;
+    CHECK(ud::testing::message_of([&] {
+            tr::Trainer<float, 2>(net, o, pattern_data);
+          }).find("min_snr_gamma") != std::string::npos);
   }
 }

@@ -62,6 +62,7 @@ training (with --retrain):
                       (default elements)
   --marginal-p P      per group, the probability that a training sample sees that group as
                       sampling marginalises it: N(0, I) noise at level N (default 0)
+  --min-snr G         min-SNR-gamma weighting of the loss over levels (0: off; default 0)
   --resume            continue OUT/train_state.safetensors
 
 Prints the quality table. Exit codes: 0 done; 1 error (one line on stderr); 3 (with --check) a
@@ -75,7 +76,8 @@ int main_impl(int argc, char** argv) {
        {"steps"},        {"seed"},          {"threads"},        {"quiet", false},
        {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
        {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
-       {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"}},
+       {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"},
+       {"min-snr"}},
       argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
@@ -83,7 +85,7 @@ int main_impl(int argc, char** argv) {
   }
   const bool retrain = a.has("retrain"), quiet = a.has("quiet");
   for (const char* k : {"train-steps", "batch", "lr", "pos-std", "train-seed", "embed", "depth",
-                        "heads", "resume", "loss", "marginal-p"})
+                        "heads", "resume", "loss", "marginal-p", "min-snr"})
     if (a.has(k) && !retrain)
       throw ud::error(ud::cli::op, std::string("--") + k, "applies with --retrain only");
   if (retrain && a.has("checkpoint"))
@@ -117,6 +119,7 @@ int main_impl(int argc, char** argv) {
     ts.pos_std = a.real("pos-std", ts.pos_std, 0.0, 10.0);
     ts.loss = a.choice("loss", ts.loss, {"elements", "group-mean"});
     ts.marginal_p = a.real("marginal-p", ts.marginal_p, 0.0, 1.0);
+    ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);

@@ -117,12 +117,15 @@ struct TrainSettings {
   //! Per group, the probability that a sample trains the group's marginalised input (fresh noise
   //! at level N; TrainerOptions::marginal_probability).
   double marginal_p = 0.0;
+  //! Min-SNR-gamma level weighting of the loss (TrainerOptions::min_snr_gamma; 0: off).
+  double min_snr = 0.0;
 };
 
 inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UViTConfig& cfg) {
   Trainer::Options o;
   if (s.loss == "group-mean") o.group_weights = ud::train::group_mean_weights(cfg.layout<2>());
   o.marginal_probability.assign(2, s.marginal_p);
+  o.min_snr_gamma = s.min_snr;
   o.seed = s.seed;
   o.batch = s.batch;
   o.lr.lr = s.lr;
@@ -158,14 +161,14 @@ inline void train(const ModelSize& ms, const TrainSettings& ts, const std::strin
   const auto ema = tr.ema().weights();
   std::copy_n(ema.data(), ema.size(), net.parameters().data());
   net.parameters_changed();
-  nlohmann::json info = {{"seed", ts.seed},         {"steps", ts.steps},
-                         {"batch", ts.batch},       {"lr", ts.lr},
-                         {"min_lr", ts.min_lr},     {"warmup", ts.warmup},
-                         {"ema", ts.ema},           {"weight_decay", ts.weight_decay},
-                         {"clip", ts.clip},         {"pos_std", ts.pos_std},
-                         {"loss", ts.loss},         {"marginal_p", ts.marginal_p},
-                         {"final_loss", last.loss}, {"seconds", secs},
-                         {"resumed_at", first}};
+  nlohmann::json info = {{"seed", ts.seed},       {"steps", ts.steps},
+                         {"batch", ts.batch},     {"lr", ts.lr},
+                         {"min_lr", ts.min_lr},   {"warmup", ts.warmup},
+                         {"ema", ts.ema},         {"weight_decay", ts.weight_decay},
+                         {"clip", ts.clip},       {"pos_std", ts.pos_std},
+                         {"loss", ts.loss},       {"marginal_p", ts.marginal_p},
+                         {"min_snr", ts.min_snr}, {"final_loss", last.loss},
+                         {"seconds", secs},       {"resumed_at", first}};
   ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", "shapes-16x16-v1"}});
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,

@@ -76,7 +76,19 @@ struct TrainerOptions {
   //! training distribution wherever the data's mean is far from 0. Off by default: on the shapes
   //! demo it made the marginals worse (docs/CUSTOM_LAYOUTS.md §2).
   std::vector<double> marginal_probability{};
+  //! Min-SNR-gamma loss weighting over levels (Hang et al., ICCV 2023; a library extension, 0 =
+  //! off, the exact objective): each sample's squared error of a group at level n is weighted by
+  //! min_snr_weight(n, gamma) = min(SNR_n, gamma) / SNR_n, SNR_n = abar_n / (1 - abar_n) — 1 at
+  //! the noisy levels (SNR <= gamma), less at the clean end, where the epsilon loss is easy and
+  //! its gradients crowd out the levels that decide a sample's content.
+  double min_snr_gamma = 0;
 };
+
+//! The min-SNR-gamma weight of level n (TrainerOptions::min_snr_gamma).
+inline double min_snr_weight(const DiscreteSchedule& s, std::int64_t n, double gamma) {
+  const double a = s.abar(static_cast<int>(n)), snr = a / (1.0 - a);
+  return std::min(snr, gamma) / snr;
+}
 
 //! Loss weights that make the loss the mean of the K groups' MSEs (each group counts the same,
 //! whatever its number of elements): w_g = D / (K D_g), D = the sum of the D_g.
@@ -91,8 +103,8 @@ std::vector<double> group_mean_weights(const GroupLayout<K>& layout) {
   return w;
 }
 
-//! One step's log: the loss (weighted by group_weights, mean over the global batch) and each
-//! group's MSE.
+//! One step's log: the loss (the objective: weighted by group_weights and any level weighting,
+//! mean over the global batch) and each group's plain MSE.
 struct StepLog {
   std::int64_t step = 0;
   double loss = 0, grad_norm = 0, lr = 0;
@@ -146,6 +158,10 @@ class Trainer {
     if (opt_.marginal_probability.size() != K)
       throw_mismatch(op, "marginal_probability", "one probability per group", K,
                      opt_.marginal_probability.size());
+    if (!(opt_.min_snr_gamma >= 0) || !std::isfinite(opt_.min_snr_gamma))
+      throw error(
+          op, "min_snr_gamma",
+          "expected a finite value >= 0 (0: off); got " + std::to_string(opt_.min_snr_gamma));
     for (double p : opt_.marginal_probability)
       if (!(p >= 0.0 && p <= 1.0))
         throw error(op, "marginal_probability",
@@ -267,7 +283,8 @@ class Trainer {
                          {"batch", opt_.batch},
                          {"levels", opt_.levels},
                          {"group_weights", opt_.group_weights},
-                         {"marginal_probability", opt_.marginal_probability}};
+                         {"marginal_probability", opt_.marginal_probability},
+                         {"min_snr_gamma", opt_.min_snr_gamma}};
     w.metadata("train_state", st.dump());
     try {
       w.metadata("config", net_.config().to_json().dump());
@@ -311,6 +328,11 @@ class Trainer {
                         " differ from this run's " +
                         nlohmann::json(opt_.marginal_probability).dump());
     }
+    if (st.value("min_snr_gamma", 0.0) != opt_.min_snr_gamma)
+      throw error(op, path,
+                  "min_snr_gamma of the checkpoint (" +
+                      std::to_string(st.value("min_snr_gamma", 0.0)) +
+                      ") differs from this run's (" + std::to_string(opt_.min_snr_gamma) + ")");
     const auto P = net_.parameters();
     const auto E = ema_.weights();
     const auto M = adam_.first_moment();
@@ -403,18 +425,23 @@ class Trainer {
     for (std::size_t g = 0; g < K; ++g) in.t.push_back(times_[g]);
     in.data_type = dt_;
     net_.forward(ctx, in, out, tape_, opt_.recompute);
-    // squared errors and d loss / d pred = 2 w_g (pred - eps) / (global batch x elements)
+    // squared errors and d loss / d pred = 2 w_g w_n (pred - eps) / (global batch x elements),
+    // w_n the level weight (1 unless min-SNR weighting is on); the logged group MSEs are plain
     std::vector<double> rows(static_cast<std::size_t>(per));
+    const auto n_rows = static_cast<std::size_t>(per);
+    std::vector<double> a(n_rows), b(n_rows);
     for (std::size_t g = 0; g < K; ++g) {
       const double w = opt_.group_weights[g];
-      const std::vector<double> a(static_cast<std::size_t>(per), 2.0 * w / denom),
-          b(static_cast<std::size_t>(per), -2.0 * w / denom);
       const auto P = as_rows(TensorView<const T, Backend>(pred_[g].view()));
       const auto Ev = as_rows(TensorView<const T, Backend>(eps_[g].view()));
       ops::squared_error_rows<T>(ctx, P, Ev, rows.data());
-      for (double r : rows) {
-        sums[g] += r;
-        sums[K] += w * r;
+      for (std::size_t r = 0; r < n_rows; ++r) {
+        const double wn =
+            opt_.min_snr_gamma > 0 ? min_snr_weight(sched_, levels[g][r], opt_.min_snr_gamma) : 1.0;
+        a[r] = 2.0 * w * wn / denom;
+        b[r] = -a[r];
+        sums[g] += rows[r];
+        sums[K] += w * wn * rows[r];
       }
       ops::axpby_rows(ctx, as_rows(dpred_[g].view()), a.data(), P, b.data(), Ev);
     }
