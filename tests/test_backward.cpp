@@ -37,15 +37,16 @@ using unidiffuser::testing::v1_config;
 
 namespace {
 
-// Random inputs of one batch for a config, latent side lh (0 = default).
+// Random inputs of one batch for a config, latent size lh x lw (0: the default; lw < 0: lh).
 template <class T>
 struct Batch {
-  std::int64_t B = 2, lh = 0;
+  std::int64_t B = 2, lh = 0, lw = 0;
   std::vector<std::vector<T>> x, w;  // inputs and the weights of the scalar objective
   std::vector<std::vector<double>> t;
   std::vector<std::int64_t> dt;
-  Batch(const nn::UViTConfig& cfg, std::int64_t batch, std::int64_t latent, std::uint64_t seed)
-      : B(batch), lh(latent) {
+  Batch(const nn::UViTConfig& cfg, std::int64_t batch, std::int64_t latent, std::uint64_t seed,
+        std::int64_t latent_w = -1)
+      : B(batch), lh(latent), lw(latent_w < 0 ? latent : latent_w) {
     std::uint64_t s = seed;
     auto fill = [&](std::vector<T>& v, std::int64_t n) {
       v.resize(static_cast<std::size_t>(n));
@@ -55,8 +56,8 @@ struct Batch {
     for (const auto& c : cfg.components) {
       x.emplace_back();
       w.emplace_back();
-      fill(x.back(), B * c.numel(lh, lh));
-      fill(w.back(), B * c.numel(lh, lh));
+      fill(x.back(), B * c.numel(lh, lw));
+      fill(w.back(), B * c.numel(lh, lw));
     }
     for (std::size_t g = 0; g < cfg.groups(); ++g) {
       t.emplace_back();
@@ -69,12 +70,13 @@ struct Batch {
   nn::UViTInputs<T, Backend> inputs(const nn::UViTConfig& cfg) const {
     nn::UViTInputs<T, Backend> in;
     for (std::size_t k = 0; k < cfg.components.size(); ++k) {
-      const std::int64_t n = cfg.components[k].numel(lh, lh);
+      const std::int64_t n = cfg.components[k].numel(lh, lw);
       in.x.push_back(ud::RowBlock<const T, Backend>(x[k].data(), B, n, n));
     }
     for (const auto& v : t) in.t.push_back(v);
     in.data_type = dt;
-    in.latent_h = in.latent_w = lh;
+    in.latent_h = lh;
+    in.latent_w = lw;
     return in;
   }
 };
@@ -84,9 +86,9 @@ template <class T, class Backend>
 struct Outputs {
   std::vector<std::vector<T>> y;
   std::vector<ud::RowBlock<T, Backend>> blocks;
-  Outputs(const nn::UViTConfig& cfg, std::int64_t B, std::int64_t lh) {
+  Outputs(const nn::UViTConfig& cfg, std::int64_t B, std::int64_t lh, std::int64_t lw = -1) {
     for (const auto& c : cfg.components) {
-      const std::int64_t n = c.numel(lh, lh);
+      const std::int64_t n = c.numel(lh, lw < 0 ? lh : lw);
       y.emplace_back(static_cast<std::size_t>(B * n));
       blocks.emplace_back(y.back().data(), B, n, n);
     }
@@ -97,7 +99,7 @@ struct Outputs {
 template <class Backend>
 double objective(nn::UViT<double, Backend>& net, const Batch<double>& b) {
   const auto& cfg = net.config();
-  Outputs<double, Backend> o(cfg, b.B, b.lh);
+  Outputs<double, Backend> o(cfg, b.B, b.lh, b.lw);
   net.forward(ud::Context<Backend>{}, b.template inputs<Backend>(cfg), o.blocks);
   double s = 0;
   for (std::size_t k = 0; k < o.y.size(); ++k)
@@ -114,14 +116,14 @@ void gradients(nn::UViT<T, Backend>& net, Batch<T>& b,
   const auto& cfg = net.config();
   ud::Context<Backend> ctx{};
   if constexpr (std::is_same_v<Backend, ud::cpu>) ctx.threads = threads;
-  Outputs<T, Backend> o(cfg, b.B, b.lh);
+  Outputs<T, Backend> o(cfg, b.B, b.lh, b.lw);
   typename nn::UViT<T, Backend>::Tape own;
   auto& tape = tp ? *tp : own;
   net.forward(ctx, b.template inputs<Backend>(cfg), o.blocks, tape, recompute);
   std::vector<ud::RowBlock<const T, Backend>> dout;
   std::vector<ud::RowBlock<T, Backend>> dxb;
   for (std::size_t k = 0; k < cfg.components.size(); ++k) {
-    const std::int64_t n = cfg.components[k].numel(b.lh, b.lh);
+    const std::int64_t n = cfg.components[k].numel(b.lh, b.lw);
     dout.emplace_back(b.w[k].data(), b.B, n, n);
     if (dx) {
       (*dx)[k].assign(static_cast<std::size_t>(b.B * n), T(0));
@@ -136,20 +138,49 @@ struct FdCase {
   const char* name;
   nn::UViTConfig cfg;
   std::int64_t latent;
+  std::int64_t latent_w = -1;  // < 0: latent
 };
+
+// K = 3 with patched images of different sizes, one of them non-square: img 2 x 4 x 8 in patches
+// of 2 (a 2 x 4 grid), text, and a 1 x 6 x 6 "depth" image in patches of 3.
+nn::UViTConfig patched_sizes_config() {
+  auto c = k3_config();
+  c.components[0].width = 8;
+  c.components[2] = nn::UViTComponent{.name = "depth",
+                                      .kind = nn::ComponentKind::patched_image,
+                                      .group = 2,
+                                      .channels = 1,
+                                      .size = 6,
+                                      .patch = 3,
+                                      .in_name = "depth_embed",
+                                      .out_name = "depth_out"};
+  c.validate();
+  return c;
+}
+// k3_config with a non-square default image (4 x 8), for run-time sizes.
+nn::UViTConfig wide_config() {
+  auto c = k3_config();
+  c.components[0].width = 8;
+  c.validate();
+  return c;
+}
 
 }  // namespace
 
 TEST_CASE("U-ViT backward matches central finite differences in double") {
-  for (const FdCase& fc : {FdCase{"v0 (qkv bias, time MLPs)", v0_config(), 0},
-                           FdCase{"v1", v1_config(), 0}, FdCase{"K = 3 layout", k3_config(), 0},
-                           FdCase{"v1 at 6x6 latent (interpolated positions)", v1_config(), 6},
-                           FdCase{"kinds defined outside the library (frames, gelu_frames)",
-                                  ud::testing::kinds_config(), 0}}) {
+  for (const FdCase& fc :
+       {FdCase{"v0 (qkv bias, time MLPs)", v0_config(), 0}, FdCase{"v1", v1_config(), 0},
+        FdCase{"K = 3 layout", k3_config(), 0},
+        FdCase{"v1 at 6x6 latent (interpolated positions)", v1_config(), 6},
+        FdCase{"patched images of different sizes, one non-square", patched_sizes_config(), 0},
+        FdCase{"a 4x8 image at a 6x4 run-time latent (interpolated positions)", wide_config(), 6,
+               4},
+        FdCase{"kinds defined outside the library (frames, gelu_frames)",
+               ud::testing::kinds_config(), 0}}) {
     CAPTURE(fc.name);
     nn::UViT<double> net(fc.cfg);
     net.init_random(11, 0.3);
-    Batch<double> b(fc.cfg, 2, fc.latent, 5);
+    Batch<double> b(fc.cfg, 2, fc.latent, 5, fc.latent_w);
     std::vector<std::vector<double>> dx(fc.cfg.components.size());
     gradients(net, b, &dx);
     const std::vector<double> g(net.gradients().begin(), net.gradients().end());
@@ -458,6 +489,236 @@ TEST_CASE("a kind defined outside the library: the same arithmetic as the built-
       CHECK(std::vector<float>(ga.begin(), ga.end()) == std::vector<float>(gb.begin(), gb.end()));
     }
   }
+}
+
+namespace {
+// A patched image [C, H, W] in patches of p as its token sequence of (H/p)(W/p) patches of C p^2
+// values: input order (c, i, k) (the conv weight's), output order (i, k, c) (UVIT.md §4.2-4.3).
+std::vector<float> image_to_tokens(const std::vector<float>& img, std::int64_t B, std::int64_t C,
+                                   std::int64_t H, std::int64_t W, std::int64_t p) {
+  std::vector<float> tok(img.size());
+  const std::int64_t gw = W / p, D = C * p * p, n = C * H * W;
+  for (std::int64_t s = 0; s < B; ++s)
+    for (std::int64_t c = 0; c < C; ++c)
+      for (std::int64_t y = 0; y < H; ++y)
+        for (std::int64_t x = 0; x < W; ++x)
+          tok[static_cast<std::size_t>(s * n + ((y / p) * gw + x / p) * D + (c * p + y % p) * p +
+                                       x % p)] =
+              img[static_cast<std::size_t>(s * n + (c * H + y) * W + x)];
+  return tok;
+}
+std::vector<float> tokens_to_image(const std::vector<float>& tok, std::int64_t B, std::int64_t C,
+                                   std::int64_t H, std::int64_t W, std::int64_t p) {
+  std::vector<float> img(tok.size());
+  const std::int64_t gw = W / p, D = C * p * p, n = C * H * W;
+  for (std::int64_t s = 0; s < B; ++s)
+    for (std::int64_t c = 0; c < C; ++c)
+      for (std::int64_t y = 0; y < H; ++y)
+        for (std::int64_t x = 0; x < W; ++x)
+          img[static_cast<std::size_t>(s * n + (c * H + y) * W + x)] = tok[static_cast<std::size_t>(
+              s * n + ((y / p) * gw + x / p) * D + ((y % p) * p + x % p) * C + c)];
+  return img;
+}
+// The config with every patched component replaced by its token sequence at latent h x w
+// (0: the default), the same parameter names and sizes apart from pos_embed's rows.
+nn::UViTConfig as_tokens(nn::UViTConfig cfg, std::int64_t h = 0, std::int64_t w = 0) {
+  for (auto& c : cfg.components)
+    if (c.kind == nn::ComponentKind::patched_image)
+      c = nn::UViTComponent{.name = c.name,
+                            .kind = nn::ComponentKind::tokens,
+                            .group = c.group,
+                            .slot = c.slot,
+                            .length = c.tokens(h, w),
+                            .dim = c.in_features(),
+                            .in_name = c.in_name,
+                            .out_name = c.out_name};
+  cfg.validate();
+  return cfg;
+}
+}  // namespace
+
+TEST_CASE("patched images of any size and shape are the token sequences of their patches") {
+  const auto cp = patched_sizes_config();
+  const auto ct = as_tokens(cp);
+  CHECK(cp.layout<3>().group(0).components[0].shape == ud::Shape{2, 4, 8});
+  CHECK(cp.components[0].tokens() == 8);
+  CHECK(cp.components[2].tokens() == 4);
+  nn::UViT<float> a(cp), b(ct);
+  a.init_random(6, 0.2);
+  for (const auto& n : a.parameter_names()) {
+    const auto src = a.param(n);
+    auto dst = b.param(n);
+    REQUIRE(dst.size() == src.size());
+    std::copy(src.begin(), src.end(), dst.begin());
+  }
+  b.parameters_changed();
+  Batch<float> in(cp, 3, 0, 4), tin = in;
+  std::vector<std::size_t> patched;
+  for (std::size_t k = 0; k < cp.components.size(); ++k) {
+    const auto& c = cp.components[k];
+    if (c.kind != nn::ComponentKind::patched_image) continue;
+    patched.push_back(k);
+    const auto [h, w] = c.latent();
+    tin.x[k] = image_to_tokens(in.x[k], in.B, c.channels, h, w, c.patch);
+  }
+  REQUIRE(patched.size() == 2);
+  Outputs<float, ud::cpu> oa(cp, in.B, 0), ob(ct, in.B, 0);
+  a.forward(ud::Context<ud::cpu>{}, in.inputs<ud::cpu>(cp), oa.blocks);
+  b.forward(ud::Context<ud::cpu>{}, tin.inputs<ud::cpu>(ct), ob.blocks);
+  for (std::size_t k = 0; k < cp.components.size(); ++k) {
+    CAPTURE(cp.components[k].name);
+    const auto& c = cp.components[k];
+    if (c.kind != nn::ComponentKind::patched_image) {
+      CHECK(oa.y[k] == ob.y[k]);
+      continue;
+    }
+    const auto [h, w] = c.latent();
+    const auto img = tokens_to_image(ob.y[k], in.B, c.channels, h, w, c.patch);
+    double md = 0, mx = 0;
+    for (std::size_t i = 0; i < img.size(); ++i) {
+      md = std::max(md, static_cast<double>(std::abs(img[i] - oa.y[k][i])));
+      mx = std::max(mx, static_cast<double>(std::abs(img[i])));
+    }
+    CHECK(mx > 0);
+    CHECK(md <= 1e-6 * mx);
+  }
+  // backward: the same parameter gradients (by name), input gradients in the patch order
+  // (the weights of the scalar objective are permuted to the head's output order (i, k, c))
+  for (std::size_t k : patched) {
+    const auto& c = cp.components[k];
+    const auto [h, w] = c.latent();
+    // tokens_to_image reads token element perm[i] into image element i: the token network's
+    // objective weight there is the image's weight w[i]
+    std::vector<float> back(in.w[k].size());
+    const std::int64_t n = c.channels * h * w;
+    std::vector<float> idx(static_cast<std::size_t>(in.B * n));
+    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<float>(i);
+    const auto perm = tokens_to_image(idx, in.B, c.channels, h, w, c.patch);
+    for (std::size_t i = 0; i < perm.size(); ++i)
+      back[static_cast<std::size_t>(perm[i])] = in.w[k][i];
+    tin.w[k] = back;
+  }
+  std::vector<std::vector<float>> dxa(3), dxb(3);
+  gradients(a, in, &dxa);
+  gradients(b, tin, &dxb);
+  double md = 0, mx = 0;
+  auto compare = [&](std::span<const float> x, std::span<const float> y) {
+    REQUIRE(x.size() == y.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      md = std::max(md, static_cast<double>(std::abs(x[i] - y[i])));
+      mx = std::max(mx, static_cast<double>(std::abs(x[i])));
+    }
+  };
+  for (const auto& n : a.parameter_names()) {
+    const auto ga = a.grad(n), gb = b.grad(n);
+    compare({ga.data(), static_cast<std::size_t>(ga.size())},
+            {gb.data(), static_cast<std::size_t>(gb.size())});
+  }
+  for (std::size_t k = 0; k < cp.components.size(); ++k) {
+    const auto& c = cp.components[k];
+    if (c.kind != nn::ComponentKind::patched_image) {
+      compare(dxa[k], dxb[k]);
+      continue;
+    }
+    const auto [h, w] = c.latent();
+    compare(image_to_tokens(dxa[k], in.B, c.channels, h, w, c.patch), dxb[k]);
+  }
+  CHECK(mx > 0);
+  CHECK(md <= 1e-5 * mx);
+}
+
+TEST_CASE("a non-square image at another run-time size: positions resized on its own grid") {
+  // the 4 x 8 image (a 2 x 4 grid) at 6 x 4 (3 x 2) is the token network whose positional rows
+  // are the 2 x 4 rows resized bilinearly to 3 x 2 (UVIT.md §4.5)
+  const auto cp = wide_config();
+  const auto ct = as_tokens(cp, 6, 4);
+  nn::UViT<float> a(cp), b(ct);
+  a.init_random(3, 0.3);
+  for (const auto& n : a.parameter_names()) {
+    if (n == "pos_embed") continue;
+    const auto src = a.param(n);
+    auto dst = b.param(n);
+    REQUIRE(dst.size() == src.size());
+    std::copy(src.begin(), src.end(), dst.begin());
+  }
+  const std::int64_t E = cp.embed_dim, lead = 3, t0 = 8, t1 = 6;
+  const auto pa = a.param("pos_embed");
+  auto pb = b.param("pos_embed");
+  REQUIRE(pb.size() == pa.size() - (t0 - t1) * E);
+  std::copy_n(pa.data(), lead * E, pb.data());
+  ud::ops::bilinear_resize<float>(ud::Context<ud::cpu>{},
+                                  ud::RowBlock<const float>(pa.data() + lead * E, t0, E, E), 2, 4,
+                                  3, 2, ud::RowBlock<float>(pb.data() + lead * E, t1, E, E));
+  std::copy(pa.data() + (lead + t0) * E, pa.data() + pa.size(), pb.data() + (lead + t1) * E);
+  b.parameters_changed();
+  Batch<float> in(cp, 2, 6, 7, 4), tin = in;
+  tin.lh = tin.lw = 0;
+  const auto& c = cp.components[0];
+  tin.x[0] = image_to_tokens(in.x[0], in.B, c.channels, 6, 4, c.patch);
+  Outputs<float, ud::cpu> oa(cp, in.B, 6, 4), ob(ct, in.B, 0);
+  a.forward(ud::Context<ud::cpu>{}, in.inputs<ud::cpu>(cp), oa.blocks);
+  b.forward(ud::Context<ud::cpu>{}, tin.inputs<ud::cpu>(ct), ob.blocks);
+  const auto img = tokens_to_image(ob.y[0], in.B, c.channels, 6, 4, c.patch);
+  double md = 0, mx = 0;
+  for (std::size_t i = 0; i < img.size(); ++i) {
+    md = std::max(md, static_cast<double>(std::abs(img[i] - oa.y[0][i])));
+    mx = std::max(mx, static_cast<double>(std::abs(img[i])));
+  }
+  CHECK(mx > 0);
+  CHECK(md <= 1e-6 * mx);
+  for (std::size_t k = 1; k < 3; ++k) {
+    const std::vector<float> ya(oa.y[k]), yb(ob.y[k]);
+    double d = 0;
+    for (std::size_t i = 0; i < ya.size(); ++i)
+      d = std::max(d, static_cast<double>(std::abs(ya[i] - yb[i])));
+    CHECK(d <= 1e-6);
+  }
+}
+
+TEST_CASE("patched image sizes: JSON, checkpoint bounds and errors") {
+  auto msg = [](auto&& fn) { return ud::testing::message_of(fn); };
+  const auto cp = patched_sizes_config();
+  const auto j = cp.to_json();
+  CHECK(j["components"][0]["width"] == 8);
+  CHECK_FALSE(j["components"][2].contains("width"));  // square: written as before
+  const auto back = nn::UViTConfig::from_json(j);
+  CHECK(back.custom_json() == j);
+  CHECK(back.components[0].latent() == std::array<std::int64_t, 2>{4, 8});
+  ud::check_config_bounds(cp);
+  // a square width written out equals the square default (the official presets stay official)
+  auto v1 = v1_config();
+  v1.components.back().width = v1.components.back().size;
+  CHECK(v1.to_json() == v1_config().to_json());
+  auto bad = cp;
+  bad.components[0].width = 5;  // not a multiple of the patch 2
+  auto m = msg([&] { bad.validate(); });
+  CHECK(m.find("img") != std::string::npos);
+  CHECK(m.find("latent sides") != std::string::npos);
+  bad.components[0].width = -2;
+  CHECK(msg([&] { bad.validate(); }).find("latent sides") != std::string::npos);
+  bad.components[0].width = std::int64_t{1} << 30;
+  CHECK(msg([&] { ud::check_config_bounds(bad); }).find("img.width") != std::string::npos);
+  // run-time sizes: both or neither, multiples of the patch, one shared default
+  nn::UViT<float> net(cp);
+  Batch<float> b(cp, 1, 0, 1);
+  Outputs<float, ud::cpu> o(cp, 1, 0);
+  auto in = b.inputs<ud::cpu>(cp);
+  in.latent_h = 4;
+  in.latent_w = 0;
+  CHECK(msg([&] { net.forward({}, in, o.blocks); }).find("both positive or both 0") !=
+        std::string::npos);
+  in.latent_w = 8;
+  m = msg([&] { net.forward({}, in, o.blocks); });
+  CHECK(m.find("share one default size") != std::string::npos);
+  CHECK(m.find("img is 4x8, depth 6x6") != std::string::npos);
+  nn::UViT<float> wide(wide_config());
+  Batch<float> bw(wide_config(), 1, 0, 1);
+  Outputs<float, ud::cpu> ow(wide_config(), 1, 0);
+  auto iw = bw.inputs<ud::cpu>(wide_config());
+  iw.latent_h = 5;
+  iw.latent_w = 4;
+  CHECK(msg([&] { wide.forward({}, iw, ow.blocks); }).find("multiples of the patch size 2") !=
+        std::string::npos);
 }
 
 namespace {

@@ -192,9 +192,11 @@ inline void check_config_bounds(const nn::UViTConfig& cfg) {
       detail::check_range(op, c.name + ".channels", c.channels, lim::image_side);
       detail::check_range(op, c.name + ".patch", c.patch, lim::patch);
       detail::check_range(op, c.name + ".size", c.size, lim::image_side);
+      detail::check_range(op, c.name + ".width", c.latent()[1], lim::image_side);
       detail::check_range(op, c.name + ".in_features (channels x patch^2)", c.in_features(),
                           lim::extent);
-      detail::check_range(op, c.name + ".tokens ((size / patch)^2)", c.tokens(), lim::extent);
+      detail::check_range(op, c.name + ".tokens ((size / patch) x (width / patch))", c.tokens(),
+                          lim::extent);
     }
   }
   detail::check_range(op, "tokens (sequence length)", cfg.tokens(), lim::extent);

@@ -37,7 +37,9 @@ struct UViTInputs {
   std::vector<RowBlock<const T, Backend>> x;  //!< [B, numel] per component
   std::vector<std::span<const double>> t;     //!< per group: B time inputs (N t at sampling)
   std::span<const std::int64_t> data_type;    //!< B values (v1)
-  std::int64_t latent_h = 0, latent_w = 0;    //!< patched images' size (0 = default)
+  //! Run-time latent size of the patched images (0 x 0: each at its default size; an override
+  //! needs every patched component to share one default size; positions are interpolated).
+  std::int64_t latent_h = 0, latent_w = 0;
 };
 
 namespace detail {
@@ -363,17 +365,32 @@ class UViT {
     if (in.t.size() != cfg_.groups())
       throw_mismatch(op, "t", "one time vector per group", cfg_.groups(), in.t.size());
     const std::int64_t B = in.x[0].rows;
-    std::int64_t lh = in.latent_h, lw = in.latent_w;
-    for (const auto& c : C)
-      if (c.kind == ComponentKind::patched_image) {
-        if (lh == 0) lh = lw = c.size;
-        if (lh != lw || lh % c.patch || lh < c.patch)
+    // latent_h x latent_w (0 x 0: each patched component at its default size) overrides the
+    // size of every patched component; they must then share one default size.
+    const std::int64_t lh = in.latent_h, lw = in.latent_w;
+    if ((lh == 0) != (lw == 0) || lh < 0 || lw < 0)
+      throw error(op, "latent",
+                  "latent_h and latent_w: both positive or both 0 (the default size); got " +
+                      std::to_string(lh) + "x" + std::to_string(lw));
+    if (lh != 0) {
+      const UViTComponent* first = nullptr;
+      for (const auto& c : C) {
+        if (c.kind != ComponentKind::patched_image) continue;
+        if (first && first->latent() != c.latent())
           throw error(op, c.name,
-                      "latent must be square with sides a multiple of the patch size; got " +
-                          std::to_string(lh) + "x" + std::to_string(lw));
+                      "a latent size override needs every patched component to share one default "
+                      "size; " +
+                          first->name + " is " + std::to_string(first->latent()[0]) + "x" +
+                          std::to_string(first->latent()[1]) + ", " + c.name + " " +
+                          std::to_string(c.latent()[0]) + "x" + std::to_string(c.latent()[1]));
+        first = &c;
+        if (lh % c.patch || lw % c.patch)
+          throw error(op, c.name,
+                      "latent sides must be positive multiples of the patch size " +
+                          std::to_string(c.patch) + "; got " + std::to_string(lh) + "x" +
+                          std::to_string(lw));
       }
-    if (lh == 0 && lw != 0)
-      throw error(op, "latent", "latent_w set without latent_h (both or neither)");
+    }
     for (std::size_t k = 0; k < C.size(); ++k) {
       check_block(op, "x[" + C[k].name + "]", in.x[k]);
       check_block(op, "out[" + C[k].name + "]", out[k]);
@@ -409,7 +426,8 @@ class UViT {
     if (b.data == nullptr && b.rows * b.cols > 0) throw error(op, name, "null data");
   }
   ops::ImageGeom geom(const UViTComponent& c, std::int64_t lh, std::int64_t lw) const {
-    return ops::ImageGeom{c.channels, lh, lw, c.patch};
+    const auto [h, w] = c.latent(lh, lw);
+    return ops::ImageGeom{c.channels, h, w, c.patch};
   }
 
  public:
@@ -521,17 +539,23 @@ class UViT {
       ops::copy<T>(ctx, rows(params_.data() + off("pos_embed_token"), 1), dst(dst_row++, 1));
     for (const auto& c : cfg_.components) {
       const std::int64_t t0 = c.tokens(), t1 = c.tokens(h, w);
-      if (t0 == t1) {
+      if (!resized(c, h, w)) {
         ops::copy<T>(ctx, rows(src + src_row * E, t0), dst(dst_row, t0));
       } else {
-        const std::int64_t g0 = c.size / c.patch;
-        ops::bilinear_resize<T>(ctx, rows(src + src_row * E, t0), g0, g0, h / c.patch, w / c.patch,
-                                dst(dst_row, t1));
+        const auto [h0, w0] = c.latent();
+        const auto [h1, w1] = c.latent(h, w);
+        ops::bilinear_resize<T>(ctx, rows(src + src_row * E, t0), h0 / c.patch, w0 / c.patch,
+                                h1 / c.patch, w1 / c.patch, dst(dst_row, t1));
         emit_host("pos_embed_patches_interp", pe.table.data() + dst_row * E, Shape{1, t1, E});
       }
       src_row += t0;
       dst_row += t1;
     }
+  }
+  // Whether a patched component's positional rows are resized at latent h x w (UVIT.md §4.5:
+  // skipped at the default size).
+  static bool resized(const UViTComponent& c, std::int64_t h, std::int64_t w) {
+    return c.kind == ComponentKind::patched_image && c.latent(h, w) != c.latent();
   }
   // Backward of build_positional: the gradient of the table [L, E] into the parameters'.
   void positional_backward(const Context<Backend>& ctx, RowBlock<const T, Backend> dpe,
@@ -548,13 +572,15 @@ class UViT {
     if (cfg_.data_type_token) add(dpe.data + (row++) * E, 1, G + off("pos_embed_token"));
     for (const auto& c : cfg_.components) {
       const std::int64_t t0 = c.tokens(), t1 = c.tokens(h, w);
-      if (t0 == t1) {
+      if (!resized(c, h, w)) {
         add(dpe.data + row * E, t0, gpos + src_row * E);
       } else {
-        const std::int64_t g0 = c.size / c.patch;
-        ops::bilinear_resize_backward<T>(
-            ctx, RowBlock<const T, Backend>(dpe.data + row * E, t1, E, E), g0, g0, h / c.patch,
-            w / c.patch, RowBlock<T, Backend>(gpos + src_row * E, t0, E, E));
+        const auto [h0, w0] = c.latent();
+        const auto [h1, w1] = c.latent(h, w);
+        ops::bilinear_resize_backward<T>(ctx,
+                                         RowBlock<const T, Backend>(dpe.data + row * E, t1, E, E),
+                                         h0 / c.patch, w0 / c.patch, h1 / c.patch, w1 / c.patch,
+                                         RowBlock<T, Backend>(gpos + src_row * E, t0, E, E));
       }
       src_row += t0;
       row += t1;

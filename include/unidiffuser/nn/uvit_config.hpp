@@ -88,29 +88,39 @@ struct UViTComponent {
   ComponentKind kind = ComponentKind::tokens;
   std::size_t group = 0;  //!< timestep group
   std::size_t slot = 0;   //!< position inside the group's row (GroupLayout component index)
-  std::int64_t channels = 0, size = 0, patch = 0;  //!< patched image: C, default side S, p
+  std::int64_t channels = 0, size = 0, patch = 0;  //!< patched image: C, default height S, p
   std::int64_t length = 0, dim = 0;                //!< tokens: L, D
   std::string in_name, out_name;  //!< parameter prefixes of the embedding and the head
   std::string custom_kind{};      //!< kind == custom: the registered kind's name
   nlohmann::json options = nlohmann::json::object();  //!< kind == custom: its settings
+  //! Patched image: the default latent width (0: `size`, a square latent). Last, so that
+  //! positional aggregate initialisation written before it existed still compiles.
+  std::int64_t width = 0;
 
+  //! A patched image's latent height x width: the default (size x width, or size x size when
+  //! width is 0) when h is 0, else h x w (a run-time latent size, UViTInputs::latent_h / _w).
+  std::array<std::int64_t, 2> latent(std::int64_t h = 0, std::int64_t w = 0) const {
+    if (h == 0) return {size, width != 0 ? width : size};
+    return {h, w};
+  }
   std::int64_t tokens(std::int64_t h = 0, std::int64_t w = 0) const {
     if (kind == ComponentKind::tokens) return length;
     if (kind == ComponentKind::custom) return kind_info(custom_kind, name).tokens(*this);
-    if (h == 0) h = w = size;
-    return (h / patch) * (w / patch);
+    const auto [lh, lw] = latent(h, w);
+    return (lh / patch) * (lw / patch);
   }
   std::int64_t numel(std::int64_t h = 0, std::int64_t w = 0) const {
     if (kind == ComponentKind::tokens) return length * dim;
     if (kind == ComponentKind::custom) return shape().numel();
-    if (h == 0) h = w = size;
-    return channels * h * w;
+    const auto [lh, lw] = latent(h, w);
+    return channels * lh * lw;
   }
-  //! The input's shape without the batch (patched images at latent side h x w).
+  //! The input's shape without the batch (patched images at latent size h x w; 0: the default).
   Shape shape(std::int64_t h = 0, std::int64_t w = 0) const {
     if (kind == ComponentKind::tokens) return Shape{length, dim};
     if (kind == ComponentKind::custom) return kind_info(custom_kind, name).shape(*this);
-    return Shape{channels, h ? h : size, w ? w : size};
+    const auto [lh, lw] = latent(h, w);
+    return Shape{channels, lh, lw};
   }
   //! Input width of the embedding (built-in kinds; a custom kind's own business: 0).
   std::int64_t in_features() const {
@@ -319,9 +329,10 @@ struct UViTConfig {
       nlohmann::json o = {{"name", c.name},         {"group", c.group},
                           {"slot", c.slot},         {"in_name", c.in_name},
                           {"out_name", c.out_name}, {"kind", kind_name(c.kind)}};
-      if (c.kind == ComponentKind::patched_image)
+      if (c.kind == ComponentKind::patched_image) {
         o["channels"] = c.channels, o["size"] = c.size, o["patch"] = c.patch;
-      else if (c.kind == ComponentKind::tokens)
+        if (c.latent()[1] != c.size) o["width"] = c.latent()[1];  // only non-square latents
+      } else if (c.kind == ComponentKind::tokens)
         o["length"] = c.length, o["dim"] = c.dim;
       else
         o["kind"] = c.custom_kind, o["options"] = c.options;
@@ -415,6 +426,7 @@ struct UViTConfig {
         k.channels = integer(o, w, "channels");
         k.size = integer(o, w, "size");
         k.patch = integer(o, w, "patch");
+        if (o.contains("width")) k.width = integer(o, w, "width");  // absent: square
       } else if (kind == "tokens") {
         k.kind = ComponentKind::tokens;
         k.length = integer(o, w, "length");
@@ -490,8 +502,16 @@ struct UViTConfig {
     for (const auto& c : components) {
       if (c.group >= groups()) throw error(op, c.name, "component group out of range");
       if (c.kind == ComponentKind::patched_image) {
-        if (c.channels < 1 || c.patch < 1 || c.size < c.patch || c.size % c.patch)
-          throw error(op, c.name, "image side must be a positive multiple of the patch size");
+        if (c.channels < 1 || c.patch < 1)
+          throw error(op, c.name,
+                      "channels and patch must be positive; got " + std::to_string(c.channels) +
+                          " and " + std::to_string(c.patch));
+        if (c.width < 0 || c.size < c.patch || c.size % c.patch || c.latent()[1] < c.patch ||
+            c.latent()[1] % c.patch)
+          throw error(op, c.name,
+                      "latent sides (size x width) must be positive multiples of the patch size " +
+                          std::to_string(c.patch) + "; got " + std::to_string(c.size) + "x" +
+                          std::to_string(c.width));
       } else if (c.kind == ComponentKind::tokens) {
         if (c.length < 1 || c.dim < 1)
           throw error(op, c.name, "token length and dim must be positive");
