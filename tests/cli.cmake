@@ -109,6 +109,18 @@ foreach(case "t2i;img|text;img" "one_to_many;img,audio|text;audio" "many_to_one;
              FILE_CONTAINS "\"${wrote}\""
              COMMAND ${_k3} --task "${spec}" --out ${_cli}/k3_${name}.safetensors)
 endforeach()
+# six groups (the program samples layouts of 1 to 8) and nine (refused by name)
+set(_k6 ${_sample} --checkpoint ${_cli}/k6.safetensors --steps 3 --batch 2 --quiet
+        --conditions ${_cli}/k6_conditions.safetensors)
+cli_expect(sample_cli_k6_joint RC 0 HOSTILE CREATES ${_cli}/k6_joint.safetensors
+           FILE_CONTAINS "\"g5\""
+           COMMAND ${_k6} --task "img,text,audio,g3,g4,g5" --out ${_cli}/k6_joint.safetensors)
+cli_expect(sample_cli_k6_many_to_one RC 0 HOSTILE CREATES ${_cli}/k6_m2o.safetensors
+           FILE_CONTAINS "\"g4\""
+           COMMAND ${_k6} --task "g4|img,g3,g5" --out ${_cli}/k6_m2o.safetensors)
+cli_expect(sample_cli_k9_refused RC 1 HOSTILE
+           STDERR "layout of 9 timestep groups: this program samples layouts of 1 to 8 groups"
+           COMMAND ${_sample} --checkpoint ${_cli}/k9.safetensors --task img --out ${_cli}/x.safetensors)
 cli_expect(sample_cli_k3_mode RC 1 HOSTILE
            STDERR "${_opt}--mode: the official modes need a two-group layout; this checkpoint has 3 groups"
            COMMAND ${_k3} --mode t2i --out ${_cli}/x.safetensors)

@@ -80,8 +80,8 @@ int main(int argc, char** argv) {
 
     std::ofstream(dir / "config_array.json") << "[1, 2]\n";
 
-    {  // a K = 3 checkpoint (weights need not be trained to sample) and its conditions
-      const auto cfg = ud::testing::k3_config();
+    // checkpoints of other layouts (weights need not be trained to sample) and their conditions
+    auto write_layout = [&](const ud::nn::UViTConfig& cfg, const std::string& stem) {
       ud::safetensors::Writer w;
       std::int64_t k = 0;
       for (const auto& [name, shape] : cfg.parameters()) {
@@ -91,18 +91,33 @@ int main(int argc, char** argv) {
         w.add<float>(name, t);
       }
       w.metadata("config", cfg.to_json().dump());
-      w.write((dir / "k3.safetensors").string());
+      w.write((dir / (stem + ".safetensors")).string());
       ud::safetensors::Writer c;
       for (const auto& comp : cfg.components) {
-        const ud::Shape s = comp.kind == ud::nn::ComponentKind::tokens
-                                ? ud::Shape{comp.length, comp.dim}
-                                : ud::Shape{comp.channels, comp.size, comp.size};
-        ud::Tensor<float> t(s);
+        ud::Tensor<float> t(comp.shape());
         for (std::int64_t i = 0; i < t.size(); ++i)
           t.data()[i] = static_cast<float>(std::cos(0.9 * static_cast<double>(i)));
         c.add<float>(comp.name, t);
       }
-      c.write((dir / "k3_conditions.safetensors").string());
+      c.write((dir / (stem + "_conditions.safetensors")).string());
+    };
+    write_layout(ud::testing::k3_config(), "k3");
+    // K = 6 and K = 9: the K = 3 layout and more token groups g3, g4, ...
+    for (int groups : {6, 9}) {
+      auto cfg = ud::testing::k3_config();
+      for (int g = 3; g < groups; ++g) {
+        const std::string n = "g" + std::to_string(g);
+        cfg.time_names.push_back("time_" + n + "_embed");
+        cfg.components.push_back(ud::nn::UViTComponent{.name = n,
+                                                       .kind = ud::nn::ComponentKind::tokens,
+                                                       .group = static_cast<std::size_t>(g),
+                                                       .length = 2,
+                                                       .dim = 3,
+                                                       .in_name = n + "_embed",
+                                                       .out_name = n + "_out"});
+      }
+      cfg.validate();
+      write_layout(cfg, "k" + std::to_string(groups));
     }
 
     if (argc == 5) {  // golden directories the checker must fail on

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli.hpp"
@@ -36,7 +37,7 @@ const char* kUsage =
     R"(usage: unidiffuser-sample --checkpoint FILE (--mode MODE | --task SPEC) --out FILE [options]
 
 Samples UniDiffuser from a U-ViT checkpoint (official or diffusers tensor names, F32/F16/BF16;
-any saved layout of 1 to 4 timestep groups) and writes the generated components as safetensors.
+any saved layout of 1 to 8 timestep groups) and writes the generated components as safetensors.
 
   --checkpoint FILE     U-ViT weights (.safetensors)
   --prefix P            only tensors whose names start with P (e.g. param/)       [none]
@@ -497,6 +498,24 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   return 0;
 }
 
+// The sampling stack is compiled per group count (its state is std::array<..., K>): layouts of
+// 1 .. kMaxGroups groups are instantiated here; raise it to sample more (each K adds compile time).
+constexpr std::size_t kMaxGroups = 8;
+template <std::size_t... I>
+int dispatch(const Settings& st, const ud::safetensors::File& f, const ud::nn::UViTConfig& cfg,
+             std::index_sequence<I...>) {
+  int rc = 0;
+  const bool done =
+      ((cfg.groups() == I + 1 ? (rc = sample<I + 1>(st, f, cfg), true) : false) || ...);
+  if (!done)
+    throw ud::error(ud::cli::op, st.ckpt,
+                    "layout of " + std::to_string(cfg.groups()) +
+                        " timestep groups: this program samples layouts of 1 to " +
+                        std::to_string(kMaxGroups) +
+                        " groups (kMaxGroups in tools/sample/main.cpp)");
+  return rc;
+}
+
 int main_impl(int argc, char** argv) {
   const ud::cli::Args a(kOptions, argc, argv);
   if (a.help()) {
@@ -560,16 +579,7 @@ int main_impl(int argc, char** argv) {
   const auto cfg = load_config(st.config_path, f, st.prefix);
   ud::check_config_bounds(cfg);
   ud::check_checkpoint(cfg, f, st.prefix);
-  switch (cfg.groups()) {
-    case 1: return sample<1>(st, f, cfg);
-    case 2: return sample<2>(st, f, cfg);
-    case 3: return sample<3>(st, f, cfg);
-    case 4: return sample<4>(st, f, cfg);
-    default:
-      throw ud::error(ud::cli::op, st.ckpt,
-                      "layout of " + std::to_string(cfg.groups()) +
-                          " timestep groups: this program samples layouts of 1 to 4 groups");
-  }
+  return dispatch(st, f, cfg, std::make_index_sequence<kMaxGroups>{});
 }
 
 }  // namespace
