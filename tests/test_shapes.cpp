@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "model.hpp"
+#include "three.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/schedule/discrete.hpp"
@@ -213,6 +214,59 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   for (float x : oi) REQUIRE(std::isfinite(x));
   for (float x : ot) REQUIRE(std::isfinite(x));
   fs::remove_all(dir);
+}
+
+TEST_CASE("shapes3: three modalities of one scene read alike; the layout and a short run") {
+  // every group of the three-modality world carries the scene's attributes
+  std::vector<float> img(shapes::kPixels), text(shapes::kTextSize), wave(shapes::kWave);
+  for (std::uint64_t i = 0; i < 512; ++i) {
+    const auto a = shapes::render3(9, i, img.data(), text.data(), wave.data());
+    CAPTURE(i);
+    REQUIRE(shapes::read_image(img) == a);
+    REQUIRE(shapes::read_caption(text) == a);
+    REQUIRE(shapes::read_wave(wave) == a);
+  }
+  // the layout: the sound is the program's registered "frames" kind, 8 tokens of 8 samples
+  shapes::ModelSize ms;
+  ms.embed_dim = 32;
+  ms.depth = 3;
+  ms.heads = 2;
+  const auto cfg = shapes::config3(ms);
+  REQUIRE(cfg.groups() == 3);
+  const auto& w = cfg.components.back();
+  CHECK(w.kind == ud::nn::ComponentKind::custom);
+  CHECK(w.custom_kind == "frames");
+  CHECK(w.tokens() == shapes::kWave / shapes::kWaveFrame);
+  CHECK(cfg.layout<3>().size(shapes::kWaveGroup) == shapes::kWave);
+  CHECK(cfg.tokens() == 3 + 16 + 5 + 8);
+  // the tasks of the evaluation: six pairs, three two-to-one, three one-to-two
+  std::set<std::string> names;
+  for (const auto& t : shapes::conditional_tasks()) names.insert(t.name());
+  CHECK(names == std::set<std::string>{"i->t", "i->w", "t->i", "t->w", "w->i", "w->t", "tw->i",
+                                       "iw->t", "it->w", "i->tw", "t->iw", "w->it"});
+  // a short run lowers the loss of all three groups
+  ud::nn::UViT<float> net(cfg);
+  shapes::init_network(net, 3);
+  shapes::TrainSettings ts;
+  ts.steps = 150;
+  ts.batch = 16;
+  ts.warmup = 10;
+  shapes::Trainer3 tr(net, shapes::options_for<3>(ts, cfg), shapes::data_source3());
+  std::array<double, 3> first{}, last{};
+  for (int s = 0; s < ts.steps; ++s) {
+    const auto log = tr.step(ud::Context<ud::cpu>{});
+    REQUIRE(std::isfinite(log.loss));
+    for (std::size_t g = 0; g < 3; ++g) {
+      if (s < 10) first[g] += log.group_mse[g] / 10;
+      if (s >= ts.steps - 10) last[g] += log.group_mse[g] / 10;
+    }
+  }
+  for (std::size_t g = 0; g < 3; ++g) {
+    CAPTURE(g);
+    CAPTURE(first[g]);
+    CAPTURE(last[g]);
+    CHECK(last[g] < 0.7 * first[g]);
+  }
 }
 
 TEST_CASE("U-ViT config: the general JSON form round-trips; official presets keep theirs") {

@@ -394,7 +394,8 @@ inline std::vector<Row> evaluate(ud::nn::UViT<float>& net, const EvalSettings& e
 //! report.md (the table) and report.json (a list of rows); prints the table. Returns the number
 //! of failed bars.
 inline int write_reports(const std::vector<Row>& rows, const EvalSettings& ev,
-                         const std::string& checkpoint, const std::string& out) {
+                         const std::string& checkpoint, const std::string& out,
+                         const std::string& program = "unidiffuser-shapes") {
   namespace fs = std::filesystem;
   nlohmann::json j = nlohmann::json::array();
   for (const auto& r : rows)
@@ -406,7 +407,7 @@ inline int write_reports(const std::vector<Row>& rows, const EvalSettings& ev,
                  {"bar", r.bar},
                  {"pass", r.pass}});
   std::string md =
-      "# unidiffuser-shapes report\n\ncheckpoint `" + checkpoint + "`, seed " +
+      "# " + program + " report\n\ncheckpoint `" + checkpoint + "`, seed " +
       std::to_string(ev.seed) + ", DPM-Solver++ (2M) " + std::to_string(ev.steps) +
       " steps\n\n| mode | scale | metric | value | samples | bar |\n|---|---|---|---|---|---|\n";
   std::string table;

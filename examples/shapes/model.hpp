@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <span>
 #include <string>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -99,7 +100,9 @@ inline void init_network(ud::nn::UViT<float>& net, std::uint64_t seed, double po
     for (std::int64_t i = 0; i < v.size(); ++i) v.data()[i] = static_cast<float>(v.data()[i] * std);
   };
   for (const auto& c : net.config().components) {
-    const double fan_in = static_cast<double>(c.in_features());
+    // the embedding weight is [E, fan_in...] for every kind (patched: [E, C, p, p])
+    const auto w = net.param(c.in_name + ".weight");
+    const double fan_in = static_cast<double>(w.size() / w.shape()[0]);
     redraw(c.in_name + ".weight", 1.0 / std::sqrt(fan_in));
   }
   redraw("pos_embed", pos_std);
@@ -121,10 +124,13 @@ struct TrainSettings {
   double min_snr = 0.0;
 };
 
-inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UViTConfig& cfg) {
-  Trainer::Options o;
-  if (s.loss == "group-mean") o.group_weights = ud::train::group_mean_weights(cfg.layout<2>());
-  o.marginal_probability.assign(2, s.marginal_p);
+//! The Trainer's options of settings `s` for a K-group network.
+template <std::size_t K>
+typename ud::train::Trainer<float, K>::Options options_for(const TrainSettings& s,
+                                                           const ud::nn::UViTConfig& cfg) {
+  typename ud::train::Trainer<float, K>::Options o;
+  if (s.loss == "group-mean") o.group_weights = ud::train::group_mean_weights(cfg.layout<K>());
+  o.marginal_probability.assign(K, s.marginal_p);
   o.min_snr_gamma = s.min_snr;
   o.seed = s.seed;
   o.batch = s.batch;
@@ -138,15 +144,21 @@ inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UV
   o.ema_decay = s.ema;
   return o;
 }
+inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UViTConfig& cfg) {
+  return options_for<2>(s, cfg);
+}
 
-//! Trains the network from scratch (or resumes `state_path`), saving the trainer's state every
-//! 500 steps, and writes the EMA weights with the config and the run's settings as metadata to
-//! `path` (atomic writer).
-inline void train(const ModelSize& ms, const TrainSettings& ts, const std::string& path,
-                  const std::string& state_path, bool resume, bool quiet) {
-  ud::nn::UViT<float> net(config(ms));
+//! Trains the K-group network `cfg` on `data` from scratch (or resumes `state_path`), saving the
+//! trainer's state every 500 steps, and writes the EMA weights with the config, the run's
+//! settings and the world's name as metadata to `path` (atomic writer).
+template <std::size_t K>
+void train_network(const ud::nn::UViTConfig& cfg,
+                   typename ud::train::Trainer<float, K>::DataSource data, const TrainSettings& ts,
+                   const std::string& path, const std::string& state_path, bool resume, bool quiet,
+                   const std::string& world) {
+  ud::nn::UViT<float> net(cfg);
   init_network(net, ts.seed, ts.pos_std);
-  Trainer tr(net, trainer_options(ts, net.config()), data_source());
+  ud::train::Trainer<float, K> tr(net, options_for<K>(ts, net.config()), std::move(data));
   if (resume) tr.load(state_path);
   const auto t0 = std::chrono::steady_clock::now();
   const std::int64_t first = tr.step_index();
@@ -169,10 +181,17 @@ inline void train(const ModelSize& ms, const TrainSettings& ts, const std::strin
                          {"loss", ts.loss},       {"marginal_p", ts.marginal_p},
                          {"min_snr", ts.min_snr}, {"final_loss", last.loss},
                          {"seconds", secs},       {"resumed_at", first}};
-  ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", "shapes-16x16-v1"}});
+  ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", world}});
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,
                  path.c_str());
+}
+
+//! The demo's training: the two-group network of size `ms` on the shapes world.
+inline void train(const ModelSize& ms, const TrainSettings& ts, const std::string& path,
+                  const std::string& state_path, bool resume, bool quiet) {
+  train_network<2>(config(ms), data_source(), ts, path, state_path, resume, quiet,
+                   "shapes-16x16-v1");
 }
 
 }  // namespace shapes
