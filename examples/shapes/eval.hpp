@@ -201,6 +201,29 @@ inline std::array<double, kAttributes> marginal_tv(const std::vector<Attributes>
   return tv;
 }
 
+//! Draws an image ([3, 16, 16] in [-1, 1]) at (x, y), each pixel `up` x `up`.
+inline void draw_image(Canvas& cv, int x, int y, const float* px, int up) {
+  for (int v = 0; v < kSide * up; ++v)
+    for (int u = 0; u < kSide * up; ++u) {
+      std::array<std::uint8_t, 3> c{};
+      for (int k = 0; k < 3; ++k) {
+        const float val = px[(k * kSide + v / up) * kSide + u / up];
+        c[static_cast<std::size_t>(k)] =
+            static_cast<std::uint8_t>(std::lround(std::clamp((val + 1) / 2, 0.f, 1.f) * 255));
+      }
+      cv.set(x + u, y + v, c);
+    }
+}
+//! Draws a caption latent's decoded words at (x, y) in three lines (size colour / shape /
+//! position).
+inline void draw_caption(Canvas& cv, int x, int y, const float* t, int font) {
+  const auto w = decode_caption(std::span<const float>(t, kTextSize));
+  const std::string line[3] = {caption_text(std::span<const int>(w.data(), 2)),
+                               caption_text(std::span<const int>(w.data() + 2, 1)),
+                               caption_text(std::span<const int>(w.data() + 3, 2))};
+  for (int l = 0; l < 3; ++l) cv.text(x, y + 6 + l * 18, line[l], font, {235, 235, 235});
+}
+
 //! The grid of one mode: up to 32 cells (8 rows x 4 columns), each the mode's items left to right
 //! (images 4x upscaled, captions in three lines), framed green where the sample scores as
 //! correct and red where not.
@@ -213,24 +236,9 @@ inline void write_grid(const std::string& path, const std::string& title, const 
   const int head = 28, cell_h = img_px + 2 * gap, W = cols * cell_w, H = head + rows * cell_h;
   Canvas cv(W, H, {24, 24, 28});
   cv.text(gap, 8, title, 2, {230, 230, 230});
-  auto draw_img = [&](int x, int y, const float* px) {
-    for (int v = 0; v < img_px; ++v)
-      for (int u = 0; u < img_px; ++u) {
-        std::array<std::uint8_t, 3> c{};
-        for (int k = 0; k < 3; ++k) {
-          const float val = px[(k * kSide + v / up) * kSide + u / up];
-          c[static_cast<std::size_t>(k)] =
-              static_cast<std::uint8_t>(std::lround(std::clamp((val + 1) / 2, 0.f, 1.f) * 255));
-        }
-        cv.set(x + u, y + v, c);
-      }
-  };
+  auto draw_img = [&](int x, int y, const float* px) { draw_image(cv, x, y, px, up); };
   auto draw_caption = [&](int x, int y, const float* t) {
-    const auto w = decode_caption(std::span<const float>(t, kTextSize));
-    const std::string line[3] = {caption_text(std::span<const int>(w.data(), 2)),
-                                 caption_text(std::span<const int>(w.data() + 2, 1)),
-                                 caption_text(std::span<const int>(w.data() + 3, 2))};
-    for (int l = 0; l < 3; ++l) cv.text(x, y + 6 + l * 18, line[l], font, {235, 235, 235});
+    shapes::draw_caption(cv, x, y, t, font);
   };
   for (std::int64_t i = 0; i < std::min<std::int64_t>(s.n, cols * rows); ++i) {
     const int cx = static_cast<int>(i % cols) * cell_w,

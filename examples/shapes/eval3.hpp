@@ -117,25 +117,6 @@ inline void write_grid3(const std::string& path, const std::string& title, const
   const int head = 28, cell_h = img_px + 2 * gap, W = cols * cell_w, H = head + rows * cell_h;
   Canvas cv(W, H, {24, 24, 28});
   cv.text(gap, 8, title, 2, {230, 230, 230});
-  auto draw_img = [&](int x, int y, const float* px) {
-    for (int v = 0; v < img_px; ++v)
-      for (int u = 0; u < img_px; ++u) {
-        std::array<std::uint8_t, 3> c{};
-        for (int k = 0; k < 3; ++k) {
-          const float val = px[(k * kSide + v / up) * kSide + u / up];
-          c[static_cast<std::size_t>(k)] =
-              static_cast<std::uint8_t>(std::lround(std::clamp((val + 1) / 2, 0.f, 1.f) * 255));
-        }
-        cv.set(x + u, y + v, c);
-      }
-  };
-  auto draw_caption = [&](int x, int y, const float* t) {
-    const auto w = decode_caption(std::span<const float>(t, kTextSize));
-    const std::string line[3] = {caption_text(std::span<const int>(w.data(), 2)),
-                                 caption_text(std::span<const int>(w.data() + 2, 1)),
-                                 caption_text(std::span<const int>(w.data() + 3, 2))};
-    for (int l = 0; l < 3; ++l) cv.text(x, y + 6 + l * 18, line[l], 2, {235, 235, 235});
-  };
   auto draw_wave = [&](int x, int y, const float* w) {  // [-1, 1] over the cell's height
     for (int u = 0; u < wave_px; ++u) cv.set(x + u, y + img_px / 2, {70, 70, 80});
     const auto row = [&](float v) {
@@ -156,8 +137,8 @@ inline void write_grid3(const std::string& path, const std::string& title, const
     int x = cx + gap;
     for (const auto& [gen, k] : items) {
       const float* v = (gen ? s.out[k] : s.cond[k]).data() + i * kGroupSize[k];
-      if (k == kImgGroup) draw_img(x, cy + gap, v);
-      if (k == kTextGroup) draw_caption(x, cy + gap, v);
+      if (k == kImgGroup) draw_image(cv, x, cy + gap, v, up);
+      if (k == kTextGroup) draw_caption(cv, x, cy + gap, v, 2);
       if (k == kWaveGroup) draw_wave(x, cy + gap, v);
       x += width[k] + gap;
     }
