@@ -95,6 +95,12 @@ cli_expect(cli_sample_data_type RC 1 STDERR "${_opt}--data-type: integer out of 
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --data-type 2)
 cli_expect(cli_sample_scale_nan RC 1 STDERR "${_opt}--scale: not a finite number"
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --scale nan)
+cli_expect(cli_sample_guidance_rescale RC 0 CREATES ${_cli}/rescaled.safetensors
+           FILE_CONTAINS "guidance_rescale"
+           COMMAND ${_run_tiny} --mode joint --steps 4 --guidance-rescale 0.7 --quiet
+                   --out ${_cli}/rescaled.safetensors)
+cli_expect(cli_sample_guidance_rescale_range RC 1 STDERR "${_opt}--guidance-rescale: number out of range"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-rescale 2)
 cli_expect(cli_sample_sampler RC 1 STDERR "${_opt}--sampler: unknown value. expected dpm_solver"
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --sampler euler)
 # ---- unidiffuser-sample: a three-group layout (any task through --task) ------------------------

@@ -3,7 +3,10 @@
 // which order noise is drawn (UNIDIFFUSER.md §7.2, §8) -- checked by recording every event.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "unidiffuser/diffusion/guidance.hpp"
@@ -201,4 +204,111 @@ TEST_CASE("bad tasks and missing conditions are clear errors") {
   CHECK_THROWS_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::joint(), g, 2),
                   ud::error);
   CHECK_THROWS_AS(ud::parse_mode("img2txt"), ud::error);
+}
+
+// Network whose slope in its own input depends on the other group's time input:
+// out_g = (0.5 + 0.0004 t_other) x_g + 0.1 x_other[0], so a reference call (the other group at
+// time N) predicts a different spread than the main call.
+struct SlopeNet {
+  void operator()(const ud::Context<ud::cpu>&, const std::array<ud::TensorView<const double>, 2>& x,
+                  const std::array<std::span<const double>, 2>& t,
+                  const std::array<ud::TensorView<double>, 2>& out) {
+    for (int g = 0; g < 2; ++g)
+      for (std::int64_t b = 0; b < x[g].dim(0); ++b)
+        for (std::int64_t j = 0; j < x[g].dim(1); ++j)
+          out[g](b, j) = (0.5 + 0.0004 * t[1 - g][static_cast<std::size_t>(b)]) * x[g](b, j) +
+                         0.1 * x[1 - g](b, 0);
+  }
+};
+
+TEST_CASE("guidance rescale: the guided data prediction takes the conditional one's spread") {
+  // joint, s = 3, a state that varies along each row; e_c from an unguided predictor (the joint
+  // draws nothing before its main call, so it sees the same inputs), e_g from a guided one
+  // without rescale; the rescaled output must be f e_g + (1 - f) x / sigma with
+  // f = phi std(x - sigma e_c) / std(x - sigma e_g) + 1 - phi per sample and group.
+  const auto ns = ud::VPSchedule::unidiffuser();
+  const double tau = 0.4, sigma = ns.marginal_std(tau);
+  SlopeNet net;
+  std::vector<std::string> log;
+  constexpr std::int64_t B = 2, D = 13;
+  ud::Tensor<double> x(ud::Shape{B, D}), ec(ud::Shape{B, D}), eg(ud::Shape{B, D}),
+      er(ud::Shape{B, D});
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t j = 0; j < D; ++j) x(b, j) = std::sin(1.0 + 0.7 * j + 13.0 * b) + 0.2 * b;
+  auto run = [&](double scale, double phi, ud::Tensor<double>& e) {
+    LogNoise noise{&log};
+    ud::GuidanceOptions g;
+    g.scale = scale;
+    g.rescale = phi;
+    g.schedule = &ns;
+    ud::GuidedPredictor<double, 2, SlopeNet, LogNoise> p(ud::Context<ud::cpu>{}, net, noise,
+                                                         layout(), ud::tasks::joint(), g, B);
+    p(x.view(), tau, e.view());
+  };
+  run(0, 0, ec);
+  run(3, 0, eg);
+  auto stdev = [](const std::vector<double>& v) {
+    double m = 0, q = 0;
+    for (double a : v) m += a / static_cast<double>(v.size());
+    for (double a : v) q += (a - m) * (a - m) / static_cast<double>(v.size());
+    return std::sqrt(q);
+  };
+  const std::pair<std::int64_t, std::int64_t> groups[2] = {{0, 7}, {7, 13}};
+  for (double phi : {1.0, 0.7}) {
+    CAPTURE(phi);
+    run(3, phi, er);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (const auto& [lo, hi] : groups) {
+        std::vector<double> uc, ug, ur;
+        for (std::int64_t j = lo; j < hi; ++j) {
+          uc.push_back(x(b, j) - sigma * ec(b, j));
+          ug.push_back(x(b, j) - sigma * eg(b, j));
+          ur.push_back(x(b, j) - sigma * er(b, j));
+        }
+        REQUIRE(stdev(ug) > 1.5 * stdev(uc));  // guidance did inflate the spread here
+        const double f = phi * stdev(uc) / stdev(ug) + 1 - phi;
+        for (std::int64_t j = lo; j < hi; ++j) {
+          const double a = f * eg(b, j), c = (1 - f) * x(b, j) / sigma;
+          CAPTURE(er(b, j) - (a + c));
+          CHECK(std::abs(er(b, j) - (a + c)) <= 1e-12 * (std::abs(a) + std::abs(c)));
+        }
+        if (phi == 1.0) CHECK(stdev(ur) == doctest::Approx(stdev(uc)).epsilon(1e-12));
+      }
+  }
+  // rescale 0 is the official guidance, bit for bit
+  run(3, 0, er);
+  for (std::int64_t i = 0; i < B * D; ++i) CHECK(er.data()[i] == eg.data()[i]);
+}
+
+TEST_CASE("guidance rescale: sample_task takes the sampler's schedule; bad values are errors") {
+  std::vector<std::string> log;
+  SlopeNet net;
+  ud::DpmSolverOptions o;
+  o.steps = 4;
+  const ud::DpmSolver<double> solver(ud::VPSchedule::unidiffuser(), o);
+  ud::GuidanceOptions g;
+  g.scale = 3;
+  auto sample = [&](double phi) {
+    LogNoise noise{&log};
+    g.rescale = phi;
+    return ud::sample_task<double, 2>(ud::Context<ud::cpu>{}, net, noise, layout(),
+                                      ud::tasks::joint(), g, solver, 2);
+  };
+  const auto plain = sample(0), rescaled = sample(1);
+  double diff = 0;
+  for (std::int64_t i = 0; i < plain[0].size(); ++i)
+    diff = std::max(diff, std::abs(plain[0].data()[i] - rescaled[0].data()[i]));
+  CHECK(diff > 1e-3);
+  using P = ud::GuidedPredictor<double, 2, SlopeNet, LogNoise>;
+  LogNoise noise{&log};
+  g.rescale = 0.5;  // no schedule given to the predictor itself
+  CHECK_THROWS_WITH_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::joint(), g, 2),
+                       doctest::Contains("schedule"), ud::error);
+  const auto ns = ud::VPSchedule::unidiffuser();
+  g.schedule = &ns;
+  for (double bad : {-0.1, 1.5, std::nan("")}) {
+    g.rescale = bad;
+    CHECK_THROWS_WITH_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::joint(), g, 2),
+                         doctest::Contains("rescale"), ud::error);
+  }
 }

@@ -67,6 +67,8 @@ any saved layout of 1 to 8 timestep groups) and writes the generated components 
   --steps N             number of function evaluations, 1..100000                  [50]
   --scale S             classifier-free guidance scale (official convention),
                         -1000..1000                                                 [7]
+  --guidance-rescale P  rescale phi of the guided data prediction, 0..1 (not official:
+                        GuidanceOptions::rescale)                                     [0]
   --t2i-cfg-mode M      true_uncond | empty_token                                    [true_uncond]
   --sampler S           dpm_solver++ | dpm_solver | ddim | ddpm                      [dpm_solver++]
   --method M            fast | singlestep | multistep (DPM-Solver only)               [fast]
@@ -92,25 +94,16 @@ caption models, which this library does not include yet.)";
 
 constexpr const char* kProgram = "unidiffuser-sample";
 
-const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},
-                                               {"prefix"},
-                                               {"config"},
-                                               {"mode"},
-                                               {"task"},
-                                               {"conditions"},
-                                               {"out"},
-                                               {"steps"},
-                                               {"scale"},
-                                               {"sampler"},
-                                               {"t2i-cfg-mode"},
-                                               {"method"},
-                                               {"order"},
-                                               {"skip-type"},
-                                               {"seed"},
-                                               {"batch"},
-                                               {"threads"},
-                                               {"data-type"},
-                                               {"allow-nonfinite-weights", false},
+const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},  {"prefix"},
+                                               {"config"},      {"mode"},
+                                               {"task"},        {"conditions"},
+                                               {"out"},         {"steps"},
+                                               {"scale"},       {"guidance-rescale"},
+                                               {"sampler"},     {"t2i-cfg-mode"},
+                                               {"method"},      {"order"},
+                                               {"skip-type"},   {"seed"},
+                                               {"batch"},       {"threads"},
+                                               {"data-type"},   {"allow-nonfinite-weights", false},
                                                {"quiet", false}};
 
 // A condition tensor for group component `spec`, broadcast to B rows: [B, numel]. The stored
@@ -183,8 +176,10 @@ std::array<ud::Tensor<float>, K> run(Progress<K>& prog, ud::PhiloxNoise& noise,
     auto c = cond;
     for (std::size_t k = 0; k < K; ++k)
       if (task.roles[k] == ud::Role::condition && result[k].size() > 0) c[k] = result[k].view();
+    ud::GuidanceOptions pg = g;  // the probe only counts calls: its rescale needs no schedule
+    pg.rescale = 0;
     ud::GuidedPredictor<float, K, Progress<K>, ud::PhiloxNoise> probe(
-        ud::Context<ud::cpu>{}, prog, noise, layout, task, g, batch, c, null);
+        ud::Context<ud::cpu>{}, prog, noise, layout, task, pg, batch, c, null);
     prog.per_nfe = probe.forwards_per_call();
     prog.nfe = sampler.nfe();
     prog.calls = 0;
@@ -481,6 +476,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
       {"method", st.method},   {"order", st.order},        {"skip_type", st.skip_type},
       {"seed", st.seed},       {"batch", st.batch},        {"t2i_cfg_mode", st.cfg_mode},
       {"checkpoint", st.ckpt}, {"data_type", st.data_type}};
+  if (st.g.rescale > 0) settings["guidance_rescale"] = st.g.rescale;
   if (st.mode_name.empty())
     settings["task"] = st.task_spec;
   else
@@ -547,6 +543,7 @@ int main_impl(int argc, char** argv) {
   st.skip_type = a.text("skip-type", "time_uniform");
   st.spacing = ud::parse_spacing(st.skip_type);
   st.g.scale = a.real("scale", 7.0, -1000, 1000);
+  st.g.rescale = a.real("guidance-rescale", 0.0, 0.0, 1.0);
   st.cfg_mode = a.choice("t2i-cfg-mode", "true_uncond", {"true_uncond", "empty_token"});
   if (st.cfg_mode == "empty_token") st.g.cfg_mode = ud::CfgMode::empty_condition;
   if (st.g.cfg_mode == ud::CfgMode::empty_condition && !st.mode_name.empty() &&

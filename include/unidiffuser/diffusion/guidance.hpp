@@ -27,6 +27,7 @@
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/diffusion/groups.hpp"
 #include "unidiffuser/diffusion/task.hpp"
+#include "unidiffuser/schedule/vp.hpp"
 
 namespace unidiffuser {
 
@@ -53,6 +54,18 @@ struct GuidanceOptions {
   int levels = 1000;  //!< N: time input of marginalised groups and the factor of N * tau
   //! Form N * tau as the reference does: float32(float32(tau) * N). Off: double product.
   bool float32_time_input = true;
+  //! Guidance rescale phi in [0, 1] (Lin et al., "Common Diffusion Noise Schedules and Sample
+  //! Steps Are Flawed", WACV 2024, eq. 15-16, taken to the data prediction): per sample and
+  //! generated group, the guided data prediction x0 = (x - sigma e) / alpha is scaled by
+  //! phi * std(x0_cond) / std(x0_guided) + (1 - phi), where std is over the group's elements of
+  //! the sample. Guidance extrapolates x0 away from the reference, which inflates the magnitude of
+  //! a modality whose content is its amplitude (a sound's loudness, an image's saturation); this
+  //! brings the magnitude back to the conditional prediction's and keeps the direction. 0
+  //! (default): the official guidance, bit for bit. Not part of the official code.
+  double rescale = 0;
+  //! The noise schedule of the sampler's time (alpha, sigma at tau), needed when rescale > 0;
+  //! sample_task / sample_chain fill it from the sampler (its schedule()) when left null.
+  const VPSchedule* schedule = nullptr;
 };
 
 //! The guided noise predictor of one task; a callable `(state, tau, eps_out)` for samplers.
@@ -83,6 +96,12 @@ class GuidedPredictor {
     if (batch_ < 1) throw_mismatch(op, "batch", "batch size", ">= 1", batch_);
     if (opt_.levels < 1) throw_mismatch(op, "levels", "number of levels", ">= 1", opt_.levels);
     if (!std::isfinite(opt_.scale)) throw error(op, "scale", "guidance scale must be finite");
+    if (!(opt_.rescale >= 0 && opt_.rescale <= 1))
+      throw_mismatch(op, "rescale", "guidance rescale phi", "a value in [0, 1]", opt_.rescale);
+    if (opt_.rescale > 0 && opt_.schedule == nullptr)
+      throw error(
+          op, "rescale",
+          "guidance rescale needs GuidanceOptions::schedule (the sampler's noise schedule)");
     const std::size_t n_gen = task_.count(Role::generate), n_cond = task_.count(Role::condition);
     keep_ = opt_.keep_condition_in_reference && n_gen >= 2;
     if (opt_.scale != 0) {
@@ -114,6 +133,13 @@ class GuidedPredictor {
       if (active_) {
         ref_[g] = Tensor<T, Backend>(want);
         scratch_[g] = Tensor<T, Backend>(want);
+      }
+      if (active_ && opt_.rescale > 0 && task_.generated(g)) {
+        zeros_[g] = Tensor<T, Backend>(want);
+        ones_[g] = Tensor<T, Backend>(want);
+        means_[g] = Tensor<T, Backend>(want);
+        ops::fill<T>(ctx_, zeros_[g].view(), T(0));
+        ops::fill<T>(ctx_, ones_[g].view(), T(1));
       }
       if (noisy && opt_.marginal_noise == MarginalNoise::fresh) xi_[g] = Tensor<T, Backend>(want);
     }
@@ -198,7 +224,7 @@ class GuidedPredictor {
       }
       call(xr, t, o);
       for (std::size_t g = 0; g < K; ++g)
-        if (task_.generated(g)) combine(ctx, eo, g);
+        if (task_.generated(g)) combine(ctx, eo, g, tau);
       return;
     }
     for (std::size_t g = 0; g < K; ++g)
@@ -215,7 +241,7 @@ class GuidedPredictor {
         tr[h] = t_max_;
       }
       call(xr, tr, o);
-      combine(ctx, eo, g);
+      combine(ctx, eo, g, tau);
     }
   }
 
@@ -244,12 +270,53 @@ class GuidedPredictor {
     ++calls_;
     net_(ctx_, x, t, o);
   }
-  // eps_out[:, group g] = (1 + s) e_g - s r_g
-  void combine(const Context<Backend>& ctx, View eo, std::size_t g) {
+  // eps_out[:, group g] = (1 + s) e_g - s r_g, then the optional rescale
+  void combine(const Context<Backend>& ctx, View eo, std::size_t g, double tau) {
     const double s = opt_.scale;
+    const auto dst = column_block(eo, state_off_[g], layout_.size(g));
     ops::lincomb<T>(
-        ctx, column_block(eo, state_off_[g], layout_.size(g)),
+        ctx, dst,
         {{1.0 + s, as_rows(CView(out_[g].view()))}, {-s, as_rows(CView(ref_[g].view()))}});
+    if (opt_.rescale > 0) rescale(ctx, dst, g, tau);
+  }
+  // Guidance rescale (GuidanceOptions::rescale). With u = x - sigma e (alpha x0), the data
+  // prediction scaled by f is e' = f e + (1 - f) x / sigma; f = phi std(u_cond) / std(u_guided)
+  // + 1 - phi per sample (alpha cancels). The row moments come from squared-error reductions,
+  // available on every backend: the mean from those against 0 and 1 (sum u = (sum u^2 + D -
+  // sum (u - 1)^2) / 2), then the variance from the one against the mean.
+  void rescale(const Context<Backend>& ctx, RowBlock<T, Backend> dst, std::size_t g, double tau) {
+    const double alpha = opt_.schedule->marginal_alpha(tau),
+                 sigma = opt_.schedule->marginal_std(tau), phi = opt_.rescale;
+    if (!(sigma > 0) || !(alpha > 0)) return;
+    const auto x = as_rows(CView(in_[g].view()));
+    // the reference output is no longer needed: it holds u_cond; scratch holds u_guided
+    ops::lincomb<T>(ctx, as_rows(ref_[g].view()),
+                    {{1.0, x}, {-sigma, as_rows(CView(out_[g].view()))}});
+    ops::lincomb<T>(ctx, as_rows(scratch_[g].view()),
+                    {{1.0, x}, {-sigma, RowBlock<const T, Backend>(dst)}});
+    const auto b = static_cast<std::size_t>(batch_);
+    const double d = static_cast<double>(layout_.size(g));
+    std::vector<double> sq(b), sq1(b), mean(b), none(b, 0.0), f(b), c(b);
+    auto variance = [&](const Tensor<T, Backend>& u, std::vector<double>& var) {
+      const auto ur = as_rows(CView(u.view())), zeros = as_rows(CView(zeros_[g].view())),
+                 ones = as_rows(CView(ones_[g].view()));
+      ops::squared_error_rows<T>(ctx, ur, zeros, sq.data());
+      ops::squared_error_rows<T>(ctx, ur, ones, sq1.data());
+      for (std::size_t r = 0; r < b; ++r) mean[r] = (sq[r] + d - sq1[r]) / (2 * d);
+      // second pass about the mean (no cancellation in the variance)
+      ops::axpby_rows<T>(ctx, as_rows(means_[g].view()), mean.data(), ones, none.data(), zeros);
+      ops::squared_error_rows<T>(ctx, ur, as_rows(CView(means_[g].view())), var.data());
+      for (std::size_t r = 0; r < b; ++r) var[r] /= d;
+    };
+    std::vector<double> var_c(b), var_g(b);
+    variance(ref_[g], var_c);
+    variance(scratch_[g], var_g);
+    for (std::size_t r = 0; r < b; ++r) {
+      const double ratio = var_g[r] > 0 ? std::sqrt(var_c[r] / var_g[r]) : 1.0;
+      f[r] = phi * (std::isfinite(ratio) ? ratio : 1.0) + (1 - phi);
+      c[r] = (1 - f[r]) / sigma;
+    }
+    ops::axpby_rows<T>(ctx, dst, f.data(), RowBlock<const T, Backend>(dst), c.data(), x);
   }
 
   Context<Backend> ctx_;
@@ -260,7 +327,7 @@ class GuidedPredictor {
   GuidanceOptions opt_;
   std::int64_t batch_;
   std::array<CView, K> cond_, null_, fixed_;
-  std::array<Tensor<T, Backend>, K> in_, out_, ref_, xi_, scratch_;
+  std::array<Tensor<T, Backend>, K> in_, out_, ref_, xi_, scratch_, zeros_, ones_, means_;
   std::array<std::int64_t, K> state_off_{};
   std::int64_t state_size_ = 0;
   std::vector<double> t_gen_, t_zero_, t_max_;

@@ -24,6 +24,7 @@ namespace unidiffuser {
 //! components is drawn from `noise`, in group then component order (the reference draws all of
 //! them whatever the mode, UNIDIFFUSER.md §9.3), and the generated groups form the initial state.
 //! Returns one [B, D_g] tensor per group: the sample for generated groups, empty otherwise.
+//! A guidance rescale without a schedule takes the sampler's (`sampler.schedule()`).
 template <class T, std::size_t K, class Net, class Noise, class Sampler, class Backend>
 std::array<Tensor<T, Backend>, K> sample_task(
     const Context<Backend>& ctx, Net& net, Noise& noise, const GroupLayout<K>& layout,
@@ -32,7 +33,10 @@ std::array<Tensor<T, Backend>, K> sample_task(
     std::type_identity_t<std::array<TensorView<const T, Backend>, K>> conditions = {},
     std::type_identity_t<std::array<TensorView<const T, Backend>, K>> null_conditions = {},
     std::type_identity_t<std::array<TensorView<const T, Backend>, K>> fixed_noise = {}) {
-  GuidedPredictor<T, K, Net, Noise, Backend> pred(ctx, net, noise, layout, task, guidance, batch,
+  GuidanceOptions opt = guidance;
+  if constexpr (requires { sampler.schedule(); })
+    if (opt.schedule == nullptr) opt.schedule = &sampler.schedule();
+  GuidedPredictor<T, K, Net, Noise, Backend> pred(ctx, net, noise, layout, task, opt, batch,
                                                   conditions, null_conditions, fixed_noise);
   Tensor<T, Backend> state(Shape{batch, pred.state_size()});
   std::array<Tensor<T, Backend>, K> init;

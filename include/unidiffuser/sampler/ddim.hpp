@@ -61,6 +61,8 @@ class Ddim {
     grid_ = time_steps(ns_, opt_.skip_type, opt_.T, opt_.eps, opt_.steps);
   }
   const std::vector<double>& timesteps() const { return grid_; }
+  //! The noise schedule of the sampler's time.
+  const VPSchedule& schedule() const { return ns_; }
   int nfe() const { return opt_.steps; }
   Workspace make_workspace(std::int64_t rows, std::int64_t cols) const { return {rows, cols}; }
 
