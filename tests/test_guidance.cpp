@@ -312,3 +312,47 @@ TEST_CASE("guidance rescale: sample_task takes the sampler's schedule; bad value
                          doctest::Contains("rescale"), ud::error);
   }
 }
+
+TEST_CASE("guidance interval: outside it one unguided call and no reference draws") {
+  std::vector<std::string> log;
+  LogNet net{&log};
+  const double tau = 0.5;
+  net.tau_in = static_cast<double>(static_cast<float>(tau) * 1000.f);
+  ud::Tensor<double> x(ud::Shape{2, 13}), e(ud::Shape{2, 13}), e0(ud::Shape{2, 13});
+  for (auto& v : x) v = 1;
+  auto run = [&](double scale, double lo, double hi, ud::Tensor<double>& out) {
+    log.clear();
+    LogNoise noise{&log};
+    ud::GuidanceOptions g;
+    g.scale = scale;
+    g.interval_lo = lo;
+    g.interval_hi = hi;
+    ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(ud::Context<ud::cpu>{}, net, noise, layout(),
+                                                       ud::tasks::joint(), g, 2);
+    p(x.view(), tau, out.view());
+    std::string s;
+    for (const auto& l : log) s += (s.empty() ? "" : " ") + l;
+    return s;
+  };
+  const std::string guided =
+      "call(tau,tau)[state,state] draw0.0 draw0.1 draw1.0 call(tau,N)[state,xi2] "
+      "call(N,tau)[xi0,state]";
+  CHECK(run(7, 0.4, 0.6, e) == guided);
+  CHECK(run(7, 0.5, 0.5, e) == guided);  // the bounds are inside
+  CHECK(run(0, 0, 1, e0) == "call(tau,tau)[state,state]");
+  for (auto [lo, hi] : {std::pair{0.6, 1.0}, std::pair{0.0, 0.4}}) {
+    CAPTURE(lo);
+    CHECK(run(7, lo, hi, e) == "call(tau,tau)[state,state]");
+    for (std::int64_t i = 0; i < e.size(); ++i) CHECK(e.data()[i] == e0.data()[i]);
+  }
+  LogNoise noise{&log};
+  ud::GuidanceOptions g;
+  using P = ud::GuidedPredictor<double, 2, LogNet, LogNoise>;
+  for (auto [lo, hi] : {std::pair{0.6, 0.4}, std::pair{-0.1, 1.0}, std::pair{0.0, 1.5},
+                        std::pair{std::nan(""), 1.0}}) {
+    g.interval_lo = lo;
+    g.interval_hi = hi;
+    CHECK_THROWS_WITH_AS(P(ud::Context<ud::cpu>{}, net, noise, layout(), ud::tasks::joint(), g, 2),
+                         doctest::Contains("interval"), ud::error);
+  }
+}

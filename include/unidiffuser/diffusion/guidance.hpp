@@ -63,6 +63,12 @@ struct GuidanceOptions {
   //! brings the magnitude back to the conditional prediction's and keeps the direction. 0
   //! (default): the official guidance, bit for bit. Not part of the official code.
   double rescale = 0;
+  //! Guidance interval (Kynkaanniemi et al., "Applying Guidance in a Limited Interval Improves
+  //! Sample and Distribution Quality", NeurIPS 2024): guidance applies only at solver times tau
+  //! in [interval_lo, interval_hi] (tau = 1 is pure noise); elsewhere the evaluation is the
+  //! unguided prediction, one network call, no reference noise drawn. Default [0, 1]: everywhere
+  //! (official). Not part of the official code.
+  double interval_lo = 0, interval_hi = 1;
   //! The noise schedule of the sampler's time (alpha, sigma at tau), needed when rescale > 0;
   //! sample_task / sample_chain fill it from the sampler (its schedule()) when left null.
   const VPSchedule* schedule = nullptr;
@@ -98,6 +104,11 @@ class GuidedPredictor {
     if (!std::isfinite(opt_.scale)) throw error(op, "scale", "guidance scale must be finite");
     if (!(opt_.rescale >= 0 && opt_.rescale <= 1))
       throw_mismatch(op, "rescale", "guidance rescale phi", "a value in [0, 1]", opt_.rescale);
+    if (!(opt_.interval_lo >= 0 && opt_.interval_lo <= opt_.interval_hi && opt_.interval_hi <= 1))
+      throw error(op, "interval",
+                  "guidance interval must satisfy 0 <= interval_lo <= interval_hi <= 1; got [" +
+                      std::to_string(opt_.interval_lo) + ", " + std::to_string(opt_.interval_hi) +
+                      "]");
     if (opt_.rescale > 0 && opt_.schedule == nullptr)
       throw error(
           op, "rescale",
@@ -156,7 +167,7 @@ class GuidedPredictor {
   std::int64_t state_offset(std::size_t g) const { return state_off_[g]; }
   //! Whether reference calls are made.
   bool guidance_active() const { return active_; }
-  //! Network forwards per evaluation.
+  //! Network forwards per evaluation (inside the guidance interval).
   int forwards_per_call() const {
     if (!active_) return 1;
     return opt_.cfg_mode == CfgMode::empty_condition
@@ -208,7 +219,7 @@ class GuidedPredictor {
       o[g] = out_[g].view();
     }
     call(x, t, o);
-    if (!active_) {
+    if (!active_ || tau < opt_.interval_lo || tau > opt_.interval_hi) {
       for (std::size_t g = 0; g < K; ++g)
         if (task_.generated(g))
           ops::copy<T>(ctx, as_rows(CView(out_[g].view())),
