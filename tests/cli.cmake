@@ -294,3 +294,18 @@ if(TARGET unidiffuser-shapes)
              COMMAND ${_shapes} --steps 0)
   cli_expect(cli_shapes_help RC 0 STDOUT "usage: unidiffuser-shapes" COMMAND ${_shapes} --help)
 endif()
+if(TARGET unidiffuser-shapes3)
+  set(_shapes3 $<TARGET_FILE:unidiffuser-shapes3>)
+  set(_s3err "unidiffuser-shapes3: error: command line: ")
+  cli_expect(cli_shapes3_loss_weights_count RC 1
+             STDERR "${_s3err}--loss-weights: expected three comma-separated weights"
+             COMMAND ${_shapes3} --retrain --loss-weights 1,2 --out ${_cli}/s3x)
+  cli_expect(cli_shapes3_loss_weights_value RC 1 STDERR "${_s3err}--loss-weights: not a finite"
+             COMMAND ${_shapes3} --retrain --loss-weights 1,,2 --out ${_cli}/s3x)
+  cli_expect(cli_shapes3_interval_order RC 1 STDERR "${_s3err}--interval: expected LO,HI"
+             COMMAND ${_shapes3} --interval 0.8,0.2 --out ${_cli}/s3x)
+  cli_expect(cli_shapes3_scale_range RC 1 STDERR "${_s3err}--scale: number out of range"
+             COMMAND ${_shapes3} --scale 1,25 --out ${_cli}/s3x)
+  cli_expect(cli_shapes3_rescale_range RC 1 STDERR "${_s3err}--rescale: number out of range"
+             COMMAND ${_shapes3} --rescale 1.5 --out ${_cli}/s3x)
+endif()

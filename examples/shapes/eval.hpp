@@ -32,6 +32,8 @@ namespace ud = unidiffuser;
 struct EvalSettings {
   bool full = false, quiet = false;
   double best_scale = 3.0;
+  double rescale = 0.0;  //!< guidance rescale phi (GuidanceOptions::rescale; 0: official)
+  double interval_lo = 0.0, interval_hi = 1.0;  //!< GuidanceOptions::interval_lo / _hi
   std::int64_t samples = 256, marginal_samples = 2048;
   int steps = 12;
   std::uint64_t seed = 2024;

@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -117,6 +118,8 @@ struct TrainSettings {
   //! "elements": the mean over all elements of both groups (the image has 768, the caption 160);
   //! "group-mean": the mean of the two groups' MSEs (train::group_mean_weights).
   std::string loss = "elements";
+  //! Explicit per-group loss weights (TrainerOptions::group_weights; overrides `loss` when set).
+  std::vector<double> group_weights{};
   //! Per group, the probability that a sample trains the group's marginalised input (fresh noise
   //! at level N; TrainerOptions::marginal_probability).
   double marginal_p = 0.0;
@@ -130,6 +133,7 @@ typename ud::train::Trainer<float, K>::Options options_for(const TrainSettings& 
                                                            const ud::nn::UViTConfig& cfg) {
   typename ud::train::Trainer<float, K>::Options o;
   if (s.loss == "group-mean") o.group_weights = ud::train::group_mean_weights(cfg.layout<K>());
+  if (!s.group_weights.empty()) o.group_weights = s.group_weights;
   o.marginal_probability.assign(K, s.marginal_p);
   o.min_snr_gamma = s.min_snr;
   o.seed = s.seed;
@@ -173,14 +177,15 @@ void train_network(const ud::nn::UViTConfig& cfg,
   const auto ema = tr.ema().weights();
   std::copy_n(ema.data(), ema.size(), net.parameters().data());
   net.parameters_changed();
-  nlohmann::json info = {{"seed", ts.seed},       {"steps", ts.steps},
-                         {"batch", ts.batch},     {"lr", ts.lr},
-                         {"min_lr", ts.min_lr},   {"warmup", ts.warmup},
-                         {"ema", ts.ema},         {"weight_decay", ts.weight_decay},
-                         {"clip", ts.clip},       {"pos_std", ts.pos_std},
-                         {"loss", ts.loss},       {"marginal_p", ts.marginal_p},
-                         {"min_snr", ts.min_snr}, {"final_loss", last.loss},
-                         {"seconds", secs},       {"resumed_at", first}};
+  nlohmann::json info = {{"seed", ts.seed},         {"steps", ts.steps},
+                         {"batch", ts.batch},       {"lr", ts.lr},
+                         {"min_lr", ts.min_lr},     {"warmup", ts.warmup},
+                         {"ema", ts.ema},           {"weight_decay", ts.weight_decay},
+                         {"clip", ts.clip},         {"pos_std", ts.pos_std},
+                         {"loss", ts.loss},         {"marginal_p", ts.marginal_p},
+                         {"min_snr", ts.min_snr},   {"group_weights", ts.group_weights},
+                         {"final_loss", last.loss}, {"seconds", secs},
+                         {"resumed_at", first}};
   ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", world}});
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,

@@ -4,9 +4,11 @@
 // the library); one U-ViT with three timestep groups samples every task over them — each ordered
 // pair, two-to-one, one-to-two, the joint and each marginal — scored by the world's readers;
 // writes a PNG grid per task and report.md / report.json (docs/CUSTOM_LAYOUTS.md).
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -48,7 +50,13 @@ report.json.
   --retrain           train from scratch first (docs/CUSTOM_LAYOUTS.md), write
                       OUT/shapes3.safetensors and evaluate it
   --out DIR           output directory (default shapes3-out; created)
-  --scale S           the "best" guidance scale (default 3; 0..20)
+  --scale S[,S...]    guidance scales tried besides 0 (default 1,2,3; each 0..20); a task's
+                      best scale is the one of highest accuracy, where its bars apply
+  --interval LO,HI    guide only at solver times tau in [LO, HI] (GuidanceOptions::interval_lo,
+                      interval_hi; 1 = pure noise; default 0.5,1: guidance at low noise
+                      amplifies the sound's model error, docs/CUSTOM_LAYOUTS.md)
+  --rescale PHI       guidance rescale in [0, 1] (GuidanceOptions::rescale: the guided data
+                      prediction keeps the conditional one's spread; default 0, the official)
   --samples N         samples per task and scale (default 256; 1..65536)
   --marginal-samples N  samples of each marginal (default 1024; 1..65536)
   --steps N           DPM-Solver++ steps (default 12; 1..1000)
@@ -61,49 +69,58 @@ training (with --retrain):
   --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
   --embed E --depth D --heads H   network size (default 128, 7, 4)
   --min-snr G         min-SNR-gamma weighting of the loss over levels (0: off; default 0)
+  --loss-weights I,C,S  weight of the image, caption and sound squared errors (default 1,2,4,
+                      the committed network's; 1,1,1 is the mean over all 992 elements, where
+                      the sound's 64 count for 6 %)
   --resume            continue OUT/train_state.safetensors
 
 Prints the quality table. Exit codes: 0 done; 1 error (one line on stderr); 3 (with --check) a
 quality bar failed.
 )";
 
+//! The comma-separated reals of `text` (at least one), each within [lo, hi].
+std::vector<double> reals(const std::string& text, const std::string& flag, double lo, double hi) {
+  std::vector<double> v;
+  for (std::size_t at = 0;;) {
+    const std::size_t end = std::min(text.find(',', at), text.size());
+    v.push_back(ud::cli::parse_real(text.substr(at, end - at), flag, lo, hi));
+    if (end == text.size()) return v;
+    at = end + 1;
+  }
+}
+
 int main_impl(int argc, char** argv) {
-  const ud::cli::Args a({{"checkpoint"},
-                         {"prefix"},
-                         {"retrain", false},
-                         {"out"},
-                         {"scale"},
-                         {"samples"},
-                         {"marginal-samples"},
-                         {"steps"},
-                         {"seed"},
-                         {"threads"},
-                         {"quiet", false},
-                         {"check", false},
-                         {"train-steps"},
-                         {"batch"},
-                         {"lr"},
-                         {"train-seed"},
-                         {"embed"},
-                         {"depth"},
-                         {"heads"},
-                         {"min-snr"},
-                         {"resume", false}},
+  const ud::cli::Args a({{"checkpoint"},   {"prefix"},       {"retrain", false},
+                         {"out"},          {"scale"},        {"rescale"},
+                         {"interval"},     {"samples"},      {"marginal-samples"},
+                         {"steps"},        {"seed"},         {"threads"},
+                         {"quiet", false}, {"check", false}, {"train-steps"},
+                         {"batch"},        {"lr"},           {"train-seed"},
+                         {"embed"},        {"depth"},        {"heads"},
+                         {"min-snr"},      {"loss-weights"}, {"resume", false}},
                         argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
     return 0;
   }
   const bool retrain = a.has("retrain"), quiet = a.has("quiet");
-  for (const char* k :
-       {"train-steps", "batch", "lr", "train-seed", "embed", "depth", "heads", "min-snr", "resume"})
+  for (const char* k : {"train-steps", "batch", "lr", "train-seed", "embed", "depth", "heads",
+                        "min-snr", "loss-weights", "resume"})
     if (a.has(k) && !retrain)
       throw ud::error(ud::cli::op, std::string("--") + k, "applies with --retrain only");
   if (retrain && a.has("checkpoint"))
     throw ud::error(ud::cli::op, "--checkpoint", "--retrain evaluates the network it trains");
   const std::string out = a.text("out", "shapes3-out");
   shapes::EvalSettings ev;
-  ev.best_scale = a.real("scale", 3.0, 0.0, 20.0);
+  const auto scales = reals(a.text("scale", "1,2,3"), "--scale", 0.0, 20.0);
+  ev.rescale = a.real("rescale", 0.0, 0.0, 1.0);
+  {
+    const auto iv = reals(a.text("interval", "0.5,1"), "--interval", 0.0, 1.0);
+    if (iv.size() != 2 || !(iv[0] <= iv[1]))
+      throw ud::error(ud::cli::op, "--interval",
+                      "expected LO,HI with 0 <= LO <= HI <= 1; got '" + a.text("interval") + "'");
+    ev.interval_lo = iv[0], ev.interval_hi = iv[1];
+  }
   ev.samples = a.integer<std::int64_t>("samples", 256, 1, 65536);
   ev.marginal_samples = a.integer<std::int64_t>("marginal-samples", 1024, 1, 65536);
   ev.steps = a.integer("steps", 12, 1, 1000);
@@ -130,6 +147,13 @@ int main_impl(int argc, char** argv) {
     ts.lr = a.real("lr", ts.lr, 1e-7, 1.0);
     ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
+    {
+      ts.group_weights = reals(a.text("loss-weights", "1,2,4"), "--loss-weights", 0.0, 1e6);
+      if (ts.group_weights.size() != 3)
+        throw ud::error(ud::cli::op, "--loss-weights",
+                        "expected three comma-separated weights (image, caption, sound); got '" +
+                            a.text("loss-weights") + "'");
+    }
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
     ms.depth = a.integer<std::int64_t>("depth", ms.depth, 1, 64);
@@ -153,7 +177,7 @@ int main_impl(int argc, char** argv) {
   ud::check_checkpoint(cfg, f, prefix);
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, prefix);
-  const auto rows = shapes::evaluate3(net, ev, out);
+  const auto rows = shapes::evaluate3(net, ev, scales, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out, kProgram);
   return a.has("check") && failed > 0 ? 3 : 0;
 }
