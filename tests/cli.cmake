@@ -99,6 +99,16 @@ cli_expect(cli_sample_guidance_rescale RC 0 CREATES ${_cli}/rescaled.safetensors
            FILE_CONTAINS "guidance_rescale"
            COMMAND ${_run_tiny} --mode joint --steps 4 --guidance-rescale 0.7 --quiet
                    --out ${_cli}/rescaled.safetensors)
+cli_expect(cli_sample_guidance_interval RC 0 CREATES ${_cli}/interval.safetensors
+           FILE_CONTAINS "guidance_interval"
+           COMMAND ${_run_tiny} --mode joint --steps 4 --guidance-interval 0.5,1 --quiet
+                   --out ${_cli}/interval.safetensors)
+cli_expect(cli_sample_guidance_interval_order RC 1
+           STDERR "${_opt}--guidance-interval: expected LO <= HI"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-interval 0.8,0.2)
+cli_expect(cli_sample_guidance_interval_form RC 1
+           STDERR "${_opt}--guidance-interval: expected LO,HI"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-interval 0.5)
 cli_expect(cli_sample_guidance_rescale_range RC 1 STDERR "${_opt}--guidance-rescale: number out of range"
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-rescale 2)
 cli_expect(cli_sample_sampler RC 1 STDERR "${_opt}--sampler: unknown value. expected dpm_solver"

@@ -69,6 +69,9 @@ any saved layout of 1 to 8 timestep groups) and writes the generated components 
                         -1000..1000                                                 [7]
   --guidance-rescale P  rescale phi of the guided data prediction, 0..1 (not official:
                         GuidanceOptions::rescale)                                     [0]
+  --guidance-interval LO,HI
+                        guide only at solver times tau in [LO, HI], 0 <= LO <= HI <= 1 (not
+                        official: GuidanceOptions::interval_lo, interval_hi)          [0,1]
   --t2i-cfg-mode M      true_uncond | empty_token                                    [true_uncond]
   --sampler S           dpm_solver++ | dpm_solver | ddim | ddpm                      [dpm_solver++]
   --method M            fast | singlestep | multistep (DPM-Solver only)               [fast]
@@ -94,16 +97,27 @@ caption models, which this library does not include yet.)";
 
 constexpr const char* kProgram = "unidiffuser-sample";
 
-const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},  {"prefix"},
-                                               {"config"},      {"mode"},
-                                               {"task"},        {"conditions"},
-                                               {"out"},         {"steps"},
-                                               {"scale"},       {"guidance-rescale"},
-                                               {"sampler"},     {"t2i-cfg-mode"},
-                                               {"method"},      {"order"},
-                                               {"skip-type"},   {"seed"},
-                                               {"batch"},       {"threads"},
-                                               {"data-type"},   {"allow-nonfinite-weights", false},
+const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},
+                                               {"prefix"},
+                                               {"config"},
+                                               {"mode"},
+                                               {"task"},
+                                               {"conditions"},
+                                               {"out"},
+                                               {"steps"},
+                                               {"scale"},
+                                               {"guidance-rescale"},
+                                               {"guidance-interval"},
+                                               {"sampler"},
+                                               {"t2i-cfg-mode"},
+                                               {"method"},
+                                               {"order"},
+                                               {"skip-type"},
+                                               {"seed"},
+                                               {"batch"},
+                                               {"threads"},
+                                               {"data-type"},
+                                               {"allow-nonfinite-weights", false},
                                                {"quiet", false}};
 
 // A condition tensor for group component `spec`, broadcast to B rows: [B, numel]. The stored
@@ -477,6 +491,8 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
       {"seed", st.seed},       {"batch", st.batch},        {"t2i_cfg_mode", st.cfg_mode},
       {"checkpoint", st.ckpt}, {"data_type", st.data_type}};
   if (st.g.rescale > 0) settings["guidance_rescale"] = st.g.rescale;
+  if (st.g.interval_lo > 0 || st.g.interval_hi < 1)
+    settings["guidance_interval"] = {st.g.interval_lo, st.g.interval_hi};
   if (st.mode_name.empty())
     settings["task"] = st.task_spec;
   else
@@ -544,6 +560,16 @@ int main_impl(int argc, char** argv) {
   st.spacing = ud::parse_spacing(st.skip_type);
   st.g.scale = a.real("scale", 7.0, -1000, 1000);
   st.g.rescale = a.real("guidance-rescale", 0.0, 0.0, 1.0);
+  if (a.has("guidance-interval")) {
+    const std::string iv = a.text("guidance-interval");
+    const auto comma = iv.find(',');
+    if (comma == std::string::npos)
+      throw ud::error(ud::cli::op, "--guidance-interval", "expected LO,HI; got '" + iv + "'");
+    st.g.interval_lo = ud::cli::parse_real(iv.substr(0, comma), "--guidance-interval", 0.0, 1.0);
+    st.g.interval_hi = ud::cli::parse_real(iv.substr(comma + 1), "--guidance-interval", 0.0, 1.0);
+    if (st.g.interval_lo > st.g.interval_hi)
+      throw ud::error(ud::cli::op, "--guidance-interval", "expected LO <= HI; got '" + iv + "'");
+  }
   st.cfg_mode = a.choice("t2i-cfg-mode", "true_uncond", {"true_uncond", "empty_token"});
   if (st.cfg_mode == "empty_token") st.g.cfg_mode = ud::CfgMode::empty_condition;
   if (st.g.cfg_mode == ud::CfgMode::empty_condition && !st.mode_name.empty() &&
