@@ -340,7 +340,8 @@ TEST_CASE("guidance interval: outside it one unguided call and no reference draw
   CHECK(run(7, 0.4, 0.6, e) == guided);
   CHECK(run(7, 0.5, 0.5, e) == guided);  // the bounds are inside
   CHECK(run(0, 0, 1, e0) == "call(tau,tau)[state,state]");
-  for (auto [lo, hi] : {std::pair{0.6, 1.0}, std::pair{0.0, 0.4}}) {
+  for (const auto& range : {std::pair{0.6, 1.0}, std::pair{0.0, 0.4}}) {
+    const double lo = range.first, hi = range.second;
     CAPTURE(lo);
     CHECK(run(7, lo, hi, e) == "call(tau,tau)[state,state]");
     for (std::int64_t i = 0; i < e.size(); ++i) CHECK(e.data()[i] == e0.data()[i]);

@@ -149,6 +149,9 @@ class GuidedPredictor {
         zeros_[g] = Tensor<T, Backend>(want);
         ones_[g] = Tensor<T, Backend>(want);
         means_[g] = Tensor<T, Backend>(want);
+        for (auto* v :
+             {&rs_.sq, &rs_.sq1, &rs_.mean, &rs_.none, &rs_.f, &rs_.c, &rs_.var_c, &rs_.var_g})
+          v->assign(static_cast<std::size_t>(batch_), 0.0);
         ops::fill<T>(ctx_, zeros_[g].view(), T(0));
         ops::fill<T>(ctx_, ones_[g].view(), T(1));
       }
@@ -307,7 +310,9 @@ class GuidedPredictor {
                     {{1.0, x}, {-sigma, RowBlock<const T, Backend>(dst)}});
     const auto b = static_cast<std::size_t>(batch_);
     const double d = static_cast<double>(layout_.size(g));
-    std::vector<double> sq(b), sq1(b), mean(b), none(b, 0.0), f(b), c(b);
+    // per-sample values, sized once in the constructor
+    auto &sq = rs_.sq, &sq1 = rs_.sq1, &mean = rs_.mean, &f = rs_.f, &c = rs_.c;
+    const auto& none = rs_.none;
     auto variance = [&](const Tensor<T, Backend>& u, std::vector<double>& var) {
       const auto ur = as_rows(CView(u.view())), zeros = as_rows(CView(zeros_[g].view())),
                  ones = as_rows(CView(ones_[g].view()));
@@ -319,7 +324,7 @@ class GuidedPredictor {
       ops::squared_error_rows<T>(ctx, ur, as_rows(CView(means_[g].view())), var.data());
       for (std::size_t r = 0; r < b; ++r) var[r] /= d;
     };
-    std::vector<double> var_c(b), var_g(b);
+    auto &var_c = rs_.var_c, &var_g = rs_.var_g;
     variance(ref_[g], var_c);
     variance(scratch_[g], var_g);
     for (std::size_t r = 0; r < b; ++r) {
@@ -342,6 +347,9 @@ class GuidedPredictor {
   std::array<std::int64_t, K> state_off_{};
   std::int64_t state_size_ = 0;
   std::vector<double> t_gen_, t_zero_, t_max_;
+  struct RescaleScratch {  // per-sample moments and coefficients of the guidance rescale
+    std::vector<double> sq, sq1, mean, none, f, c, var_c, var_g;
+  } rs_;
   bool active_ = false, keep_ = false;
   std::uint64_t calls_ = 0;
 };
