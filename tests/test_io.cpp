@@ -446,3 +446,124 @@ TEST_CASE("load_checkpoint refuses non-finite weights unless asked, leaving the 
   CHECK(net.param("mid_block.mlp.fc1.weight")[8] ==
         g.get_vector<float>("param/mid_block.mlp.fc1.weight")[8]);
 }
+
+TEST_CASE("safetensors::open reads on demand: the same values as read, in chunks, and its errors") {
+  TempDir d("unidiffuser_test_io_open");
+  const std::string path = d / "t.safetensors";
+  // more than one 4 MiB chunk when converted (bf16: 2 Mi elements per chunk) and when copied
+  const std::int64_t n = (std::int64_t{5} << 20) / 2 + 7;
+  ud::Tensor<float> big(ud::Shape{n});
+  for (std::int64_t i = 0; i < n; ++i) big[i] = static_cast<float>((i % 1001) - 500) * 0.25f;
+  big[n - 3] = std::numeric_limits<float>::quiet_NaN();
+  ud::Tensor<double> small(ud::Shape{2, 3});
+  for (std::int64_t i = 0; i < 6; ++i) small[i] = 1.0 / (1.0 + static_cast<double>(i));
+  ud::Tensor<std::int64_t> ids(ud::Shape{4});
+  for (std::int64_t i = 0; i < 4; ++i) ids[i] = 10 * i - 7;
+  ud::Tensor<float> empty(ud::Shape{0, 5});
+  st::Writer w;
+  w.add<float>("f32", big).add<double>("f64", small).add<std::int64_t>("i64", ids);
+  w.add_converted("bf16", big.view(), ud::dtype::bf16);
+  ud::Tensor<float> small32(ud::Shape{2, 3});
+  for (std::int64_t i = 0; i < 6; ++i) small32[i] = static_cast<float>(small[i]);
+  w.add_converted("f16", small32.view(), ud::dtype::f16);
+  w.add<float>("empty", empty);
+  w.metadata("note", "hello");
+  w.write(path);
+
+  const auto r = st::File::read(path);
+  const auto o = st::File::open(path);
+  CHECK(r.in_memory());
+  CHECK_FALSE(o.in_memory());
+  CHECK(o.metadata("note") == "hello");
+  REQUIRE(o.tensors().size() == r.tensors().size());
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  for (const auto& t : r.tensors()) {
+    CAPTURE(t.name);
+    CHECK(o.info(t.name).shape == t.shape);
+    CHECK(o.info(t.name).type == t.type);
+    CHECK(same_bits(o.get_vector<float>(t.name), r.get_vector<float>(t.name)));
+    CHECK(o.get_vector<double>(t.name).size() == r.get_vector<double>(t.name).size());
+  }
+  CHECK(o.get_vector<std::int64_t>("i64") == r.get_vector<std::int64_t>("i64"));
+  CHECK(o.get<double>("f64").shape() == (ud::Shape{2, 3}));
+  ud::Tensor<float> into(ud::Shape{n});
+  o.get_into<float>("bf16", into.view());
+  CHECK(same_bits(std::vector<float>(into.begin(), into.end()), r.get_vector<float>("bf16")));
+  // chunks: consecutive, whole elements, at most 4 MiB each, covering the tensor once
+  std::int64_t covered = 0, pieces = 0;
+  bool ordered = true;
+  o.for_each_chunk("bf16", [&](const unsigned char*, std::size_t first, std::size_t count) {
+    ordered = ordered && static_cast<std::int64_t>(first) == covered && count * 2 <= (4u << 20);
+    covered += static_cast<std::int64_t>(count);
+    ++pieces;
+  });
+  CHECK(ordered);
+  CHECK(covered == n);
+  CHECK(pieces == 2);
+  r.for_each_chunk("bf16", [&](const unsigned char*, std::size_t, std::size_t count) {
+    CHECK(static_cast<std::int64_t>(count) == n);
+  });
+  o.for_each_chunk("empty", [&](const unsigned char*, std::size_t, std::size_t) { CHECK(false); });
+  CHECK(has(message_of([&] { (void)o.raw("f32"); }), "use for_each_chunk"));
+  // a copy shares the open file and outlives the original
+  std::vector<float> via_copy;
+  {
+    const st::File c = o;
+    via_copy = c.get_vector<float>("f64");
+  }
+  CHECK(via_copy == r.get_vector<float>("f64"));
+
+  // the same validation and file checks as read
+  CHECK(has(message_of([&] { st::File::open(d.dir.string()); }), "not a regular file"));
+  CHECK(has(message_of([&] { st::File::open(d / "missing"); }), "cannot open"));
+  std::ofstream(d / "empty").close();
+  CHECK(has(message_of([&] { st::File::open(d / "empty"); }), "shorter than the 8-byte"));
+  {
+    const auto bad = raw_file(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8);
+    std::ofstream(d / "bad", std::ios::binary)
+        .write(reinterpret_cast<const char*>(bad.data()), static_cast<std::streamsize>(bad.size()));
+    CHECK(has(message_of([&] { st::File::open(d / "bad"); }), "does not match shape"));
+    const auto huge = raw_file("{}", 0);
+    std::vector<unsigned char> h = huge;
+    const std::uint64_t len = 1000;  // header length beyond the file
+    std::memcpy(h.data(), &len, 8);
+    std::ofstream(d / "long", std::ios::binary)
+        .write(reinterpret_cast<const char*>(h.data()), static_cast<std::streamsize>(h.size()));
+    CHECK(has(message_of([&] { st::File::open(d / "long"); }), "header length exceeds the file"));
+  }
+  // a file that shrinks after it was opened: an error naming it, not a crash
+  const std::string shrink = d / "shrink.safetensors";
+  std::filesystem::copy_file(path, shrink);
+  const auto s = st::File::open(shrink);
+  std::filesystem::resize_file(shrink, 64);
+  const std::string m = message_of([&] { (void)s.get_vector<float>("f32"); });
+  CHECK(has(m, shrink));
+  CHECK(has(m, "shrank since it was opened"));
+}
+
+TEST_CASE(
+    "load_checkpoint from an opened file: the same weights, non-finite values found by index") {
+  const auto g = st::File::read(kGolden);
+  const auto cfg = ud::checkpoint_config(g, "param/");
+  ud::nn::UViT<float> a(cfg), b(cfg);
+  ud::load_checkpoint(a, g, "param/");
+  ud::load_checkpoint(b, st::File::open(kGolden), "param/");
+  CHECK(a.parameters().size() == b.parameters().size());
+  CHECK(std::memcmp(a.parameters().data(), b.parameters().data(),
+                    static_cast<std::size_t>(a.parameters().size()) * sizeof(float)) == 0);
+  // a NaN in the second 4 MiB chunk of a bf16 tensor is reported at its global index
+  TempDir d("unidiffuser_test_io_open_nan");
+  const std::string path = d / "nan.safetensors";
+  const std::int64_t n = (std::int64_t{5} << 20) / 2;
+  ud::Tensor<float> v(ud::Shape{n});
+  for (std::int64_t i = 0; i < n; ++i) v[i] = 0.5f;
+  v[n - 11] = std::numeric_limits<float>::infinity();
+  st::Writer w;
+  w.add_converted("x", v.view(), ud::dtype::bf16);
+  w.write(path);
+  const auto [count, first] = ud::detail::count_nonfinite<float>(st::File::open(path), "x");
+  CHECK(count == 1);
+  CHECK(first == n - 11);
+}

@@ -166,7 +166,7 @@ int main_impl(int argc, char** argv) {
     throw ud::error("checkpoint", ckpt,
                     "no trained checkpoint at the default path; train one with --retrain or pass "
                     "--checkpoint FILE");
-  const auto f = ud::safetensors::File::read(ckpt);
+  const auto f = ud::safetensors::File::open(ckpt);
   const std::string prefix = a.text("prefix");
   const auto cfg = ud::checkpoint_config(f, prefix);
   ud::check_config_bounds(cfg);

@@ -598,7 +598,7 @@ int main_impl(int argc, char** argv) {
   Eigen::setNbThreads(st.threads);
 
   // 3. config and checkpoint checked, memory estimated, before the network is allocated
-  const auto f = ud::safetensors::File::read(st.ckpt);
+  const auto f = ud::safetensors::File::open(st.ckpt);
   const auto cfg = load_config(st.config_path, f, st.prefix);
   ud::check_config_bounds(cfg);
   ud::check_checkpoint(cfg, f, st.prefix);

@@ -281,14 +281,14 @@ template <class T>
 std::pair<std::int64_t, std::int64_t> count_nonfinite(const safetensors::File& f,
                                                       const std::string& name) {
   const auto& info = f.info(name);
-  const unsigned char* p = f.raw(name);
-  const std::int64_t n = info.numel();
   std::int64_t count = 0, first = -1;
-  const auto es = static_cast<std::int64_t>(dtype_size(info.type));
+  const auto es = static_cast<std::size_t>(dtype_size(info.type));
   auto scan = [&](auto type) {  // the dtype as a compile-time constant: no switch per element
-    for (std::int64_t k = 0; k < n; ++k)
-      if (!std::isfinite(safetensors::detail::load_elem<T>(p + k * es, decltype(type)::value)))
-        if (count++ == 0) first = k;
+    f.for_each_chunk(name, [&](const unsigned char* p, std::size_t at, std::size_t n) {
+      for (std::size_t k = 0; k < n; ++k)
+        if (!std::isfinite(safetensors::detail::load_elem<T>(p + k * es, decltype(type)::value)))
+          if (count++ == 0) first = static_cast<std::int64_t>(at + k);
+    });
   };
   switch (info.type) {
     case dtype::f64: scan(std::integral_constant<dtype, dtype::f64>{}); break;

@@ -10,6 +10,11 @@
 //! duplicate names, no overlap and no holes in the data block. Errors name the file and the
 //! tensor. Tensors (zero-element ones included) convert to the requested working type. The writer
 //! is atomic and durable (exclusive temporary, fsync, rename, directory fsync). POSIX only.
+//!
+//! Two ways to hold a file: File::read reads it whole into memory (then it no longer depends on
+//! the file system); File::open parses the header and reads tensor bytes on demand with pread —
+//! straight into the destination when no conversion is needed, through a 4 MiB buffer otherwise —
+//! so that loading a multi-GB checkpoint costs no memory beyond the parameters it fills.
 #pragma once
 
 #include <algorithm>
@@ -142,7 +147,21 @@ class TempFile {
 };
 }  // namespace detail
 
-//! A parsed, validated safetensors file held in memory.
+namespace detail {
+// The open file descriptor of File::open, shared by the copies of a File.
+struct ReadFd {
+  int fd = -1;
+  std::uint64_t size = 0;
+  explicit ReadFd(int f) : fd(f) {}
+  ReadFd(const ReadFd&) = delete;
+  ReadFd& operator=(const ReadFd&) = delete;
+  ~ReadFd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+}  // namespace detail
+
+//! A parsed, validated safetensors file: in memory (read, parse) or read on demand (open).
 class File {
  public:
   //! Parses and validates `bytes`; `source` names the file in error messages.
@@ -150,7 +169,7 @@ class File {
     File f;
     f.source_ = std::move(source);
     f.bytes_ = std::move(bytes);
-    f.validate();
+    f.validate(f.bytes_.data(), f.bytes_.size(), f.bytes_.size());
     return f;
   }
   //! Reads and validates the regular file at `path` (a directory, device or FIFO is an error;
@@ -161,13 +180,9 @@ class File {
       const int e = errno;
       throw error(op, path, what + ": " + std::strerror(e));
     };
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) fail("cannot open");
-    std::unique_ptr<const int, void (*)(const int*)> guard(&fd, [](const int* f) { ::close(*f); });
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) fail("cannot stat");
-    if (!S_ISREG(st.st_mode)) throw error(op, path, "not a regular file");
-    const auto size = static_cast<std::uint64_t>(st.st_size);
+    const auto file = open_regular(op, path);
+    const int fd = file->fd;
+    const std::uint64_t size = file->size;
     std::vector<unsigned char> buf;
     try {
       buf.resize(static_cast<std::size_t>(size));
@@ -186,6 +201,29 @@ class File {
     if (::read(fd, &extra, 1) > 0) throw error(op, path, "the file grew while it was being read");
     return parse(std::move(buf), path);
   }
+  //! Opens the regular file at `path` for reading on demand: the header is read and validated
+  //! now (the same checks as read), tensor bytes when a tensor is converted. The File keeps the
+  //! file open (its copies share the descriptor); the file must not change while it is in use: a
+  //! file that shrank is an error naming it, other changes in place are not detected.
+  static File open(const std::string& path) {
+    const char* op = "safetensors::open";
+    File f;
+    f.source_ = path;
+    f.file_ = open_regular(op, path);
+    const std::uint64_t size = f.file_->size;
+    std::vector<unsigned char> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 8)));
+    f.pread_all(head.data(), head.size(), 0, "the header length");
+    std::uint64_t n = 0;
+    if (head.size() == 8) std::memcpy(&n, head.data(), 8);
+    if (n >= 1 && n <= max_header_bytes && n <= size - 8) {  // else validate names the problem
+      head.resize(static_cast<std::size_t>(8 + n));
+      f.pread_all(head.data() + 8, static_cast<std::size_t>(n), 8, "the header");
+    }
+    f.validate(head.data(), head.size(), size);
+    return f;
+  }
+  //! Whether the tensor bytes live in memory (read, parse) rather than in the file (open).
+  bool in_memory() const { return file_ == nullptr; }
 
   const std::string& source() const { return source_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -210,9 +248,22 @@ class File {
       throw error("safetensors::File::info", source_ + ": " + name, "no such tensor");
     return infos_[it->second];
   }
-  //! Raw little-endian bytes of a tensor.
+  //! Raw little-endian bytes of a tensor of an in-memory File (read, parse); a File from open
+  //! has none in memory (an error): use for_each_chunk.
   const unsigned char* raw(const std::string& name) const {
-    return bytes_.data() + data_start_ + info(name).begin;
+    const TensorInfo& i = info(name);
+    if (!in_memory())
+      throw error("safetensors::File::raw", source_ + ": " + name,
+                  "the file was opened for reading on demand (File::open); its bytes are not in "
+                  "memory: use for_each_chunk");
+    return bytes_.data() + data_start_ + i.begin;
+  }
+  //! Calls f(bytes, first, count) over consecutive pieces of a tensor's raw little-endian data:
+  //! `count` whole elements starting at element `first`. One piece for an in-memory File; pieces
+  //! of at most 4 MiB, read into one buffer, for an opened one. Nothing for zero elements.
+  template <class F>
+  void for_each_chunk(const std::string& name, F&& f) const {
+    for_each_chunk(info(name), f);
   }
 
   //! The tensor converted to `T` (float, double, or an integer type); rank <= 4.
@@ -246,39 +297,100 @@ class File {
   }
 
  private:
+  static std::shared_ptr<detail::ReadFd> open_regular(const char* op, const std::string& path) {
+    const auto fail = [&](const std::string& what) {
+      const int e = errno;
+      throw error(op, path, what + ": " + std::strerror(e));
+    };
+    // O_NONBLOCK: opening a FIFO does not block (it is refused below)
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail("cannot open");
+    auto file = std::make_shared<detail::ReadFd>(fd);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) fail("cannot stat");
+    if (!S_ISREG(st.st_mode)) throw error(op, path, "not a regular file");
+    file->size = static_cast<std::uint64_t>(st.st_size);
+    return file;
+  }
+  // Reads exactly `size` bytes at file offset `at` (opened Files), retrying short reads.
+  void pread_all(unsigned char* out, std::size_t size, std::uint64_t at,
+                 const std::string& what) const {
+    std::size_t got = 0;
+    while (got < size) {
+      const ::ssize_t r = ::pread(file_->fd, out + got, size - got, static_cast<::off_t>(at + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        const int e = errno;
+        throw error("safetensors::File", source_,
+                    "read error in " + what + ": " + std::strerror(e));
+      }
+      if (r == 0)
+        throw error("safetensors::File", source_,
+                    "the file shrank since it was opened (reading " + what + ")");
+      got += static_cast<std::size_t>(r);
+    }
+  }
+  template <class F>
+  void for_each_chunk(const TensorInfo& i, F& f) const {
+    const auto n = static_cast<std::size_t>(i.numel());
+    if (n == 0) return;
+    if (in_memory()) {
+      f(static_cast<const unsigned char*>(bytes_.data() + data_start_ + i.begin), std::size_t{0},
+        n);
+      return;
+    }
+    const std::size_t es = dtype_size(i.type);
+    const std::size_t per = std::max<std::size_t>(1, (std::size_t{4} << 20) / es);
+    std::vector<unsigned char> buf(std::min(n, per) * es);
+    for (std::size_t first = 0; first < n; first += per) {
+      const std::size_t count = std::min(per, n - first);
+      pread_all(buf.data(), count * es, data_start_ + i.begin + first * es, i.name);
+      f(static_cast<const unsigned char*>(buf.data()), first, count);
+    }
+  }
   template <class T>
   void copy_to(const TensorInfo& i, T* out) const {
-    const unsigned char* p = bytes_.data() + data_start_ + i.begin;
     const std::size_t es = dtype_size(i.type);
     const auto n = static_cast<std::size_t>(i.numel());
     if (n == 0) return;  // zero-element tensor: `out` may be null
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       if (i.type == dtype_of<T>::value) {
-        std::memcpy(out, p, n * sizeof(T));
+        if (in_memory())
+          std::memcpy(out, bytes_.data() + data_start_ + i.begin, n * sizeof(T));
+        else  // straight into the destination: no staging copy
+          pread_all(reinterpret_cast<unsigned char*>(out), n * sizeof(T), data_start_ + i.begin,
+                    i.name);
         return;
       }
     }
-    for (std::size_t k = 0; k < n; ++k) out[k] = detail::load_elem<T>(p + k * es, i.type);
+    auto convert = [&](const unsigned char* p, std::size_t first, std::size_t count) {
+      for (std::size_t k = 0; k < count; ++k)
+        out[first + k] = detail::load_elem<T>(p + k * es, i.type);
+    };
+    for_each_chunk(i, convert);
   }
 
   [[noreturn]] void fail(const std::string& subject, const std::string& what) const {
     throw error("safetensors::parse", subject.empty() ? source_ : source_ + ": " + subject, what);
   }
 
-  void validate() {
+  // Validates the file of `size` bytes whose first `available` bytes are at `bytes` (the whole
+  // file, or its header length and header).
+  void validate(const unsigned char* bytes, std::uint64_t available, std::uint64_t size) {
     using nlohmann::json;
-    const std::size_t size = bytes_.size();
     if (size < 8)
       fail("",
            "file of " + std::to_string(size) + " bytes is shorter than the 8-byte header length");
     std::uint64_t n;
-    std::memcpy(&n, bytes_.data(), 8);
+    std::memcpy(&n, bytes, 8);
     if (n == 0) fail("", "header length is 0");
     if (n > max_header_bytes)
       fail("", unidiffuser::detail::expected_got("header length", "<= 100 MiB", n));
     if (n > size - 8)
       fail("", unidiffuser::detail::expected_got("header length exceeds the file",
                                                  "<= " + std::to_string(size - 8), n));
+    if (available < 8 + n)  // cannot happen: both callers provide the header
+      fail("", "internal: the header was not read");
     data_start_ = 8 + static_cast<std::size_t>(n);
     const std::uint64_t data_size = size - data_start_;
 
@@ -298,7 +410,7 @@ class File {
     };
     json h;
     try {
-      const char* b = reinterpret_cast<const char*>(bytes_.data() + 8);
+      const char* b = reinterpret_cast<const char*>(bytes + 8);
       h = json::parse(b, b + n, cb, /*allow_exceptions=*/true);
     } catch (const json::exception& e) {
       fail("header", std::string("malformed JSON: ") + e.what());
@@ -387,7 +499,8 @@ class File {
   }
 
   std::string source_;
-  std::vector<unsigned char> bytes_;
+  std::vector<unsigned char> bytes_;      // the whole file (in memory) or empty (open)
+  std::shared_ptr<detail::ReadFd> file_;  // the file (open) or null (in memory)
   std::size_t data_start_ = 0;
   std::vector<TensorInfo> infos_;
   std::map<std::string, std::size_t> index_;
