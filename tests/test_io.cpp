@@ -567,3 +567,24 @@ TEST_CASE(
   CHECK(count == 1);
   CHECK(first == n - 11);
 }
+
+TEST_CASE("safetensors::Writer::add_ref writes the same file as add, without a copy") {
+  TempDir d("unidiffuser_test_io_ref");
+  ud::Tensor<float> a(ud::Shape{3, 4});
+  ud::Tensor<double> b(ud::Shape{5});
+  ud::Tensor<float> e(ud::Shape{0});
+  for (std::int64_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i) * 0.5f - 1.f;
+  for (std::int64_t i = 0; i < b.size(); ++i) b[i] = 1.0 / (3.0 + static_cast<double>(i));
+  st::Writer copy, ref;
+  copy.add<float>("a", a).add<double>("b", b).add<float>("e", e).metadata("k", "v");
+  ref.add_ref<float>("a", a.view()).add_ref<double>("b", b.view()).add_ref<float>("e", e.view());
+  ref.metadata("k", "v");
+  copy.write(d / "copy.safetensors");
+  ref.write(d / "ref.safetensors");
+  CHECK(bytes_of(d / "copy.safetensors") == bytes_of(d / "ref.safetensors"));
+  // the reference is read at write(): a change before it is in the file
+  a[0] = 42.f;
+  ref.write(d / "ref2.safetensors");
+  CHECK(st::File::read(d / "ref2.safetensors").get_vector<float>("a")[0] == 42.f);
+  CHECK(has(message_of([&] { ref.add_ref<float>("a", a.view()); }), "duplicate tensor name"));
+}

@@ -454,7 +454,7 @@ template <class T>
 void save_checkpoint(const nn::UViT<T>& net, const std::string& path,
                      const std::map<std::string, std::string>& metadata = {}) {
   safetensors::Writer w;
-  for (const auto& n : net.parameter_names()) w.add<T>(n, net.param(n));
+  for (const auto& n : net.parameter_names()) w.add_ref<T>(n, net.param(n));  // no copy
   try {
     w.metadata("config", net.config().to_json().dump());
   } catch (const error&) {

@@ -522,6 +522,15 @@ class Writer {
   Writer& add(const std::string& name, const Tensor<T, cpu>& t) {
     return add<T>(name, t.view());
   }
+  //! Adds a tensor stored as `T` by reference: its bytes are read by write(), so the caller keeps
+  //! them alive and unchanged until then. Saving a network this way costs no copy of its weights.
+  template <class T>
+  Writer& add_ref(const std::string& name, TensorView<const T, cpu> v) {
+    std::vector<std::int64_t> shape;
+    for (int i = 0; i < v.rank(); ++i) shape.push_back(v.dim(i));
+    return add_entry(name, dtype_of<T>::value, shape, v.data(),
+                     static_cast<std::size_t>(v.size()) * sizeof(T), false);
+  }
   //! Adds a tensor converted from float to a 16-bit storage type (f16 or bf16) or kept as f32.
   Writer& add_converted(const std::string& name, TensorView<const float, cpu> v, dtype as) {
     std::vector<std::int64_t> shape;
@@ -556,8 +565,8 @@ class Writer {
     for (const auto& e : entries_) {
       h[e.name] = {{"dtype", std::string(dtype_name(e.type))},
                    {"shape", e.shape},
-                   {"data_offsets", {off, off + e.bytes.size()}}};
-      off += e.bytes.size();
+                   {"data_offsets", {off, off + e.size}}};
+      off += e.size;
     }
     std::string header = h.dump();
     header.append((8 - header.size() % 8) % 8, ' ');
@@ -566,7 +575,7 @@ class Writer {
     detail::TempFile tmp(path);
     tmp.put(&n, 8);
     tmp.put(header.data(), header.size());
-    for (const auto& e : entries_) tmp.put(e.bytes.data(), e.bytes.size());
+    for (const auto& e : entries_) tmp.put(e.ref ? e.ref : e.bytes.data(), e.size);
     tmp.commit();
   }
 
@@ -575,17 +584,27 @@ class Writer {
     std::string name;
     dtype type;
     std::vector<std::int64_t> shape;
-    std::vector<unsigned char> bytes;
+    std::vector<unsigned char> bytes;    // owned copy (add), or empty
+    const unsigned char* ref = nullptr;  // the caller's bytes (add_ref), or null
+    std::size_t size = 0;
   };
   Writer& add_raw(const std::string& name, dtype t, std::vector<std::int64_t> shape,
                   const void* data, std::size_t bytes) {
+    return add_entry(name, t, std::move(shape), data, bytes, true);
+  }
+  Writer& add_entry(const std::string& name, dtype t, std::vector<std::int64_t> shape,
+                    const void* data, std::size_t bytes, bool copy) {
     const char* op = "safetensors::Writer::add";
     if (name.empty() || name == "__metadata__")
       throw error(op, "name", "invalid tensor name '" + name + "'");
     if (!names_.insert(name).second) throw error(op, name, "duplicate tensor name");
-    Entry e{name, t, std::move(shape), {}};
-    e.bytes.resize(bytes);
-    if (bytes) std::memcpy(e.bytes.data(), data, bytes);
+    Entry e{name, t, std::move(shape), {}, nullptr, bytes};
+    if (copy) {
+      e.bytes.resize(bytes);
+      if (bytes) std::memcpy(e.bytes.data(), data, bytes);
+    } else if (bytes) {
+      e.ref = static_cast<const unsigned char*>(data);
+    }
     entries_.push_back(std::move(e));
     return *this;
   }

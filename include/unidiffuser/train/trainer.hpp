@@ -272,10 +272,10 @@ class Trainer {
     const auto V = adam_.second_moment();
     for (const auto& r : adam_.ranges()) {
       const Shape s = net_.param(r.name).shape();
-      w.add<T>("param/" + r.name, TensorView<const T, cpu>(P.data() + r.offset, s));
-      w.add<T>("ema/" + r.name, TensorView<const T, cpu>(E.data() + r.offset, s));
-      w.add<T>("adam_m/" + r.name, TensorView<const T, cpu>(M.data() + r.offset, s));
-      w.add<T>("adam_v/" + r.name, TensorView<const T, cpu>(V.data() + r.offset, s));
+      w.add_ref<T>("param/" + r.name, TensorView<const T, cpu>(P.data() + r.offset, s));
+      w.add_ref<T>("ema/" + r.name, TensorView<const T, cpu>(E.data() + r.offset, s));
+      w.add_ref<T>("adam_m/" + r.name, TensorView<const T, cpu>(M.data() + r.offset, s));
+      w.add_ref<T>("adam_v/" + r.name, TensorView<const T, cpu>(V.data() + r.offset, s));
     }
     nlohmann::json st = {{"step", step_},
                          {"adam_steps", adam_.steps()},
@@ -298,7 +298,7 @@ class Trainer {
   void load(const std::string& path) {
     static_assert(is_host_backend_v<Backend>, "Trainer::load: host backends");
     const char* op = "train::Trainer::load";
-    const auto f = safetensors::File::read(path);
+    const auto f = safetensors::File::open(path);
     const std::string sj = f.metadata("train_state");
     if (sj.empty()) throw error(op, path, "no train_state metadata (not a trainer checkpoint)");
     nlohmann::json st;
