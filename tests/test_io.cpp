@@ -367,7 +367,7 @@ TEST_CASE("estimate_memory bounds the parameters and grows with the batch; check
   for (std::int64_t b = 1; b <= 16; b *= 2) {
     const auto e = ud::estimate_memory<float>(cfg, b);
     CHECK(e.parameters == param_bytes);
-    CHECK(e.total == e.parameters + e.workspace);
+    CHECK(e.total == e.parameters + e.packed + e.workspace);
     CHECK(e.total >= param_bytes);
     // at least x, tmp, attn, qkv and the MLP hidden of every token of every sample
     const auto L = static_cast<std::uint64_t>(cfg.tokens()),
@@ -390,13 +390,24 @@ TEST_CASE("estimate_memory bounds the parameters and grows with the batch; check
   const auto official = ud::estimate_memory<float>(ud::nn::UViTConfig::official("v1"), 1);
   CHECK(official.parameters == 952509520ull * 4);
   CHECK(official.workspace > 1105ull * 1536 * 4 * 6);
+  // oneDNN builds keep packed copies of the block weights: 31 blocks x (4 E^2 + 2 H E) + 15 skip
+  // linears x 2 E^2, E = 1536, H = 4 E (about 3.5 GiB); the double network packs nothing
+  if constexpr (ud::ops::LinearCache<float, ud::cpu>::available) {
+    CHECK(official.packed == (31ull * 12 * 1536 * 1536 + 15ull * 2 * 1536 * 1536) * 4);
+    CHECK(official.packed < official.parameters);
+  } else {
+    CHECK(official.packed == 0);
+  }
+  CHECK(d.packed == 0);
 
   CHECK(ud::available_memory_bytes() > 0);  // Linux: MemAvailable
   CHECK_NOTHROW(ud::check_memory_fits(f, "tiny", f.total));
   CHECK_NOTHROW(ud::check_memory_fits(huge, "unknown", 0));  // 0 = unknown: no verdict
   const std::string m = message_of([&] { ud::check_memory_fits(official, "v1 batch 1", 1 << 30); });
   CHECK(has(m, "check_memory_fits: v1 batch 1: needs "));
-  CHECK(has(m, " MiB (parameters 3634 MiB + workspace "));
+  CHECK(has(m, ud::ops::LinearCache<float, ud::cpu>::available
+                   ? " MiB (parameters 3634 MiB + packed weights "
+                   : " MiB (parameters 3634 MiB + workspace "));
   CHECK(has(m, "only 1024 MiB available"));
 }
 

@@ -354,7 +354,11 @@ void load_checkpoint(nn::UViT<T>& net, const safetensors::File& f, const std::st
 struct MemoryEstimate {
   std::uint64_t parameters = 0;  //!< sizeof(T) x parameter count
   std::uint64_t workspace = 0;   //!< upper bound of the forward's buffers, 25 % slack included
-  std::uint64_t total = 0;       //!< parameters + workspace
+  //! The packed copies of the block weights that builds with the oneDNN GEMM path keep beside the
+  //! plain ones (ops::LinearCache; 0 where it packs nothing): the blocks' qkv, proj, fc1, fc2 and
+  //! skip weights, an upper bound (a matrix whose packed layout would not fit is not packed).
+  std::uint64_t packed = 0;
+  std::uint64_t total = 0;  //!< parameters + packed + workspace
 };
 
 //! Estimates the memory of nn::UViT<T>(cfg) running forwards of `batch` samples at latent size
@@ -414,7 +418,16 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   MemoryEstimate m;
   m.workspace = sat_add(ws, ws / 4);
   m.parameters = sat_mul(detail::config_parameter_count(cfg), sizeof(T));
-  m.total = sat_add(m.parameters, m.workspace);
+  if constexpr (ops::LinearCache<T, cpu>::available) {
+    // per block qkv (3 E x E), proj (E x E), fc1 (H x E), fc2 (E x H); per out-block the skip
+    // linear's two E x E halves
+    const std::uint64_t blocks = 2 * u(cfg.blocks_per_side()) + 1;
+    const std::uint64_t per_block = sat_add(4 * E * E, 2 * Hm * E);
+    m.packed =
+        sat_mul(sat_add(sat_mul(blocks, per_block), sat_mul(u(cfg.blocks_per_side()), 2 * E * E)),
+                sizeof(T));
+  }
+  m.total = sat_add(sat_add(m.parameters, m.packed), m.workspace);
   return m;
 }
 
@@ -445,6 +458,7 @@ inline void check_memory_fits(const MemoryEstimate& m, const std::string& what,
   const auto mib = [](std::uint64_t b) { return std::to_string((b >> 20) + ((b & 0xFFFFF) != 0)); };
   throw error("check_memory_fits", what,
               "needs " + mib(m.total) + " MiB (parameters " + mib(m.parameters) +
+                  (m.packed ? " MiB + packed weights " + mib(m.packed) : std::string()) +
                   " MiB + workspace " + mib(m.workspace) + " MiB), only " +
                   std::to_string(available >> 20) + " MiB available");
 }
