@@ -150,6 +150,43 @@ TEST_CASE("shapes: the wave reader recovers every signal and refuses noise") {
   CHECK_FALSE(shapes::read_wave(s).readable());
 }
 
+TEST_CASE("shapes: the standardised image code centres and scales the world, and inverts") {
+  const auto px = shapes::image_code("pixels");
+  const auto sd = shapes::image_code("standardised");
+  CHECK(px.identity());
+  CHECK_FALSE(sd.identity());
+  // measured on seed 0; on another seed's samples every channel is near mean 0, std 1
+  constexpr int n = 4096, N = shapes::kSide * shapes::kSide;
+  std::vector<float> img(static_cast<std::size_t>(n) * shapes::kPixels), raw(img.size()),
+      text(static_cast<std::size_t>(n) * shapes::kTextSize);
+  shapes::fill_batch(5, 0, n, img.data(), shapes::kPixels, text.data(), shapes::kTextSize, sd);
+  shapes::fill_batch(5, 0, n, raw.data(), shapes::kPixels, text.data(), shapes::kTextSize, px);
+  for (int c = 0; c < shapes::kChannels; ++c) {
+    CAPTURE(c);
+    double s = 0, q = 0;
+    for (int r = 0; r < n; ++r)
+      for (int p = 0; p < N; ++p) {
+        const double x = img[static_cast<std::size_t>(r * shapes::kPixels + c * N + p)];
+        s += x, q += x * x;
+      }
+    const double m = s / (double(n) * N), sdev = std::sqrt(q / (double(n) * N) - m * m);
+    CHECK(std::abs(m) < 0.02);
+    CHECK(std::abs(sdev - 1) < 0.03);
+    CHECK(sd.shift[static_cast<std::size_t>(c)] < -0.85f);  // mostly black background
+  }
+  // decode inverts encode to float rounding; the pixel code changes nothing
+  std::vector<float> back(img.begin(), img.begin() + shapes::kPixels);
+  sd.decode(back);
+  double worst = 0;
+  for (int i = 0; i < shapes::kPixels; ++i)
+    worst = std::max(worst, std::abs(double(back[static_cast<std::size_t>(i)]) -
+                                     raw[static_cast<std::size_t>(i)]));
+  CHECK(worst < 1e-6);
+  std::vector<float> same(raw.begin(), raw.begin() + shapes::kPixels);
+  px.encode(same);
+  CHECK(std::equal(same.begin(), same.end(), raw.begin()));
+}
+
 TEST_CASE("shapes: a short training run lowers the loss") {
   shapes::ModelSize ms;
   ms.embed_dim = 32;
@@ -188,6 +225,7 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   ts.steps = 2;
   ts.batch = 4;
   ts.warmup = 1;
+  ts.image_code = "standardised";  // not the default: the metadata must say so
   const std::string path = (dir / "net.safetensors").string();
   shapes::train(ms, ts, path, (dir / "state.safetensors").string(), false, true);
   const auto f = ud::safetensors::File::read(path);
@@ -197,6 +235,24 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f);
   CHECK(f.metadata("training").size() > 0);
+  // the image code travels with the checkpoint; files without it are in pixels
+  CHECK(f.metadata("image_code") == "standardised");
+  CHECK(shapes::checkpoint_image_code(f).name == "standardised");
+  {
+    ud::Tensor<float> one(ud::Shape{1});
+    ud::safetensors::Writer w;
+    w.add<float>("x", one);
+    w.write((dir / "plain.safetensors").string());
+    CHECK(shapes::checkpoint_image_code(
+              ud::safetensors::File::read((dir / "plain.safetensors").string()))
+              .identity());
+    w.metadata("image_code", "jpeg");
+    w.write((dir / "bad.safetensors").string());
+    const auto bad = ud::safetensors::File::read((dir / "bad.safetensors").string());
+    CHECK_THROWS_WITH_AS(shapes::checkpoint_image_code(bad),
+                         doctest::Contains("expected pixels or standardised, got 'jpeg'"),
+                         ud::error);
+  }
   // the trainer's state resumes to the same step
   shapes::Trainer tr(net, shapes::trainer_options(ts, net.config()), shapes::data_source());
   tr.load((dir / "state.safetensors").string());

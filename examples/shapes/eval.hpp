@@ -37,6 +37,7 @@ struct EvalSettings {
   std::int64_t samples = 256, marginal_samples = 2048;
   int steps = 12;
   std::uint64_t seed = 2024;
+  ImageCode code{};  //!< the network's image latent code (the checkpoint's; world.hpp)
 };
 
 //! One line of the report.
@@ -120,12 +121,17 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
                                        : " s=" + std::to_string(static_cast<int>(scale)));
   const ud::Context<ud::cpu> ctx{};
   constexpr std::int64_t chunk = 256;
+  std::vector<float> code_buf;
   for (std::int64_t first = 0; first < n; first += chunk) {
     const std::int64_t b = std::min(chunk, n - first);
     prog(what, first, n);
+    // the conditions in the network's image code; every image kept here stays in pixels
+    code_buf.assign(out.cond_img.begin() + first * kPixels,
+                    out.cond_img.begin() + (first + b) * kPixels);
+    for (std::int64_t r = 0; r < b; ++r)
+      ev.code.encode(std::span<float>(code_buf.data() + r * kPixels, kPixels));
     std::array<ud::TensorView<const float>, 2> cond{};
-    cond[0] =
-        ud::TensorView<const float>(out.cond_img.data() + first * kPixels, ud::Shape{b, kPixels});
+    cond[0] = ud::TensorView<const float>(code_buf.data(), ud::Shape{b, kPixels});
     cond[1] = ud::TensorView<const float>(out.cond_text.data() + first * kTextSize,
                                           ud::Shape{b, kTextSize});
     ud::PhiloxNoise noise(ev.seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)),
@@ -137,6 +143,9 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
     if (m == ud::Mode::t2i2t) dst[0] = out.mid_img.data() + first * kPixels;
     for (std::size_t k = 0; k < 2; ++k)
       if (r[k].size() > 0) std::copy_n(r[k].data(), r[k].size(), dst[k]);
+    if (r[0].size() > 0)
+      for (std::int64_t i = 0; i < b; ++i)
+        ev.code.decode(std::span<float>(dst[0] + i * kPixels, kPixels));
   }
   prog(what, n, n);
   return out;

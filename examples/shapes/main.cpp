@@ -53,6 +53,10 @@ writes a PNG grid per mode plus report.md and report.json.
   --threads N         threads (0: all hardware threads; default 0)
   --quiet             no progress lines
   --check             exit with status 3 when a quality bar fails
+  --image-code C      the image's latent code, pixels | standardised (world.hpp, ImageCode):
+                      with --retrain the code to train with (default pixels); otherwise
+                      overrides the checkpoint's "image_code" metadata (absent: pixels), e.g. for
+                      a trainer state file evaluated with --prefix ema/
 training (with --retrain):
   --train-steps N     optimisation steps (default 10000)   --batch N   (default 128)
   --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
@@ -77,7 +81,7 @@ int main_impl(int argc, char** argv) {
        {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
        {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
        {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"},
-       {"min-snr"}},
+       {"min-snr"},      {"image-code"}},
       argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
@@ -121,6 +125,7 @@ int main_impl(int argc, char** argv) {
     ts.marginal_p = a.real("marginal-p", ts.marginal_p, 0.0, 1.0);
     ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
+    ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised"});
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
     ms.depth = a.integer<std::int64_t>("depth", ms.depth, 1, 64);
@@ -133,13 +138,16 @@ int main_impl(int argc, char** argv) {
     throw ud::error("checkpoint", ckpt,
                     "no trained checkpoint at the default path; train one with --retrain (about "
                     "an hour on two cores) or pass --checkpoint FILE");
-  const auto f = ud::safetensors::File::read(ckpt);
+  const auto f = ud::safetensors::File::open(ckpt);
   const std::string prefix = a.text("prefix");
   const auto cfg = ud::checkpoint_config(f, prefix);
   ud::check_config_bounds(cfg);
   ud::check_checkpoint(cfg, f, prefix);
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, prefix);
+  ev.code = a.has("image-code")
+                ? shapes::image_code(a.choice("image-code", "pixels", {"pixels", "standardised"}))
+                : shapes::checkpoint_image_code(f);
   const auto rows = shapes::evaluate(net, ev, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out);
   return a.has("check") && failed > 0 ? 3 : 0;

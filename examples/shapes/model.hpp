@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <span>
 #include <string>
 #include <utility>
@@ -65,12 +66,15 @@ inline ud::nn::UViTConfig config(const ModelSize& m = {}) {
   return c;
 }
 
-//! The world as the Trainer's data source: sample `first + r` of the run's seed fills row r.
+//! The world as the Trainer's data source: sample `first + r` of the run's seed fills row r
+//! (the image in the latent code `code`).
 inline void fill_batch(std::uint64_t seed, std::int64_t first, std::int64_t rows, float* img,
-                       std::int64_t img_ld, float* text, std::int64_t text_ld) {
+                       std::int64_t img_ld, float* text, std::int64_t text_ld,
+                       const ImageCode& code = {}) {
   for (std::int64_t r = 0; r < rows; ++r) {
     const Scene s = sample_scene(seed, static_cast<std::uint64_t>(first + r));
     render(s, std::span<float>(img + r * img_ld, kPixels));
+    if (!code.identity()) code.encode(std::span<float>(img + r * img_ld, kPixels));
     const auto w = caption_words(s.attr);
     encode_caption(w, std::span<float>(text + r * text_ld, kTextSize));
   }
@@ -78,10 +82,10 @@ inline void fill_batch(std::uint64_t seed, std::int64_t first, std::int64_t rows
 
 using Trainer = ud::train::Trainer<float, 2>;
 
-inline Trainer::DataSource data_source() {
-  return [](std::uint64_t seed, std::int64_t, std::int64_t first, const Trainer::Views& x0,
-            std::span<std::int64_t>) {
-    fill_batch(seed, first, x0[0].rows, x0[0].data, x0[0].ld, x0[1].data, x0[1].ld);
+inline Trainer::DataSource data_source(ImageCode code = {}) {
+  return [code](std::uint64_t seed, std::int64_t, std::int64_t first, const Trainer::Views& x0,
+                std::span<std::int64_t>) {
+    fill_batch(seed, first, x0[0].rows, x0[0].data, x0[0].ld, x0[1].data, x0[1].ld, code);
   };
 }
 
@@ -125,6 +129,8 @@ struct TrainSettings {
   double marginal_p = 0.0;
   //! Min-SNR-gamma level weighting of the loss (TrainerOptions::min_snr_gamma; 0: off).
   double min_snr = 0.0;
+  //! The image group's latent code (world.hpp, ImageCode): "standardised" or "pixels".
+  std::string image_code = "pixels";
 };
 
 //! The Trainer's options of settings `s` for a K-group network.
@@ -154,12 +160,12 @@ inline Trainer::Options trainer_options(const TrainSettings& s, const ud::nn::UV
 
 //! Trains the K-group network `cfg` on `data` from scratch (or resumes `state_path`), saving the
 //! trainer's state every 500 steps, and writes the EMA weights with the config, the run's
-//! settings and the world's name as metadata to `path` (atomic writer).
+//! settings, the world's name and `extra` as metadata to `path` (atomic writer).
 template <std::size_t K>
 void train_network(const ud::nn::UViTConfig& cfg,
                    typename ud::train::Trainer<float, K>::DataSource data, const TrainSettings& ts,
                    const std::string& path, const std::string& state_path, bool resume, bool quiet,
-                   const std::string& world) {
+                   const std::string& world, std::map<std::string, std::string> extra = {}) {
   ud::nn::UViT<float> net(cfg);
   init_network(net, ts.seed, ts.pos_std);
   ud::train::Trainer<float, K> tr(net, options_for<K>(ts, net.config()), std::move(data));
@@ -186,17 +192,31 @@ void train_network(const ud::nn::UViTConfig& cfg,
                          {"min_snr", ts.min_snr},   {"group_weights", ts.group_weights},
                          {"final_loss", last.loss}, {"seconds", secs},
                          {"resumed_at", first}};
-  ud::save_checkpoint(net, path, {{"training", info.dump()}, {"world", world}});
+  extra["training"] = info.dump();
+  extra["world"] = world;
+  ud::save_checkpoint(net, path, extra);
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,
                  path.c_str());
 }
 
-//! The demo's training: the two-group network of size `ms` on the shapes world.
+//! The demo's training: the two-group network of size `ms` on the shapes world, the image in the
+//! code `ts.image_code` (recorded as the checkpoint's "image_code" metadata; absent means pixels).
 inline void train(const ModelSize& ms, const TrainSettings& ts, const std::string& path,
                   const std::string& state_path, bool resume, bool quiet) {
-  train_network<2>(config(ms), data_source(), ts, path, state_path, resume, quiet,
-                   "shapes-16x16-v1");
+  train_network<2>(config(ms), data_source(image_code(ts.image_code)), ts, path, state_path, resume,
+                   quiet, "shapes-16x16-v1", {{"image_code", ts.image_code}});
+}
+
+//! The image code a checkpoint was trained with (its "image_code" metadata; pixels when absent,
+//! as in files written before the code existed).
+inline ImageCode checkpoint_image_code(const ud::safetensors::File& f) {
+  const std::string name = f.metadata("image_code", "pixels");
+  const auto& names = image_code_names();
+  if (std::find(names.begin(), names.end(), name) == names.end())
+    throw ud::error("shapes checkpoint", "metadata image_code",
+                    "expected pixels or standardised, got '" + name + "'");
+  return image_code(name);
 }
 
 }  // namespace shapes

@@ -63,6 +63,33 @@ inline constexpr std::array<std::array<float, 3>, 4> kPalette{
     {{1.f, 0.f, 0.f}, {0.f, 1.f, 0.f}, {0.f, 0.f, 1.f}, {1.f, 1.f, 0.f}}};
 inline constexpr std::array<int, 2> kBox{5, 7};
 
+//! The image group's latent code: per channel an affine map of the pixels, latent = (pixel -
+//! shift) / scale, and its inverse. `pixels` is the identity (the latent is the [-1, 1] image);
+//! `standardised` centres and scales each channel to mean 0 and standard deviation 1 over the
+//! world (measured on its first 16,384 samples of seed 0, in double, so the same on every
+//! machine). The pixel image is mostly black background (channel means about -0.9, standard
+//! deviations 0.30-0.46), so in `pixels` the content the network must learn has a variance of
+//! about 0.15 next to the caption's 1, and the pure-noise start of sampling lacks the -0.9 offset
+//! that training showed the network at level N (docs/SHAPES.md, "Image code").
+struct ImageCode {
+  std::string name = "pixels";
+  std::array<float, kChannels> shift{0.f, 0.f, 0.f}, scale{1.f, 1.f, 1.f};
+
+  void encode(std::span<float> img) const { apply(img, false); }
+  void decode(std::span<float> img) const { apply(img, true); }
+  bool identity() const { return name == "pixels"; }
+
+ private:
+  void apply(std::span<float> img, bool inverse) const {
+    constexpr std::size_t N = kSide * kSide;
+    for (std::size_t c = 0; c < kChannels; ++c)
+      for (std::size_t p = 0; p < N; ++p) {
+        float& x = img[c * N + p];
+        x = inverse ? x * scale[c] + shift[c] : (x - shift[c]) / scale[c];
+      }
+  }
+};
+
 //! Attribute values (-1: not readable).
 struct Attributes {
   std::array<int, kAttributes> v{-1, -1, -1, -1};
@@ -137,6 +164,35 @@ inline void render(const Scene& s, std::span<float> img) {
         for (int c = 0; c < kChannels; ++c)
           img[static_cast<std::size_t>((c * kSide + s.y0 + v) * kSide + s.x0 + u)] =
               2.f * rgb[static_cast<std::size_t>(c)] - 1.f;
+}
+
+//! The image code called `name` ("pixels" or "standardised"); anything else is an error of the
+//! caller (image_code_names lists the valid ones).
+inline const std::array<const char*, 2>& image_code_names() {
+  static const std::array<const char*, 2> n{"pixels", "standardised"};
+  return n;
+}
+inline ImageCode image_code(const std::string& name) {
+  ImageCode code;
+  code.name = name;
+  if (name != "standardised") return code;
+  constexpr int n = 16384, N = kSide * kSide;
+  std::array<double, kChannels> s{}, q{};
+  std::vector<float> img(kPixels);
+  for (int i = 0; i < n; ++i) {
+    render(sample_scene(0, static_cast<std::uint64_t>(i)), img);
+    for (int c = 0; c < kChannels; ++c)
+      for (int p = 0; p < N; ++p) {
+        const double x = img[static_cast<std::size_t>(c * N + p)];
+        s[static_cast<std::size_t>(c)] += x, q[static_cast<std::size_t>(c)] += x * x;
+      }
+  }
+  for (std::size_t c = 0; c < kChannels; ++c) {
+    const double m = s[c] / (double(n) * N), v = q[c] / (double(n) * N) - m * m;
+    code.shift[c] = static_cast<float>(m);
+    code.scale[c] = static_cast<float>(std::sqrt(v));
+  }
+  return code;
 }
 
 //! The caption's word ids.
