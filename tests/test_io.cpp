@@ -488,7 +488,9 @@ TEST_CASE("safetensors::open reads on demand: the same values as read, in chunks
   CHECK(o.metadata("note") == "hello");
   REQUIRE(o.tensors().size() == r.tensors().size());
   auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+    // memcmp on the empty tensor's null data() would be undefined behaviour
+    return a.size() == b.size() &&
+           (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
   };
   for (const auto& t : r.tensors()) {
     CAPTURE(t.name);
