@@ -125,13 +125,17 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
   for (std::int64_t first = 0; first < n; first += chunk) {
     const std::int64_t b = std::min(chunk, n - first);
     prog(what, first, n);
-    // the conditions in the network's image code; every image kept here stays in pixels
-    code_buf.assign(out.cond_img.begin() + first * kPixels,
-                    out.cond_img.begin() + (first + b) * kPixels);
-    for (std::int64_t r = 0; r < b; ++r)
-      ev.code.encode(std::span<float>(code_buf.data() + r * kPixels, kPixels));
+    // the conditions in the network's image code (a copy only when it is not the pixels); every
+    // image kept here stays in pixels
+    const float* cimg = out.cond_img.data() + first * kPixels;
+    if (!ev.code.identity()) {
+      code_buf.assign(cimg, cimg + b * kPixels);
+      for (std::int64_t r = 0; r < b; ++r)
+        ev.code.encode(std::span<float>(code_buf.data() + r * kPixels, kPixels));
+      cimg = code_buf.data();
+    }
     std::array<ud::TensorView<const float>, 2> cond{};
-    cond[0] = ud::TensorView<const float>(code_buf.data(), ud::Shape{b, kPixels});
+    cond[0] = ud::TensorView<const float>(cimg, ud::Shape{b, kPixels});
     cond[1] = ud::TensorView<const float>(out.cond_text.data() + first * kTextSize,
                                           ud::Shape{b, kTextSize});
     ud::PhiloxNoise noise(ev.seed ^ (0x9e3779b97f4a7c15ull * (stream + 1)),
@@ -143,7 +147,7 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
     if (m == ud::Mode::t2i2t) dst[0] = out.mid_img.data() + first * kPixels;
     for (std::size_t k = 0; k < 2; ++k)
       if (r[k].size() > 0) std::copy_n(r[k].data(), r[k].size(), dst[k]);
-    if (r[0].size() > 0)
+    if (r[0].size() > 0 && !ev.code.identity())
       for (std::int64_t i = 0; i < b; ++i)
         ev.code.decode(std::span<float>(dst[0] + i * kPixels, kPixels));
   }
