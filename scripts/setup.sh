@@ -2,16 +2,16 @@
 # SPDX-License-Identifier: Apache-2.0
 # Installs the Debian packages unidiffuser needs to build, test, benchmark and fuzz, if missing.
 # Prints what it installs; does nothing when everything is present.
-# Usage: setup.sh [--onednn | --compare]
+# Usage: setup.sh [--compare]   (--onednn, from when oneDNN was optional, is accepted and ignored)
 set -euo pipefail
 packages=(cmake g++ make ccache libeigen3-dev nlohmann-json3-dev librandom123-dev doctest-dev
           libbenchmark-dev clang-14 libclang-rt-14-dev clang-format
           libopenmpi-dev openmpi-bin   # Open MPI: the data-parallel training test (mpirun -n 2)
-          libstb-dev)                  # stb_image_write: the shapes demo's PNG grids
-# --onednn: also oneDNN, for the optional GEMM path (CMake option UNIDIFFUSER_ONEDNN, preset onednn).
-# Debian's dnnl-config.cmake calls find_package(OpenCL) unconditionally, so the OpenCL headers and
-# loader (a Recommends of libdnnl-dev, skipped by --no-install-recommends) are needed as well.
-if [ "${1:-}" = "--onednn" ]; then packages+=(libdnnl-dev ocl-icd-opencl-dev); fi
+          libstb-dev                   # stb_image_write: the shapes demo's PNG grids
+          # oneDNN: the default CPU GEMM path (presets dev and release; preset eigen builds without).
+          # Debian's dnnl-config.cmake calls find_package(OpenCL REQUIRED), so the OpenCL headers
+          # and loader (a Recommends of libdnnl-dev, skipped by --no-install-recommends) as well.
+          libdnnl-dev ocl-icd-opencl-dev)
 # --compare: Debian's PyTorch for benchmarks/compare (not needed to build or test); without the
 # pthread OpenBLAS (a Recommends-level choice) Debian's torch falls back to the reference BLAS.
 if [ "${1:-}" = "--compare" ]; then packages+=(python3-torch python3-numpy libopenblas0-pthread); fi

@@ -25,24 +25,37 @@ std::string tname(double t, double tau_in) {
 }
 
 // Network that logs "call(t_img,t_text)[x_img0,x_text0]" and returns 0.5 x + t / 1000.
+// With `batch` set, a call of more rows is logged as its segments of `batch` rows joined by '+'
+// (the batched reference calls); every row of a segment must match its first.
 struct LogNet {
   std::vector<std::string>* log;
   double tau_in = 0;
+  std::int64_t batch = 0;
   void operator()(const ud::Context<ud::cpu>&, const std::array<ud::TensorView<const double>, 2>& x,
                   const std::array<std::span<const double>, 2>& t,
                   const std::array<ud::TensorView<double>, 2>& out) {
-    std::string e = "call(" + tname(t[0][0], tau_in) + "," + tname(t[1][0], tau_in) + ")[";
-    for (int g = 0; g < 2; ++g) {
-      const double v = x[g](0, 0);
-      e += (g ? "," : "") + (v >= 100  ? "xi" + std::to_string(static_cast<int>(v) - 100)
-                             : v == -7 ? std::string("null")
-                             : v == 5  ? std::string("cond")
-                                       : std::string("state"));
-      for (std::int64_t b = 0; b < x[g].dim(0); ++b)
-        for (std::int64_t j = 0; j < x[g].dim(1); ++j)
-          out[g](b, j) = 0.5 * x[g](b, j) + t[g][static_cast<std::size_t>(b)] / 1000;
+    const std::int64_t rows = x[0].dim(0), seg = batch > 0 ? batch : rows;
+    std::string all;
+    for (std::int64_t r0 = 0; r0 < rows; r0 += seg) {
+      const auto i0 = static_cast<std::size_t>(r0);
+      std::string e = "call(" + tname(t[0][i0], tau_in) + "," + tname(t[1][i0], tau_in) + ")[";
+      for (int g = 0; g < 2; ++g) {
+        const double v = x[g](r0, 0);
+        e += (g ? "," : "") + (v >= 100  ? "xi" + std::to_string(static_cast<int>(v) - 100)
+                               : v == -7 ? std::string("null")
+                               : v == 5  ? std::string("cond")
+                                         : std::string("state"));
+        for (std::int64_t b = r0; b < r0 + seg; ++b) {
+          CHECK(t[g][static_cast<std::size_t>(b)] == t[g][i0]);
+          for (std::int64_t j = 0; j < x[g].dim(1); ++j) {
+            CHECK(x[g](b, j) == x[g](r0, j));
+            out[g](b, j) = 0.5 * x[g](b, j) + t[g][static_cast<std::size_t>(b)] / 1000;
+          }
+        }
+      }
+      all += (all.empty() ? "" : "+") + e + "]";
     }
-    log->push_back(e + "]");
+    log->push_back(all);
   }
 };
 
@@ -64,14 +77,18 @@ ud::GroupLayout<2> layout() {
        ud::GroupSpec{"text", {{"y", ud::Shape{3, 2}}}}});
 }
 
+// The log of one evaluation at tau = 0.5, batch 2: by default with the reference calls separate
+// (the official call structure); `batched`: in one call with the main one.
 std::string one_call(const ud::Task<2>& task, double scale,
-                     ud::CfgMode mode = ud::CfgMode::true_uncond) {
+                     ud::CfgMode mode = ud::CfgMode::true_uncond, bool batched = false) {
   std::vector<std::string> log;
   LogNet net{&log};
+  net.batch = 2;
   LogNoise noise{&log};
   ud::GuidanceOptions g;
   g.scale = scale;
   g.cfg_mode = mode;
+  g.batch_references = batched;
   const auto lay = layout();
   ud::Tensor<double> cimg(ud::Shape{2, 7}), ctxt(ud::Shape{2, 6}), nimg(ud::Shape{2, 7}),
       ntxt(ud::Shape{2, 6});
@@ -159,6 +176,66 @@ TEST_CASE("guided output is (1 + s) e - s r on each generated group, r from its 
                                                           layout(), ud::tasks::joint(), g, 1);
   p0(x.view(), 0.25, e.view());
   for (double v : e) CHECK(v == doctest::Approx(main));
+}
+
+TEST_CASE("batched references: the same draws, then one call with the separate calls' rows") {
+  using M = ud::CfgMode;
+  CHECK(one_call(ud::tasks::joint(), 3, M::true_uncond, true) ==
+        "draw0.0 draw0.1 draw1.0 "
+        "call(tau,tau)[state,state]+call(tau,N)[state,xi2]+call(N,tau)[xi0,state]");
+  CHECK(one_call(ud::tasks::t2i(), 7, M::true_uncond, true) ==
+        "draw1.0 call(tau,0)[state,cond]+call(tau,N)[state,xi0]");
+  CHECK(one_call(ud::tasks::i2t(), 7, M::true_uncond, true) ==
+        "draw0.0 draw0.1 call(0,tau)[cond,state]+call(N,tau)[xi0,state]");
+  CHECK(one_call(ud::tasks::t2i(), 7, M::empty_condition, true) ==
+        "call(tau,0)[state,cond]+call(tau,0)[state,null]");
+  CHECK(one_call(ud::tasks::t2i(), 0, M::true_uncond, true) == "call(tau,0)[state,cond]");
+  CHECK(one_call(ud::tasks::i(), 7, M::true_uncond, true) == "draw1.0 call(tau,N)[state,xi0]");
+  // the same numbers as separate calls, for every task and guidance mode
+  for (const auto& task : {ud::tasks::joint(), ud::tasks::t2i(), ud::tasks::i2t()})
+    for (const M mode : {M::true_uncond, M::empty_condition})
+      for (const double rescale : {0.0, 0.7}) {
+        if (mode == M::empty_condition && task.count(ud::Role::condition) == 0) continue;
+        CAPTURE(rescale);
+        std::array<ud::Tensor<double>, 2> out;
+        std::array<std::uint64_t, 2> calls{};
+        int forwards = 0;
+        for (int b = 0; b < 2; ++b) {
+          CoupledNet net;
+          std::vector<std::string> log;
+          LogNoise noise{&log};
+          ud::GuidanceOptions g;
+          g.scale = 3;
+          g.cfg_mode = mode;
+          g.rescale = rescale;
+          const auto sched = ud::VPSchedule::unidiffuser();
+          g.schedule = &sched;
+          g.batch_references = b == 1;
+          ud::Tensor<double> cimg(ud::Shape{3, 7}), ctxt(ud::Shape{3, 6}), nimg(ud::Shape{3, 7}),
+              ntxt(ud::Shape{3, 6});
+          for (std::int64_t i = 0; i < cimg.size(); ++i) cimg.data()[i] = 0.1 * double(i % 5);
+          for (std::int64_t i = 0; i < ctxt.size(); ++i) ctxt.data()[i] = 0.3 - 0.05 * double(i);
+          for (auto* t : {&nimg, &ntxt})
+            for (auto& v : *t) v = -7;
+          ud::GuidedPredictor<double, 2, CoupledNet, LogNoise> p(
+              ud::Context<ud::cpu>{}, net, noise, layout(), task, g, 3, {cimg.view(), ctxt.view()},
+              {nimg.view(), ntxt.view()});
+          CHECK(p.calls_per_evaluation() == (b == 1 ? 1 : p.forwards_per_call()));
+          forwards = p.forwards_per_call();
+          CHECK(p.rows_per_call() == (b == 1 ? 3 * p.forwards_per_call() : 3));
+          ud::Tensor<double> x(ud::Shape{3, p.state_size()});
+          out[static_cast<std::size_t>(b)] = ud::Tensor<double>(ud::Shape{3, p.state_size()});
+          for (std::int64_t i = 0; i < x.size(); ++i) x.data()[i] = std::sin(double(i));
+          for (double tau : {0.9, 0.5, 0.1})
+            p(x.view(), tau, out[static_cast<std::size_t>(b)].view());
+          calls[static_cast<std::size_t>(b)] = p.network_calls();
+        }
+        CHECK(forwards > 1);
+        CHECK(calls[1] == 3);
+        CHECK(calls[0] == 3 * static_cast<std::uint64_t>(forwards));
+        for (std::int64_t i = 0; i < out[0].size(); ++i)
+          CHECK(out[1].data()[i] == out[0].data()[i]);
+      }
 }
 
 TEST_CASE("a sampling run draws every group's initial noise first, then per-NFE noise") {
@@ -327,6 +404,7 @@ TEST_CASE("guidance interval: outside it one unguided call and no reference draw
     g.scale = scale;
     g.interval_lo = lo;
     g.interval_hi = hi;
+    g.batch_references = false;
     ud::GuidedPredictor<double, 2, LogNet, LogNoise> p(ud::Context<ud::cpu>{}, net, noise, layout(),
                                                        ud::tasks::joint(), g, 2);
     p(x.view(), tau, out.view());

@@ -291,6 +291,8 @@ TEST_CASE("UViTPredictor: per-sample data types equal one value per call, row by
   }
   mixed.set_data_types({0, 1});  // not one per sample
   CHECK(message_of([&] { (void)run(mixed); }).find("one per sample") != std::string::npos);
+  mixed.set_data_types({0});  // 3 rows: taken three times over (batched guidance rows)
+  CHECK(run(mixed) == a0);
   mixed.set_data_types({});
   CHECK(run(mixed) == a1);
 }
@@ -464,9 +466,9 @@ TEST_CASE("the forward gives the same outputs with any thread count and with tra
 }
 
 TEST_CASE("packed GEMM path: same outputs as Eigen's, parameters unchanged through packing") {
-  // In builds with UNIDIFFUSER_ONEDNN forward() packs the block weights in place; param()
-  // must give back the exact plain values and the outputs must match the Eigen path. In other
-  // builds both runs take the Eigen path (the test then checks only that the switch is inert).
+  // In builds with UNIDIFFUSER_ONEDNN forward() packs copies of the block weights; param() must
+  // give back the exact plain values and the outputs must match the Eigen path. In other builds
+  // both runs take the Eigen path (the test then checks only that the switch is inert).
   const auto f = ud::safetensors::File::read(kGolden);
   ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
   ud::load_checkpoint(net, f, "param/");
@@ -494,6 +496,76 @@ TEST_CASE("packed GEMM path: same outputs as Eigen's, parameters unchanged throu
   net.use_packed_gemm(true);
   const auto again = run_native(net, f);  // packs again after the plain run
   CHECK(std::equal(again.begin(), again.end(), packed.begin(), packed.end()));
+}
+
+TEST_CASE("weights packed in place: the copies' outputs bit for bit, plain values restored") {
+  // WeightPacking::in_place packs the block weights in the parameter buffer (oneDNN builds);
+  // elsewhere nothing is packed and the buffer keeps the plain values throughout.
+  const auto f = ud::safetensors::File::read(kGolden);
+  ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
+  ud::load_checkpoint(net, f, "param/");
+  const std::vector<float> plain(net.parameters().begin(), net.parameters().end());
+  const auto copies = run_native(net, f);
+  net.set_weight_packing(ud::nn::WeightPacking::in_place);
+  CHECK(net.weight_packing() == ud::nn::WeightPacking::in_place);
+  const auto in_place = run_native(net, f);
+  CHECK(in_place == copies);
+  const bool packs = decltype(net)::packed_gemm_available();
+  CHECK(net.weights_packed() == packs);
+  const ud::nn::UViT<float>& cnet = net;
+  const auto has = [](const std::string& m, const char* s) {
+    return m.find(s) != std::string::npos;
+  };
+  // the buffer itself holds another layout (read through a pointer taken while plain)
+  const float* buf = net.param("pos_embed").data() - net.parameter_offset("pos_embed");
+  CHECK(run_native(net, f) == copies);  // packs (no-op: already packed)
+  CHECK(std::equal(plain.begin(), plain.end(), buf) == !packs);
+  (void)net.parameters();
+  CHECK_FALSE(net.weights_packed());  // parameters() (non-const) unpacked them
+  CHECK(std::equal(plain.begin(), plain.end(), cnet.parameters().begin()));
+  CHECK(run_native(net, f) == copies);  // packs again
+  CHECK(net.weights_packed() == packs);
+  if (packs) {
+    const std::string m = message_of([&] { (void)cnet.param("pos_embed"); });
+    CHECK(has(m, "UViT::param"));
+    CHECK(has(m, "unpack_weights()"));
+    CHECK_THROWS_AS((void)cnet.parameters(), ud::error);
+    CHECK(cnet.parameter_shape("pos_embed").numel() > 0);  // shapes stay available
+    // the training forward needs the plain weights
+    ud::nn::UViT<float>::Tape tape;
+    const std::string t = message_of([&] {
+      std::vector<ud::Tensor<float>> xs, outs;
+      ud::nn::UViTInputs<float> in;
+      std::vector<ud::RowBlock<float>> ob;
+      for (const auto& c : net.config().components) {
+        xs.push_back(f.get<float>("input/native/" + c.name));
+        outs.emplace_back(xs.back().shape());
+        in.x.push_back(ud::as_rows(ud::TensorView<const float>(xs.back().view())));
+        ob.push_back(ud::as_rows(outs.back().view()));
+      }
+      const auto ti = f.get_vector<double>("input/native/t_img"),
+                 tt = f.get_vector<double>("input/native/t_text");
+      const auto dt = f.get_vector<std::int64_t>("input/native/data_type");
+      in.t = {ti, tt};
+      in.data_type = dt;
+      net.forward(ud::Context<ud::cpu>{}, in, ob, tape);
+    });
+    CAPTURE(t);
+    CHECK(has(t, "UViT::forward (training)"));
+  }
+  net.unpack_weights();
+  CHECK_FALSE(net.weights_packed());
+  CHECK(std::equal(plain.begin(), plain.end(), cnet.parameters().begin()));
+  // back to copies: the buffer is never packed again
+  net.set_weight_packing(ud::nn::WeightPacking::copies);
+  CHECK(run_native(net, f) == copies);
+  CHECK_FALSE(net.weights_packed());
+  CHECK(std::equal(plain.begin(), plain.end(), cnet.parameters().begin()));
+  // the memory estimate counts no copies for in_place
+  const auto& cfg = net.config();
+  CHECK(ud::estimate_memory<float>(cfg, 1, 0, 0, ud::nn::WeightPacking::in_place).packed == 0);
+  CHECK(ud::estimate_memory<float>(cfg, 1, 0, 0, ud::nn::WeightPacking::none).packed == 0);
+  CHECK((ud::estimate_memory<float>(cfg, 1).packed > 0) == packs);
 }
 
 #if defined(UNIDIFFUSER_WITH_ONEDNN)

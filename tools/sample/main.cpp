@@ -194,7 +194,7 @@ std::array<ud::Tensor<float>, K> run(Progress<K>& prog, ud::PhiloxNoise& noise,
     pg.rescale = 0;
     ud::GuidedPredictor<float, K, Progress<K>, ud::PhiloxNoise> probe(
         ud::Context<ud::cpu>{}, prog, noise, layout, task, pg, batch, c, null);
-    prog.per_nfe = probe.forwards_per_call();
+    prog.per_nfe = probe.calls_per_evaluation();
     prog.nfe = sampler.nfe();
     prog.calls = 0;
     prog.stage = stages.size() > 1
@@ -389,12 +389,21 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   if (needs_conditions && st.cond_path.empty())
     throw ud::error(ud::cli::op, "--conditions", "required for " + what + " (see --help)");
 
-  // The guided predictor calls the network with one batch of rows at a time; its own buffers,
-  // the solver's workspace and the results take a few more [B, D] matrices (16 is generous).
-  auto mem = ud::estimate_memory<float>(cfg, st.batch);
+  // The guided predictor calls the network with the main and reference rows of a step batched
+  // (B x (1 + generated groups) rows at most, an upper bound over the stages); its own buffers,
+  // the solver's workspace and the results take a few more [B, D] matrices (16 x (1 + that) is
+  // generous). The network packs its weights in place: sampling never reads them back.
+  std::int64_t per_call = 1;
+  if (st.g.scale != 0)
+    for (const auto& task : chain)
+      per_call = std::max<std::int64_t>(
+          per_call, 1 + static_cast<std::int64_t>(task.count(ud::Role::generate)));
+  auto mem =
+      ud::estimate_memory<float>(cfg, st.batch * per_call, 0, 0, ud::nn::WeightPacking::in_place);
   std::uint64_t row = 0;
   for (std::size_t k = 0; k < K; ++k) row += static_cast<std::uint64_t>(layout.size(k));
-  const std::uint64_t extra = 16 * static_cast<std::uint64_t>(st.batch) * row * sizeof(float);
+  const std::uint64_t extra =
+      16 * static_cast<std::uint64_t>(st.batch * (1 + per_call)) * row * sizeof(float);
   const auto add = [](std::uint64_t x, std::uint64_t y) {
     return x > UINT64_MAX - y ? UINT64_MAX : x + y;
   };
@@ -432,6 +441,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
 
   // the network
   ud::nn::UViT<float> net(cfg);
+  net.set_weight_packing(ud::nn::WeightPacking::in_place);  // no second copy of the weights
   ud::load_checkpoint(net, f, st.prefix, ud::CheckpointNaming::automatic, st.allow_nonfinite);
   ud::nn::UViTPredictor<float, K> model(net, st.data_type);
 

@@ -170,13 +170,27 @@ void layer_norm_backward(const char* op, const X& x, const R& r, const St& stats
 }
 }  // namespace checks
 
-//! A backend's cache of prepared (e.g. reordered) copies of weight matrices for `linear`. The
-//! primary template prepares nothing; the CPU backend packs fp32 weights for oneDNN.
+//! A weight matrix W [rows, cols] (contiguous rows: ld = cols) that a network lets its
+//! LinearCache pack in the matrix's own storage, used by `linear` as `pieces` weights side by
+//! side (piece p: columns [p cols / pieces, (p + 1) cols / pieces)).
+template <class T, class Backend>
+struct InPlaceWeight {
+  RowBlock<T, Backend> w;
+  std::int64_t pieces = 1;
+};
+
+//! A backend's cache of prepared (e.g. reordered) weight matrices for `linear`. The primary
+//! template prepares nothing; the CPU backend packs fp32 weights for oneDNN, as copies or in
+//! place.
 template <class T, class Backend>
 class LinearCache {
  public:
   static constexpr bool available = false;
+  static constexpr bool in_place_available = false;
   void prepare(std::span<const RowBlock<const T, Backend>>) {}
+  void pack_in_place(std::span<const InPlaceWeight<T, Backend>>) {}
+  void unpack_in_place() {}
+  bool packed_in_place() const { return false; }
   void clear() {}
   bool empty() const { return true; }
   std::int64_t packed_elements() const { return 0; }

@@ -10,7 +10,13 @@
 //! The solver state is the concatenation, per sample, of the generated groups' rows (ascending
 //! group index). Per NFE: marginalised groups get noise drawn before the main call (ascending
 //! group index, components in order); with guidance active, the groups replaced in reference
-//! calls get one draw each after the main call, shared by all reference calls (§8 draw rule).
+//! calls get one draw each after those, shared by all reference calls (§8 draw rule). The
+//! reference calls of an evaluation go to the network batched with the main call (one call of
+//! (1 + R) B rows: the main call's B rows, then each reference call's, in the official order) or,
+//! with GuidanceOptions::batch_references off, as separate calls after the main one. The network
+//! makes no draws, so both give the same draws in the same order, and, for a network whose
+//! per-sample output does not depend on the other samples of its batch (nn::UViT), the same
+//! numbers.
 #pragma once
 
 #include <algorithm>
@@ -69,6 +75,11 @@ struct GuidanceOptions {
   //! unguided prediction, one network call, no reference noise drawn. Default [0, 1]: everywhere
   //! (official). Not part of the official code.
   double interval_lo = 0, interval_hi = 1;
+  //! Evaluate the reference calls of a step in the same network call as the main one ((1 + R) B
+  //! rows; default) rather than in R more calls of B rows. Same results for a network whose
+  //! samples are independent of each other; fewer, larger calls (better use of threads at small
+  //! batch sizes) for (1 + R) times the network's per-call memory.
+  bool batch_references = true;
   //! The noise schedule of the sampler's time (alpha, sigma at tau), needed when rescale > 0;
   //! sample_task / sample_chain fill it from the sampler (its schedule()) when left null.
   const VPSchedule* schedule = nullptr;
@@ -157,6 +168,14 @@ class GuidedPredictor {
       }
       if (noisy && opt_.marginal_noise == MarginalNoise::fresh) xi_[g] = Tensor<T, Backend>(want);
     }
+    if (active_ && opt_.batch_references) {
+      const std::int64_t rows = batch_ * forwards_per_call();
+      for (std::size_t g = 0; g < K; ++g) {
+        big_in_[g] = Tensor<T, Backend>(Shape{rows, layout_.size(g)});
+        big_out_[g] = Tensor<T, Backend>(Shape{rows, layout_.size(g)});
+      }
+      for (std::size_t g = 0; g < K; ++g) big_tv_[g].assign(static_cast<std::size_t>(rows), 0.0);
+    }
     state_size_ = off;
     t_gen_.assign(static_cast<std::size_t>(batch_), 0.0);
     t_zero_.assign(static_cast<std::size_t>(batch_), 0.0);
@@ -176,6 +195,15 @@ class GuidedPredictor {
     return opt_.cfg_mode == CfgMode::empty_condition
                ? 2
                : 1 + static_cast<int>(task_.count(Role::generate));
+  }
+  //! Calls of the network per evaluation inside the guidance interval: 1 when the reference
+  //! calls are batched with the main one, else forwards_per_call(). Outside it: 1.
+  int calls_per_evaluation() const {
+    return active_ && opt_.batch_references ? 1 : forwards_per_call();
+  }
+  //! Rows of the largest network call: B x forwards_per_call() when batched, else B.
+  std::int64_t rows_per_call() const {
+    return active_ && opt_.batch_references ? batch_ * forwards_per_call() : batch_;
   }
   std::uint64_t network_calls() const { return calls_; }
 
@@ -198,6 +226,8 @@ class GuidedPredictor {
     // 1. noise for marginalised groups, before the main call
     for (std::size_t g = 0; g < K; ++g)
       if (task_.roles[g] == Role::marginalize) draw(ctx, g);
+    const bool guided = active_ && tau >= opt_.interval_lo && tau <= opt_.interval_hi;
+    if (guided && opt_.batch_references) return batched(st, tin, tau, eo);
     // 2. main call
     std::array<CView, K> x;
     std::array<std::span<const double>, K> t;
@@ -222,7 +252,7 @@ class GuidedPredictor {
       o[g] = out_[g].view();
     }
     call(x, t, o);
-    if (!active_ || tau < opt_.interval_lo || tau > opt_.interval_hi) {
+    if (!guided) {
       for (std::size_t g = 0; g < K; ++g)
         if (task_.generated(g))
           ops::copy<T>(ctx, as_rows(CView(out_[g].view())),
@@ -260,6 +290,72 @@ class GuidedPredictor {
   }
 
  private:
+  // The guided evaluation as one network call: segment 0 is the main call, segment 1 + r the
+  // r-th reference call (empty_condition: one, with the null conditions; true_uncond: one per
+  // generated group, ascending), each B rows, with the inputs and time inputs the separate calls
+  // would get.
+  void batched(CView st, double tin, double tau, View eo) {
+    const Context<Backend>& ctx = ctx_;
+    const std::int64_t B = batch_;
+    const bool empty = opt_.cfg_mode == CfgMode::empty_condition;
+    if (!empty)
+      for (std::size_t g = 0; g < K; ++g)
+        if (task_.roles[g] != Role::marginalize && replaced(g)) draw(ctx, g);
+    for (std::size_t g = 0; g < K; ++g)
+      if (task_.roles[g] == Role::generate)
+        ops::copy<T>(ctx, column_block(st, state_off_[g], layout_.size(g)), as_rows(in_[g].view()));
+    // (input, time input) of group h in segment seg
+    enum class Src { state, cond, null, noise };
+    auto source = [&](std::size_t h, int seg) -> std::pair<Src, double> {
+      const Role r = task_.roles[h];
+      if (r == Role::marginalize) return {Src::noise, double(opt_.levels)};
+      if (seg == 0)
+        return r == Role::generate ? std::pair{Src::state, tin} : std::pair{Src::cond, 0.0};
+      if (empty)
+        return r == Role::generate ? std::pair{Src::state, tin} : std::pair{Src::null, 0.0};
+      // true_uncond, the reference call of the seg-th generated group
+      std::size_t g = 0;
+      for (int n = 0; g < K; ++g)
+        if (task_.generated(g) && ++n == seg) break;
+      if (h == g) return {Src::state, tin};
+      if (r == Role::condition && keep_) return {Src::cond, 0.0};
+      return {Src::noise, double(opt_.levels)};
+    };
+    const int segs = forwards_per_call();
+    std::array<CView, K> x;
+    std::array<std::span<const double>, K> t;
+    std::array<View, K> o;
+    for (std::size_t h = 0; h < K; ++h) {
+      const std::int64_t d = layout_.size(h);
+      for (int seg = 0; seg < segs; ++seg) {
+        const auto [src, time] = source(h, seg);
+        const CView from = src == Src::state  ? CView(in_[h].view())
+                           : src == Src::cond ? cond_[h]
+                           : src == Src::null ? null_[h]
+                                              : noise_view(h);
+        ops::copy<T>(ctx, as_rows(from),
+                     RowBlock<T, Backend>(big_in_[h].data() + seg * B * d, B, d, d));
+        std::fill_n(big_tv_[h].begin() + seg * B, B, time);
+      }
+      x[h] = big_in_[h].view();
+      t[h] = big_tv_[h];
+      o[h] = big_out_[h].view();
+    }
+    call(x, t, o);
+    // the main outputs and each generated group's reference, then the combination
+    int seg = 0;
+    for (std::size_t g = 0; g < K; ++g) {
+      if (!task_.generated(g)) continue;
+      ++seg;
+      const std::int64_t d = layout_.size(g);
+      const int rs = empty ? 1 : seg;
+      ops::copy<T>(ctx, RowBlock<const T, Backend>(big_out_[g].data(), B, d, d),
+                   as_rows(out_[g].view()));
+      ops::copy<T>(ctx, RowBlock<const T, Backend>(big_out_[g].data() + rs * B * d, B, d, d),
+                   as_rows(ref_[g].view()));
+      combine(ctx, eo, g, tau);
+    }
+  }
   // Whether group g is replaced by noise in at least one reference call (true_uncond).
   bool replaced(std::size_t g) const {
     if (opt_.cfg_mode == CfgMode::empty_condition) return false;
@@ -344,6 +440,8 @@ class GuidedPredictor {
   std::int64_t batch_;
   std::array<CView, K> cond_, null_, fixed_;
   std::array<Tensor<T, Backend>, K> in_, out_, ref_, xi_, scratch_, zeros_, ones_, means_;
+  std::array<Tensor<T, Backend>, K> big_in_, big_out_;  // batched references: (1 + R) B rows
+  std::array<std::vector<double>, K> big_tv_;           // their time inputs
   std::array<std::int64_t, K> state_off_{};
   std::int64_t state_size_ = 0;
   std::vector<double> t_gen_, t_zero_, t_max_;

@@ -355,14 +355,16 @@ struct MemoryEstimate {
   std::uint64_t parameters = 0;  //!< sizeof(T) x parameter count
   std::uint64_t workspace = 0;   //!< upper bound of the forward's buffers, 25 % slack included
   //! The packed copies of the block weights that builds with the oneDNN GEMM path keep beside the
-  //! plain ones (ops::LinearCache; 0 where it packs nothing): the blocks' qkv, proj, fc1, fc2 and
-  //! skip weights, an upper bound (a matrix whose packed layout would not fit is not packed).
+  //! plain ones with nn::WeightPacking::copies (ops::LinearCache; 0 where it packs nothing, and
+  //! with none or in_place): the blocks' qkv, proj, fc1, fc2 and skip weights, an upper bound (a
+  //! matrix whose packed layout would not fit is not packed).
   std::uint64_t packed = 0;
   std::uint64_t total = 0;  //!< parameters + packed + workspace
 };
 
 //! Estimates the memory of nn::UViT<T>(cfg) running forwards of `batch` samples at latent size
-//! latent_h x latent_w (0: the default size). The workspace mirrors UViT::reserve() and
+//! latent_h x latent_w (0: the default size), its weights packed as `packing` says (the
+//! network's default: copies). The workspace mirrors UViT::reserve() and
 //! forward(): with M = batch x L tokens, x, tmp and attn (M x E each), qkv (3 M E), the MLP
 //! hidden (M x hidden), one skip per in-block ((depth / 2) M E), the time embeddings, the im2col
 //! buffer (batch x the largest patched component's tokens x in_features), plus the shared
@@ -373,7 +375,8 @@ struct MemoryEstimate {
 //! latent whose token count exceeds config_limits::extent.
 template <class T>
 MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
-                               std::int64_t latent_h = 0, std::int64_t latent_w = 0) {
+                               std::int64_t latent_h = 0, std::int64_t latent_w = 0,
+                               nn::WeightPacking packing = nn::WeightPacking::copies) {
   const char* op = "estimate_memory";
   check_config_bounds(cfg);
   if (batch < 1) throw_mismatch(op, "batch", "batch size", ">= 1", batch);
@@ -418,7 +421,7 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   MemoryEstimate m;
   m.workspace = sat_add(ws, ws / 4);
   m.parameters = sat_mul(detail::config_parameter_count(cfg), sizeof(T));
-  if constexpr (ops::LinearCache<T, cpu>::available) {
+  if (ops::LinearCache<T, cpu>::available && packing == nn::WeightPacking::copies) {
     // per block qkv (3 E x E), proj (E x E), fc1 (H x E), fc2 (E x H); per out-block the skip
     // linear's two E x E halves
     const std::uint64_t blocks = 2 * u(cfg.blocks_per_side()) + 1;

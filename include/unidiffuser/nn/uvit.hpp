@@ -31,6 +31,20 @@
 
 namespace unidiffuser::nn {
 
+//! How a network lays out its block weights for a backend's packed GEMM (the CPU backend packs
+//! fp32 weights into oneDNN's blocked layout in builds with UNIDIFFUSER_ONEDNN; elsewhere
+//! nothing is packed and every choice runs the plain GEMM):
+//! - none: the plain GEMM on the plain weights;
+//! - copies (the default): packed copies beside the plain weights, made by the first forward
+//!   after a change (memory: about the block weights once more); training and every accessor
+//!   work as usual;
+//! - in_place: the first forward packs the weights in the parameter buffer itself (no extra
+//!   memory), for inference. While packed, the const accessors param() and parameters() throw
+//!   (their values are not there), the non-const ones and parameters_changed() unpack first
+//!   (the next forward packs again), and the training forward refuses. A backend that cannot
+//!   pack in place (CUDA's 16-bit copies) makes copies.
+enum class WeightPacking { none, copies, in_place };
+
 //! Per-sample inputs of a forward pass, one entry per config component (config order).
 template <class T, class Backend = cpu>
 struct UViTInputs {
@@ -87,15 +101,21 @@ class UViT {
     return n;
   }
   //! A parameter (its official shape) as a view into the parameter buffer. Writing through it
-  //! changes the network: call parameters_changed() afterwards.
+  //! changes the network: call parameters_changed() afterwards. While the weights are packed in
+  //! place (WeightPacking::in_place), the non-const accessors unpack them first and the const
+  //! ones throw unidiffuser::error (call unpack_weights()).
   TensorView<T, Backend> param(const std::string& n) {
     const Entry& e = entry(n);
+    unpack_weights();
     return TensorView<T, Backend>(params_.data() + e.offset, e.shape);
   }
   TensorView<const T, Backend> param(const std::string& n) const {
     const Entry& e = entry(n);
+    require_plain("UViT::param");
     return TensorView<const T, Backend>(params_.data() + e.offset, e.shape);
   }
+  //! The shape of parameter n (never touches the buffer).
+  const Shape& parameter_shape(const std::string& n) const { return entry(n).shape; }
   //! The gradient of parameter n (allocated, zero, on first use).
   TensorView<T, Backend> grad(const std::string& n) {
     const Entry& e = entry(n);
@@ -105,8 +125,14 @@ class UViT {
   //! each to a multiple of 16 elements and stay zero). After writing through it (an optimiser
   //! step, a copy) call parameters_changed(): cached positional tables and packed weights are
   //! keyed by it, and a tape recorded before refuses the backward.
-  TensorView<T, Backend> parameters() { return params_.view(); }
-  TensorView<const T, Backend> parameters() const { return params_.view(); }
+  TensorView<T, Backend> parameters() {
+    unpack_weights();
+    return params_.view();
+  }
+  TensorView<const T, Backend> parameters() const {
+    require_plain("UViT::parameters");
+    return params_.view();
+  }
   //! The gradient buffer, laid out like parameters() (allocated and zeroed on first use).
   TensorView<T, Backend> gradients() {
     if (grads_.size() != params_.size()) {
@@ -124,17 +150,34 @@ class UViT {
     return n;
   }
 
-  //! Whether forward() runs the block GEMMs on packed copies of the weights (the CPU backend's
-  //! oneDNN path for fp32; on by default where available). Off: the backend's plain GEMM.
+  //! How forward() lays out the block weights for the backend's packed GEMM (the CPU backend's
+  //! oneDNN path for fp32): WeightPacking::copies by default. See WeightPacking.
+  void set_weight_packing(WeightPacking p) {
+    if (p == packing_) return;
+    unpack_weights();
+    cache_.clear();
+    packing_ = p;
+  }
+  WeightPacking weight_packing() const { return packing_; }
+  //! use_packed_gemm(on): set_weight_packing(on ? copies : none).
   void use_packed_gemm(bool on) {
-    packed_gemm_ = on;
-    if (!on) cache_.clear();
+    set_weight_packing(on ? WeightPacking::copies : WeightPacking::none);
   }
   static constexpr bool packed_gemm_available() { return ops::LinearCache<T, Backend>::available; }
-  bool packed_gemm() const { return packed_gemm_available() && packed_gemm_; }
+  //! Whether forward() runs the block GEMMs on packed weights (copies or in place).
+  bool packed_gemm() const { return packed_gemm_available() && packing_ != WeightPacking::none; }
+  //! Whether the parameter buffer holds block weights in the packed layout now (in_place, after
+  //! a forward, on a backend that packs in place).
+  bool weights_packed() const { return cache_.packed_in_place(); }
+  //! Restores the plain layout of weights packed in place (a no-op otherwise); the next forward
+  //! packs them again while the packing is in_place. Not concurrent with a forward.
+  void unpack_weights() {
+    if (cache_.packed_in_place()) cache_.unpack_in_place();
+  }
 
   //! Fills every parameter with N(0, std^2) (LayerNorm gains 1 + N(0, std^2)) from Philox.
   void init_random(std::uint64_t seed, double std = 0.02) {
+    unpack_weights();
     const auto& ctx = ctx0();
     Tensor<T, Backend> one(Shape{std::max<std::int64_t>(cfg_.embed_dim, 1)});
     ops::fill(ctx, one.view(), T(1));
@@ -154,6 +197,7 @@ class UViT {
   }
   //! Call after changing parameters (drops packed weight copies and cached positional tables).
   void parameters_changed() {
+    unpack_weights();
     cache_.clear();
     version_ = next_version();
   }
@@ -209,6 +253,10 @@ class UViT {
   void forward(const Context<Backend>& ctx, const Inputs& in,
                std::span<const RowBlock<T, Backend>> out, Tape& tape, bool recompute = false) {
     const Pass ps = check(in, out);
+    if (packing_ == WeightPacking::in_place && cache_.in_place_available)
+      throw error("UViT::forward (training)", "weights",
+                  "packed in place for inference (WeightPacking::in_place): the backward needs the "
+                  "plain weights; set WeightPacking::copies or none to train");
     tape.record(*this, ctx, ps, recompute);
     prepare_cache();  // the same GEMM path for the forward and any recomputation
     const Positional& pe = tape.ws.positional(*this, ps.lh, ps.lw);
@@ -338,8 +386,29 @@ class UViT {
     static const Context<Backend> c{};
     return c;
   }
+  void require_plain(const char* op) const {
+    if (cache_.packed_in_place())
+      throw error(op, "parameters",
+                  "the block weights are packed in place (WeightPacking::in_place) and the buffer "
+                  "does not hold their plain values; call unpack_weights() first");
+  }
   void prepare_cache() const {
     if (!packed_gemm() || !cache_.empty()) return;
+    if (packing_ == WeightPacking::in_place && cache_.in_place_available) {
+      // the buffer is the network's own; packing it is a change of layout, not of values
+      // (const like the copies' cache: forwards of one network serialise on the cache's lock)
+      T* P = const_cast<T*>(params_.data());
+      std::vector<ops::InPlaceWeight<T, Backend>> w;
+      for (const auto& b : blocks_) {
+        if (b.skip)
+          w.push_back(
+              {RowBlock<T, Backend>(P + b.skip0.w, b.skip0.n, 2 * b.skip0.k, 2 * b.skip0.k), 2});
+        for (const Lin* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2})
+          w.push_back({RowBlock<T, Backend>(P + l->w, l->n, l->k, l->ld), 1});
+      }
+      cache_.pack_in_place(w);
+      return;
+    }
     std::vector<RowBlock<const T, Backend>> w;
     const T* P = params_.data();
     for (const auto& b : blocks_) {
@@ -1006,6 +1075,7 @@ class UViT {
   void train_backward(const Context<Backend>& ctx, Tape& tp,
                       std::span<const RowBlock<const T, Backend>> dout,
                       std::span<const RowBlock<T, Backend>> dx) {
+    require_plain("UViT::backward");
     const char* op = "UViT::backward";
     if (!tp.ready_) throw error(op, "tape", "no complete training forward was recorded on it");
     if (tp.owner_ != this) throw error(op, "tape", "recorded by another network");
@@ -1152,7 +1222,7 @@ class UViT {
   mutable ops::LinearCache<T, Backend> cache_;
   std::unique_ptr<Workspace> own_ws_;
   Trace trace_;
-  bool packed_gemm_ = true;
+  WeightPacking packing_ = WeightPacking::copies;
 };
 
 }  // namespace unidiffuser::nn

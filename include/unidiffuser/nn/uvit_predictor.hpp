@@ -41,8 +41,9 @@ class UViTPredictor {
   }
   const GroupLayout<K>& layout() const { return layout_; }
   UViT<T, Backend>& network() { return net_; }
-  //! Per-sample data types (the v1 token) for the following calls, one per row of their batch;
-  //! empty: every row takes the constructor's single value again.
+  //! Per-sample data types (the v1 token) for the following calls, one per row of their batch
+  //! (a call of k times as many rows -- the guided predictor's main and reference rows batched --
+  //! takes them k times over); empty: every row takes the constructor's single value again.
   void set_data_types(std::vector<std::int64_t> per_sample) { per_sample_ = std::move(per_sample); }
 
   void operator()(const Context<Backend>& ctx, const std::array<TensorView<const T, Backend>, K>& x,
@@ -64,10 +65,20 @@ class UViTPredictor {
     }
     for (std::size_t g = 0; g < K; ++g) in.t.push_back(t[g]);
     if (!per_sample_.empty()) {
-      if (static_cast<std::int64_t>(per_sample_.size()) != B)
-        throw_mismatch("UViTPredictor", "data types", "one per sample of the batch", B,
-                       per_sample_.size());
-      in.data_type = per_sample_;
+      const auto n = static_cast<std::int64_t>(per_sample_.size());
+      if (B % n != 0)
+        throw_mismatch("UViTPredictor", "data types",
+                       "one per sample of the batch (a call of k times as many rows, as the "
+                       "guided predictor's batched references make, repeats them k times)",
+                       B, n);
+      if (n == B) {
+        in.data_type = per_sample_;
+      } else {
+        tiled_.resize(static_cast<std::size_t>(B));
+        for (std::int64_t r = 0; r < B; ++r)
+          tiled_[static_cast<std::size_t>(r)] = per_sample_[static_cast<std::size_t>(r % n)];
+        in.data_type = tiled_;
+      }
     } else {
       if (static_cast<std::int64_t>(dt_.size()) != B)
         dt_.assign(static_cast<std::size_t>(B), data_type_);
@@ -83,7 +94,7 @@ class UViTPredictor {
   GroupLayout<K> layout_;
   std::int64_t data_type_, h_, w_;
   std::vector<std::int64_t> offset_;
-  std::vector<std::int64_t> dt_, per_sample_;
+  std::vector<std::int64_t> dt_, per_sample_, tiled_;
   UViTInputs<T, Backend> in_;
   std::vector<RowBlock<T, Backend>> out_;
 };

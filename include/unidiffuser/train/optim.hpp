@@ -28,12 +28,12 @@ struct ParamRange {
 };
 
 //! The parameter ranges of a network (anything with parameter_names(), parameter_offset() and
-//! param()).
+//! parameter_shape()).
 template <class Net>
 std::vector<ParamRange> parameter_ranges(const Net& net) {
   std::vector<ParamRange> r;
   for (const auto& n : net.parameter_names())
-    r.push_back({n, net.parameter_offset(n), net.param(n).size()});
+    r.push_back({n, net.parameter_offset(n), net.parameter_shape(n).numel()});
   return r;
 }
 

@@ -218,27 +218,28 @@ void once(const Context<cpu>& ctx, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // Packed weights (oneDNN): a CPU-backend cache of reordered copies of weight matrices
 
-//! Reordered copies of fp32 weight matrices for oneDNN's matmul (builds with
-//! UNIDIFFUSER_WITH_ONEDNN; elsewhere it packs nothing). Each column chunk of a weight (the rows
-//! one work item of `linear` uses) is packed on its own. The plain weights stay where they are,
-//! read-only; a network keeps one cache, fills it once (`prepare`) and passes it to `linear`.
+//! Reordered fp32 weight matrices for oneDNN's matmul (builds with UNIDIFFUSER_WITH_ONEDNN;
+//! elsewhere it packs nothing). Each column chunk of a weight (the rows one work item of
+//! `linear` uses) is packed on its own, either as a copy beside the plain weight (`prepare`: the
+//! plain weights stay where they are, read-only) or in the weight's own storage (`pack_in_place`:
+//! no extra memory, and the storage holds the packed layout until `unpack_in_place`). A network
+//! keeps one cache, fills it once and passes it to `linear`.
 template <class T>
 class LinearCache<T, cpu> {
  public:
   static constexpr bool available = onednn::available && std::is_same_v<T, float>;
-  //! Packs every weight not yet packed (thread-safe; a no-op where oneDNN is not available).
+  static constexpr bool in_place_available = available;
+  //! Packs a copy of every weight not yet packed (thread-safe; a no-op where oneDNN is not
+  //! available).
   void prepare(std::span<const RowBlock<const T, cpu>> weights) {
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
     if constexpr (std::is_same_v<T, float>) {
       std::lock_guard<std::mutex> lock(mu_);
       for (const auto& w : weights) {
         if (map_.count(w.data)) continue;
-        Entry e;
         const std::int64_t n = w.rows, k = w.cols, cw = cpu_detail::col_width(n);
-        bool fits = true;
-        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c)
-          fits = fits && gemm_.fits(std::min(cw, n - c * cw), k);
-        if (!fits) continue;
+        if (!fits(n, k)) continue;
+        Entry e;
         e.data.assign(static_cast<std::size_t>(n * k), 0.f);
         for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
@@ -246,6 +247,7 @@ class LinearCache<T, cpu> {
           for (std::int64_t r = 0; r < nr; ++r)
             std::copy_n(w.data + (r0 + r) * w.ld, k, dst + r * k);
           gemm_.pack(dst, nr, k, 1);
+          e.chunks.push_back(dst);
         }
         map_.emplace(w.data, std::move(e));
       }
@@ -255,16 +257,78 @@ class LinearCache<T, cpu> {
     (void)weights;
 #endif
   }
-  //! Forgets every packed copy (after the weights changed).
+  //! Packs each matrix in its own storage: m.w is W [rows, pieces x k] with contiguous rows
+  //! (ld = cols), used by `linear` as `pieces` weights side by side (piece p: the RowBlock at
+  //! m.w.data + p k, k columns, ld = cols). A matrix whose packed layout would not fit, or whose
+  //! rows are not contiguous, stays plain (linear takes the plain path for it). Thread-safe; a
+  //! no-op where oneDNN is not available.
+  void pack_in_place(std::span<const InPlaceWeight<T, cpu>> matrices) {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& m : matrices) {
+        const std::int64_t n = m.w.rows, K = m.w.cols, pieces = m.pieces;
+        if (pieces < 1 || K % pieces != 0 || m.w.ld != K || map_.count(m.w.data)) continue;
+        const std::int64_t k = K / pieces, cw = cpu_detail::col_width(n);
+        if (!fits(n, k)) continue;
+        std::vector<Entry> e(static_cast<std::size_t>(pieces));
+        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+          const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+          float* base = m.w.data + r0 * K;
+          gemm_.pack(base, nr, k, pieces);
+          for (std::int64_t p = 0; p < pieces; ++p)
+            e[static_cast<std::size_t>(p)].chunks.push_back(base + p * nr * k);
+        }
+        for (std::int64_t p = 0; p < pieces; ++p)
+          map_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
+        in_place_.push_back(m);
+      }
+      ready_.store(true);
+    }
+#else
+    (void)matrices;
+#endif
+  }
+  //! Restores the plain layout of every matrix packed in place and forgets every packed weight.
+  void unpack_in_place() {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (std::is_same_v<T, float>) {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& m : in_place_) {
+        const std::int64_t n = m.w.rows, K = m.w.cols, k = K / m.pieces;
+        const std::int64_t cw = cpu_detail::col_width(n);
+        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+          const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+          gemm_.unpack(m.w.data + r0 * K, nr, k, m.pieces);
+        }
+      }
+      in_place_.clear();
+      map_.clear();
+      ready_.store(false);
+    }
+#endif
+  }
+  //! Whether some matrix holds the packed layout in its own storage.
+  bool packed_in_place() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !in_place_.empty();
+  }
+  //! Forgets every packed copy (after the weights changed). Matrices packed in place must be
+  //! unpacked first (unidiffuser::error otherwise: their storage does not hold plain weights).
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!in_place_.empty())
+      throw error(
+          "LinearCache::clear", "weights",
+          "packed in place: their storage does not hold plain values; unpack_in_place() first");
     map_.clear();
     ready_.store(false);
   }
   bool empty() const {
     return !ready_.load();
   }
-  //! Packed elements held (memory: 4 bytes each).
+  //! Elements held in packed copies beside the plain weights (memory: 4 bytes each); weights
+  //! packed in place take none.
   std::int64_t packed_elements() const {
     std::lock_guard<std::mutex> lock(mu_);
     std::int64_t n = 0;
@@ -274,7 +338,8 @@ class LinearCache<T, cpu> {
 
   // Backend internals (used by ops::linear).
   struct Entry {
-    cpu_kernels::AlignedVector<float> data;
+    cpu_kernels::AlignedVector<float> data;  // a copy's storage (empty when packed in place)
+    std::vector<const float*> chunks;        // packed column chunk c of the weight
   };
   const Entry* find(const T* w) const {
     if (!ready_.load()) return nullptr;
@@ -288,9 +353,21 @@ class LinearCache<T, cpu> {
 #endif
 
  private:
+  // Whether every column chunk of W [n, k] packs into its own storage.
+  bool fits([[maybe_unused]] std::int64_t n, [[maybe_unused]] std::int64_t k) const {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    const std::int64_t cw = cpu_detail::col_width(n);
+    for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c)
+      if (!gemm_.fits(std::min(cw, n - c * cw), k)) return false;
+    return true;
+#else
+    return false;
+#endif
+  }
   mutable std::mutex mu_;
   std::atomic<bool> ready_{false};
   std::unordered_map<const T*, Entry> map_;
+  std::vector<InPlaceWeight<T, cpu>> in_place_;
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
   mutable onednn::Gemm gemm_;
 #endif
@@ -332,8 +409,8 @@ void linear(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const 
             const auto post = ep == Epilogue::gelu         ? onednn::Post::gelu
                               : ep == Epilogue::accumulate ? onednn::Post::accumulate
                                                            : onednn::Post::none;
-            cache->gemm().linear(xs, m, k, x.ld, packed->data.data() + c0 * k, nc, bc, yc, y.ld,
-                                 post);
+            cache->gemm().linear(xs, m, k, x.ld, packed->chunks[static_cast<std::size_t>(c)], nc,
+                                 bc, yc, y.ld, post);
             return;
           }
         }

@@ -184,6 +184,11 @@ template <>
 class LinearCache<float, cuda> {
  public:
   static constexpr bool available = true;
+  //! The 16-bit copies are always copies: nothing is packed in place on this backend.
+  static constexpr bool in_place_available = false;
+  void pack_in_place(std::span<const InPlaceWeight<float, cuda>>) {}
+  void unpack_in_place() {}
+  bool packed_in_place() const { return false; }
   void prepare(std::span<const RowBlock<const float, cuda>> weights) {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& w : weights) map_.try_emplace(w.data, Entry{w, {}, {}});  // copies: lazily
