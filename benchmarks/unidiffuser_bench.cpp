@@ -4,16 +4,19 @@
 //                          --clip D --batch B --threads T --repeat R [--version v0|v1] [--double]
 //                          [--gemm auto|eigen|onednn] [--serve]
 //   unidiffuser-bench train (the uvit options, [--recompute]): one training step instead
+//   unidiffuser-bench sample (the uvit options, --mode M --steps N --scale S
+//                          [--references batched|separate]): a whole sampling run instead
 //   unidiffuser-bench fma  --threads T [--seconds S] [--serve]   (FP32 FMA peak of this machine)
 // --gemm: the block GEMMs through Eigen or through oneDNN on packed weights (builds with
 // UNIDIFFUSER_ONEDNN; auto = oneDNN where built in). --serve (for interleaved comparisons, see
 // benchmarks/compare/compare_torch.py): after the warm-up, print one JSON line describing the
-// run, then for every line read from stdin -- a count n for uvit, seconds for fma -- run and
-// print one JSON line with the n forward times (ms) or the FMA rate; ends at end of input.
+// run, then for every line read from stdin -- a count n for uvit / train / sample, seconds for
+// fma -- run and print one JSON line with the n times (ms) or the FMA rate; ends at end of input.
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -24,9 +27,12 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "unidiffuser/diffusion/noise.hpp"
+#include "unidiffuser/diffusion/pipeline.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
 #include "unidiffuser/nn/uvit.hpp"
 #include "unidiffuser/nn/uvit_predictor.hpp"
+#include "unidiffuser/sampler/dpm_solver.hpp"
 #include "unidiffuser/train/trainer.hpp"
 
 #if defined(_OPENMP)
@@ -71,10 +77,8 @@ double peak_rss_mib() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
-// `train`: one training step (training forward with its tape, the UniDiffuser loss gradient,
-// backward, AdamW, EMA) instead of one forward.
-template <class T>
-int bench_uvit(const ud::cli::Args& a, bool train) {
+// The network of the uvit / train / sample options.
+ud::nn::UViTConfig config_of(const ud::cli::Args& a) {
   const auto lat = dims(a.text("latent", "4x32x32"), 3, "--latent", 65536);
   const auto txt = dims(a.text("text", "77x64"), 2, "--text", 65536);
   if (lat[1] != lat[2])
@@ -86,23 +90,45 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
       a.integer<std::int64_t>("embed", 512, 1, 65536),
       a.integer<std::int64_t>("depth", 12, 1, 4096), a.integer<std::int64_t>("heads", 8, 1, 65536),
       4.0, false, false, txt[1], txt[0], a.integer<std::int64_t>("clip", 512, 1, 65536));
-  const std::int64_t B = a.integer<std::int64_t>("batch", 1, 1, 65536);
-  const int threads = a.threads(), repeat = a.integer("repeat", 7, 1, 100000);
-  const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
   ud::check_config_bounds(cfg);
-  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B), "unidiffuser-bench uvit");
+  return cfg;
+}
+
+// Threads for OpenMP and Eigen (0: their defaults).
+void set_threads(int threads) {
 #if defined(_OPENMP)
   if (threads > 0) omp_set_num_threads(threads);
 #endif
   Eigen::setNbThreads(threads);
-  const double rss0 = peak_rss_mib();
-  ud::nn::UViT<T> net(cfg);
-  net.init_random(1);
-  if (gemm == "eigen")
-    net.use_packed_gemm(false);
-  else if (gemm == "onednn" && !net.packed_gemm_available())
+}
+// A network of random weights on the --gemm path: eigen (no packing), else oneDNN on weights
+// packed as `packing` says where the build has it (onednn: required).
+template <class T>
+std::unique_ptr<ud::nn::UViT<T>> random_network(const ud::nn::UViTConfig& cfg,
+                                                const std::string& gemm,
+                                                ud::nn::WeightPacking packing) {
+  auto net = std::make_unique<ud::nn::UViT<T>>(cfg);
+  net->init_random(1);
+  if (gemm == "onednn" && !net->packed_gemm_available())
     throw ud::error("unidiffuser-bench", "--gemm onednn",
                     "this build has no oneDNN path (configure with -DUNIDIFFUSER_ONEDNN=ON)");
+  net->set_weight_packing(gemm == "eigen" ? ud::nn::WeightPacking::none : packing);
+  return net;
+}
+
+// `train`: one training step (training forward with its tape, the UniDiffuser loss gradient,
+// backward, AdamW, EMA) instead of one forward.
+template <class T>
+int bench_uvit(const ud::cli::Args& a, bool train) {
+  const auto cfg = config_of(a);
+  const std::int64_t B = a.integer<std::int64_t>("batch", 1, 1, 65536);
+  const int threads = a.threads(), repeat = a.integer("repeat", 7, 1, 100000);
+  const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
+  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B), "unidiffuser-bench uvit");
+  set_threads(threads);
+  const double rss0 = peak_rss_mib();
+  const auto owned = random_network<T>(cfg, gemm, ud::nn::WeightPacking::copies);
+  ud::nn::UViT<T>& net = *owned;
   const char* gemm_used = net.packed_gemm() ? "onednn" : "eigen";
   ud::nn::UViTPredictor<T, 2> model(net);
   const auto& layout = model.layout();
@@ -186,15 +212,166 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
   return 0;
 }
 
-// FP32 FMA peak: 12 independent 16-lane accumulators per thread (GCC vector extension; with
-// -march=native each update is one vfmadd on a 512-bit register).
-typedef float v16 __attribute__((vector_size(64)));
+// The network of a sampling run, timing its calls: the sampler's and the guidance's own work is
+// the rest of the run.
+template <class T>
+struct TimedNet {
+  ud::nn::UViTPredictor<T, 2>* model;
+  double ms = 0;
+  std::uint64_t calls = 0, rows = 0;
+  void operator()(const ud::Context<ud::cpu>& ctx, const std::array<ud::TensorView<const T>, 2>& x,
+                  const std::array<std::span<const double>, 2>& t,
+                  const std::array<ud::TensorView<T>, 2>& out) {
+    const auto a = std::chrono::steady_clock::now();
+    (*model)(ctx, x, t, out);
+    ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count();
+    ++calls;
+    rows += static_cast<std::uint64_t>(x[0].dim(0));
+  }
+};
+
+// A whole sampling run of an official mode (DPM-Solver++, the fast driver of order 3 on the
+// time-uniform grid, as the official sampling script; the sample tool's default) on random
+// weights and random conditions: the initial noise, every step's network calls with guidance,
+// the solver updates and the results.
+template <class T>
+int bench_sample(const ud::cli::Args& a) {
+  const auto cfg = config_of(a);
+  const std::int64_t B = a.integer<std::int64_t>("batch", 1, 1, 65536);
+  const int threads = a.threads(), repeat = a.integer("repeat", 3, 1, 100000);
+  const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
+  const std::string mode = a.choice("mode", "t2i", {"joint", "t2i", "i2t", "i", "t"});
+  const std::string refs = a.choice("references", "batched", {"batched", "separate"});
+  ud::GuidanceOptions g;
+  g.scale = a.real("scale", 7.0, 0.0, 1000.0);
+  g.batch_references = refs == "batched";
+  ud::DpmSolverOptions so;
+  so.steps = a.integer("steps", 20, 1, 1000);
+  const ud::Task<2> task = mode == "joint" ? ud::tasks::joint()
+                           : mode == "t2i" ? ud::tasks::t2i()
+                           : mode == "i2t" ? ud::tasks::i2t()
+                           : mode == "i"   ? ud::tasks::i()
+                                           : ud::tasks::t();
+  // the network's largest call: the main and reference rows batched
+  const std::int64_t per_call = g.scale != 0 && g.batch_references
+                                    ? 1 + static_cast<std::int64_t>(task.count(ud::Role::generate))
+                                    : 1;
+  const auto packing =
+      gemm == "eigen" ? ud::nn::WeightPacking::none : ud::nn::WeightPacking::in_place;
+  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B * per_call, 0, 0, packing),
+                        "unidiffuser-bench sample");
+  set_threads(threads);
+  const double rss0 = peak_rss_mib();
+  // sampling never reads the weights back: packed in place
+  const auto owned = random_network<T>(cfg, gemm, packing);
+  ud::nn::UViT<T>& net = *owned;
+  const char* gemm_used = net.packed_gemm() ? "onednn" : "eigen";
+  ud::nn::UViTPredictor<T, 2> model(net);
+  const auto& layout = model.layout();
+  std::array<ud::Tensor<T>, 2> cond;
+  std::array<ud::TensorView<const T>, 2> cv{};
+  for (std::size_t k = 0; k < 2; ++k) {
+    if (task.roles[k] != ud::Role::condition) continue;
+    cond[k] = ud::Tensor<T>(ud::Shape{B, layout.size(k)});
+    ud::ops::random_normal(ud::Context<ud::cpu>{}, ud::as_rows(cond[k].view()), ud::NoiseKey{3, k},
+                           0);
+    cv[k] = cond[k].view();
+  }
+  const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
+  const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
+  const ud::DpmSolver<T> solver(ns, so, &grid);
+  TimedNet<T> timed_net{&model};
+  struct Run {
+    double ms, net_ms;
+  };
+  auto once = [&] {
+    ud::PhiloxNoise noise(7);  // the same run every time
+    timed_net.ms = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto out = ud::sample_task<T, 2>(ud::Context<ud::cpu>{threads}, timed_net, noise, layout, task,
+                                     g, solver, B, cv);
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    for (const auto& o : out)  // a non-finite sample would mean a broken run, not a slow one
+      for (std::int64_t i = 0; i < o.size(); ++i)
+        if (!std::isfinite(static_cast<double>(o.data()[i])))
+          throw ud::error("unidiffuser-bench sample", "result", "non-finite sample value");
+    return Run{ms, timed_net.ms};
+  };
+  auto timed = [&](int n) {
+    std::vector<Run> r;
+    for (int i = 0; i < n; ++i) r.push_back(once());
+    return r;
+  };
+  once();  // warm-up: workspaces, page faults, weight packing
+  const std::uint64_t calls = timed_net.calls, rows = timed_net.rows;
+  const double gflop = net.flops() * static_cast<double>(rows) / 1e9;
+  const auto describe = [&](std::string extra) {
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "\"bench\": \"sample\", \"mode\": \"%s\", \"steps\": %d, \"scale\": %g, "
+                  "\"references\": \"%s\", \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+                  "%lld, \"batch\": %lld, \"threads\": %d, \"network_calls\": %llu, "
+                  "\"network_rows\": %llu, \"gflop\": %.4f",
+                  mode.c_str(), so.steps, g.scale, refs.c_str(), gemm_used,
+                  static_cast<long long>(cfg.tokens()),
+                  static_cast<long long>(net.parameter_count()), static_cast<long long>(B), threads,
+                  static_cast<unsigned long long>(calls), static_cast<unsigned long long>(rows),
+                  gflop);
+    return "{" + std::string(buf) + extra + "}";
+  };
+  if (a.has("serve")) {
+    std::printf("%s\n", describe(", \"serve\": true").c_str());
+    std::fflush(stdout);
+    std::string request;
+    while (next_request(request)) {
+      const int n = ud::cli::parse_integer<int>(request, "--serve request (run count)", 1, 100000);
+      std::string ms = "{\"ms\": [", net_ms = "\"net_ms\": [";
+      for (const auto& r : timed(n)) {
+        ms += std::to_string(r.ms) + ", ";
+        net_ms += std::to_string(r.net_ms) + ", ";
+      }
+      ms.resize(ms.size() - 2);
+      net_ms.resize(net_ms.size() - 2);
+      std::printf("%s], %s]}\n", ms.c_str(), net_ms.c_str());
+      std::fflush(stdout);
+    }
+    return 0;
+  }
+  auto runs = timed(repeat);
+  std::sort(runs.begin(), runs.end(), [](const Run& x, const Run& y) { return x.ms < y.ms; });
+  const Run med = runs[runs.size() / 2];
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                ", \"dtype\": \"%s\", \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, "
+                "\"network_ms\": %.3f, \"outside_network\": %.5f, \"gflops\": %.2f, "
+                "\"peak_rss_mib\": %.1f, \"weights_mib\": %.1f, \"rss_at_start_mib\": %.1f",
+                sizeof(T) == 4 ? "f32" : "f64", med.ms, runs.front().ms, runs.back().ms, med.net_ms,
+                (med.ms - med.net_ms) / med.ms, gflop / (med.ms / 1e3), peak_rss_mib(),
+                static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0), rss0);
+  std::printf("%s\n", describe(buf).c_str());
+  return 0;
+}
+
+// FP32 FMA peak: 12 independent accumulators per thread, each one register of the widest vector
+// the build targets (GCC vector extension: 16 lanes with AVX-512, 8 with AVX / AVX2, else 4), so
+// that with -march=native each update is one vfmadd on a register and the 12 accumulators and two
+// operands fit in the register file (16 registers without AVX-512: a 16-lane vector there takes
+// two, and 24 accumulator registers spill).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vlane __attribute__((vector_size(kLanes * sizeof(float))));
 double fma_thread(double seconds, float* sink) {
-  v16 acc[12];
+  vlane acc[12];
   for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < 16; ++j) acc[i][j] = 1.0f + 0.001f * static_cast<float>(i + j);
-  v16 a, b;
-  for (int j = 0; j < 16; ++j) a[j] = 0.999999f, b[j] = 1e-7f;
+    for (int j = 0; j < kLanes; ++j) acc[i][j] = 1.0f + 0.001f * static_cast<float>(i + j);
+  vlane a, b;
+  for (int j = 0; j < kLanes; ++j) a[j] = 0.999999f, b[j] = 1e-7f;
   std::uint64_t iters = 0;
   const auto t0 = std::chrono::steady_clock::now();
   double el = 0;
@@ -206,9 +383,9 @@ double fma_thread(double seconds, float* sink) {
   } while (el < seconds);
   float s = 0;
   for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < 16; ++j) s += acc[i][j];
+    for (int j = 0; j < kLanes; ++j) s += acc[i][j];
   *sink = s;
-  return static_cast<double>(iters) * 12 * 16 * 2 / el;
+  return static_cast<double>(iters) * 12 * kLanes * 2 / el;
 }
 constexpr double kMinSeconds = 1e-3, kMaxSeconds = 3600;
 double fma_rate(int threads, double secs) {
@@ -242,13 +419,14 @@ int bench_fma(const ud::cli::Args& a) {
   }
   std::printf(
       "{\"bench\": \"fma\", \"threads\": %d, \"gflops\": %.1f, \"accumulators\": 12, \"lanes\": "
-      "16}\n",
-      threads, fma_rate(threads, secs) / 1e9);
+      "%d}\n",
+      threads, fma_rate(threads, secs) / 1e9, kLanes);
   return 0;
 }
 
 const char* kUsage = R"(usage: unidiffuser-bench uvit [options]
        unidiffuser-bench train [options] [--recompute]
+       unidiffuser-bench sample [options] [--mode M] [--steps N] [--scale S] [--references R]
        unidiffuser-bench fma [--threads T] [--seconds S] [--serve]
 
 Whole-component timings printed as one JSON line.
@@ -268,14 +446,24 @@ gflop counts 3x the forward's products):
   --version V           v0 | v1                                                     [v1]
   --gemm G              auto | eigen | onednn (onednn needs UNIDIFFUSER_ONEDNN)     [auto]
   --double              float64 instead of float32
+sample options (the uvit options, and: a whole sampling run of an official mode on random
+weights and random conditions -- DPM-Solver++, fast driver, order 3 -- timed with its network
+calls apart; gflop counts the network rows of one run; --repeat defaults to 3):
+  --mode M              joint | t2i | i2t | i | t                                   [t2i]
+  --steps N             solver steps (network evaluations)               1..1000    [20]
+  --scale S             guidance scale (0: none)                         0..1000    [7]
+  --references R        batched (the reference calls of a step in the main call) |
+                        separate (one call each, as the official code)              [batched]
 fma options (FP32 FMA peak of this machine):
   --seconds S           measuring time                                   0.001..3600 [1]
 common:
   --threads T           threads, 0 = all (fma: one per hardware thread)  0..4 x hardware threads
                         (at most 1024)                                   [uvit 0, fma 2]
   --serve               after the warm-up print one JSON line describing the run, then for every
-                        line of stdin (uvit: a forward count 1..100000; fma: seconds) run and print
-                        one JSON line; ends at end of input. A malformed line is an error.
+                        line of stdin (uvit, train, sample: a count 1..100000 of forwards, steps or
+                        runs; fma: seconds) run and print one JSON line ("ms": the times; sample
+                        also "net_ms": the network's share of each run); ends at end of input. A
+                        malformed line is an error.
 
 Errors: one line "unidiffuser-bench: error: ..." on stderr and exit code 1.)";
 
@@ -286,24 +474,30 @@ int bench_main(int argc, char** argv) {
   }
   if (argc < 2)
     throw ud::error(ud::cli::op, "subcommand",
-                    "missing; expected 'uvit', 'train' or 'fma' (see --help)");
+                    "missing; expected 'uvit', 'train', 'sample' or 'fma' (see --help)");
   const std::string cmd = argv[1];
   std::vector<ud::cli::Option> known;
   if (cmd == "uvit" || cmd == "train")
     known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},       {"patch"},
              {"text"},    {"clip"},  {"batch"},         {"threads"},      {"repeat"},
              {"version"}, {"gemm"},  {"double", false}, {"serve", false}, {"recompute", false}};
+  else if (cmd == "sample")
+    known = {{"embed"},      {"depth"},         {"heads"},       {"latent"},  {"patch"},
+             {"text"},       {"clip"},          {"batch"},       {"threads"}, {"repeat"},
+             {"version"},    {"gemm"},          {"mode"},        {"steps"},   {"scale"},
+             {"references"}, {"double", false}, {"serve", false}};
   else if (cmd == "fma")
     known = {{"threads"}, {"seconds"}, {"serve", false}};
   else
-    ud::throw_mismatch(ud::cli::op, "subcommand", "unknown subcommand", "'uvit', 'train' or 'fma'",
-                       "'" + cmd + "'");
+    ud::throw_mismatch(ud::cli::op, "subcommand", "unknown subcommand",
+                       "'uvit', 'train', 'sample' or 'fma'", "'" + cmd + "'");
   const ud::cli::Args a(known, argc, argv, 2);
   if (a.help()) {
     std::puts(kUsage);
     return 0;
   }
   if (cmd == "fma") return bench_fma(a);
+  if (cmd == "sample") return a.has("double") ? bench_sample<double>(a) : bench_sample<float>(a);
   const bool train = cmd == "train";
   return a.has("double") ? bench_uvit<double>(a, train) : bench_uvit<float>(a, train);
 }
