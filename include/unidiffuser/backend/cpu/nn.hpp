@@ -272,12 +272,21 @@ class LinearCache<T, cpu> {
         const std::int64_t k = K / pieces, cw = cpu_detail::col_width(n);
         if (!fits(n, k)) continue;
         std::vector<Entry> e(static_cast<std::size_t>(pieces));
-        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
-          const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-          float* base = m.w.data + r0 * K;
-          gemm_.pack(base, nr, k, pieces);
-          for (std::int64_t p = 0; p < pieces; ++p)
-            e[static_cast<std::size_t>(p)].chunks.push_back(base + p * nr * k);
+        std::int64_t done = 0;  // chunks packed (each pack() changes its chunk only on success)
+        try {
+          for (; done < cpu_detail::col_chunks(n); ++done) {
+            const std::int64_t r0 = done * cw, nr = std::min(cw, n - r0);
+            float* base = m.w.data + r0 * K;
+            gemm_.pack(base, nr, k, pieces);
+            for (std::int64_t p = 0; p < pieces; ++p)
+              e[static_cast<std::size_t>(p)].chunks.push_back(base + p * nr * k);
+          }
+        } catch (...) {  // leave the matrix plain, as it was
+          for (std::int64_t c = 0; c < done; ++c) {
+            const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+            gemm_.unpack(m.w.data + r0 * K, nr, k, pieces);
+          }
+          throw;
         }
         for (std::int64_t p = 0; p < pieces; ++p)
           map_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
