@@ -103,6 +103,13 @@ cli_expect(cli_sample_guidance_interval RC 0 CREATES ${_cli}/interval.safetensor
            FILE_CONTAINS "guidance_interval"
            COMMAND ${_run_tiny} --mode joint --steps 4 --guidance-interval 0.5,1 --quiet
                    --out ${_cli}/interval.safetensors)
+cli_expect(cli_sample_guidance_references RC 0 CREATES ${_cli}/separate.safetensors
+           FILE_CONTAINS "guidance_references"
+           COMMAND ${_run_tiny} --mode joint --steps 4 --guidance-references separate --quiet
+                   --out ${_cli}/separate.safetensors)
+cli_expect(cli_sample_guidance_references_value RC 1
+           STDERR "${_opt}--guidance-references: unknown value. expected batched"
+           COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-references both)
 cli_expect(cli_sample_guidance_interval_order RC 1
            STDERR "${_opt}--guidance-interval: expected LO <= HI"
            COMMAND ${_run_tiny} --mode joint --out ${_cli}/x.safetensors --guidance-interval 0.8,0.2)

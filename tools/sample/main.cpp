@@ -72,6 +72,10 @@ any saved layout of 1 to 8 timestep groups) and writes the generated components 
   --guidance-interval LO,HI
                         guide only at solver times tau in [LO, HI], 0 <= LO <= HI <= 1 (not
                         official: GuidanceOptions::interval_lo, interval_hi)          [0,1]
+  --guidance-references R
+                        batched: a step's reference calls in the main call's forward, (1 + R) B
+                        rows, the same samples bit for bit; separate: one forward each, as the
+                        official code (less memory) (GuidanceOptions::batch_references) [batched]
   --t2i-cfg-mode M      true_uncond | empty_token                                    [true_uncond]
   --sampler S           dpm_solver++ | dpm_solver | ddim | ddpm                      [dpm_solver++]
   --method M            fast | singlestep | multistep (DPM-Solver only)               [fast]
@@ -108,6 +112,7 @@ const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},
                                                {"scale"},
                                                {"guidance-rescale"},
                                                {"guidance-interval"},
+                                               {"guidance-references"},
                                                {"sampler"},
                                                {"t2i-cfg-mode"},
                                                {"method"},
@@ -394,7 +399,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   // the solver's workspace and the results take a few more [B, D] matrices (16 x (1 + that) is
   // generous). The network packs its weights in place: sampling never reads them back.
   std::int64_t per_call = 1;
-  if (st.g.scale != 0)
+  if (st.g.scale != 0 && st.g.batch_references)
     for (const auto& task : chain)
       per_call = std::max<std::int64_t>(
           per_call, 1 + static_cast<std::int64_t>(task.count(ud::Role::generate)));
@@ -503,6 +508,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   if (st.g.rescale > 0) settings["guidance_rescale"] = st.g.rescale;
   if (st.g.interval_lo > 0 || st.g.interval_hi < 1)
     settings["guidance_interval"] = {st.g.interval_lo, st.g.interval_hi};
+  if (!st.g.batch_references) settings["guidance_references"] = "separate";
   if (st.mode_name.empty())
     settings["task"] = st.task_spec;
   else
@@ -580,6 +586,8 @@ int main_impl(int argc, char** argv) {
     if (st.g.interval_lo > st.g.interval_hi)
       throw ud::error(ud::cli::op, "--guidance-interval", "expected LO <= HI; got '" + iv + "'");
   }
+  st.g.batch_references =
+      a.choice("guidance-references", "batched", {"batched", "separate"}) == "batched";
   st.cfg_mode = a.choice("t2i-cfg-mode", "true_uncond", {"true_uncond", "empty_token"});
   if (st.cfg_mode == "empty_token") st.g.cfg_mode = ud::CfgMode::empty_condition;
   if (st.g.cfg_mode == ud::CfgMode::empty_condition && !st.mode_name.empty() &&
