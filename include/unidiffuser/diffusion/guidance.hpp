@@ -154,7 +154,8 @@ class GuidedPredictor {
       out_[g] = Tensor<T, Backend>(want);
       if (active_) {
         ref_[g] = Tensor<T, Backend>(want);
-        scratch_[g] = Tensor<T, Backend>(want);
+        // the separate reference calls' discarded outputs, and the rescale's scratch
+        if (!opt_.batch_references || opt_.rescale > 0) scratch_[g] = Tensor<T, Backend>(want);
       }
       if (active_ && opt_.rescale > 0 && task_.generated(g)) {
         zeros_[g] = Tensor<T, Backend>(want);
