@@ -518,7 +518,7 @@ TEST_CASE("weights packed in place: the copies' outputs bit for bit, plain value
   };
   // the buffer itself holds another layout (read through a pointer taken while plain)
   const float* buf = net.param("pos_embed").data() - net.parameter_offset("pos_embed");
-  CHECK(run_native(net, f) == copies);  // packs (no-op: already packed)
+  CHECK(run_native(net, f) == copies);  // packs again (param() above unpacked)
   CHECK(std::equal(plain.begin(), plain.end(), buf) == !packs);
   (void)net.parameters();
   CHECK_FALSE(net.weights_packed());  // parameters() (non-const) unpacked them
