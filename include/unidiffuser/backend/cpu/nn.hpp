@@ -471,18 +471,43 @@ void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlo
     const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
     cpu_detail::for_items(ctx, nch, 2.0 * static_cast<double>(S * m * n * k), [&](std::int64_t c) {
       const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+      if constexpr (std::is_same_v<T, float>) {
+        // dY^T X through oneDNN as a plain (non-transposed) product: the chunk's columns of dY
+        // are transposed into scratch first (nr x rows: k times fewer elements than the
+        // product's operations), since oneDNN's products with a transposed source run well
+        // below its plain ones on AVX2 CPUs. Samples stored one after the other (x's and dY's
+        // rows contiguous across samples) make one product of depth S m.
+        if (dw.data && m > 0) {
+          const bool joined = S == 1 || x.stride == m * x.ld;
+          const std::int64_t depth = joined ? S * m : m;
+          float* t = cpu_detail::scratch<float>(nr * depth);
+          for (std::int64_t s0 = 0; s0 < S; s0 += joined ? S : 1) {
+            const std::int64_t s1 = joined ? S : s0 + 1;
+            for (std::int64_t s = s0; s < s1; ++s)
+              for (std::int64_t i = 0; i < m; ++i) {
+                const T* src = dy.data + s * dy.stride + i * dy.ld + r0;
+                const std::int64_t col = (s - s0) * m + i;
+                for (std::int64_t j = 0; j < nr; ++j) t[j * depth + col] = src[j];
+              }
+            cpu_detail::backward_gemm().matmul(t, nr, depth, depth, 1, x.data + s0 * x.stride, k,
+                                               x.ld, 1, dw.data + r0 * dw.ld, dw.ld, true);
+          }
+        }
+        if (db)
+          for (std::int64_t s = 0; s < S; ++s) {
+            const T* d = dy.data + s * dy.stride + r0;
+            for (std::int64_t i = 0; i < m; ++i)
+              for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];
+          }
+        return;
+      }
+#endif
       for (std::int64_t s = 0; s < S; ++s) {
         const T* d = dy.data + s * dy.stride + r0;
-        if (dw.data) {
-#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-          if constexpr (std::is_same_v<T, float>)  // dY^T X through oneDNN (transposed source)
-            cpu_detail::backward_gemm().matmul(d, nr, m, 1, dy.ld, x.data + s * x.stride, k, x.ld,
-                                               1, dw.data + r0 * dw.ld, dw.ld, true);
-          else
-#endif
-            cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
-                                                       x.ld, dw.data + r0 * dw.ld, dw.ld);
-        }
+        if (dw.data)
+          cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
+                                                     x.ld, dw.data + r0 * dw.ld, dw.ld);
         if (db)
           for (std::int64_t i = 0; i < m; ++i)
             for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];
