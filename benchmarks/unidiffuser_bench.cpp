@@ -2,7 +2,7 @@
 // unidiffuser-bench: whole-component timings printed as one JSON line.
 //   unidiffuser-bench uvit --embed E --depth D --heads H --latent CxHxW --patch P --text LxD
 //                          --clip D --batch B --threads T --repeat R [--version v0|v1] [--double]
-//                          [--gemm auto|eigen|onednn] [--serve]
+//                          [--gemm auto|eigen|onednn] [--dtype f32|bf16|f64] [--serve]
 //   unidiffuser-bench train (the uvit options, [--recompute]): one training step instead
 //   unidiffuser-bench sample (the uvit options, --mode M --steps N --scale S
 //                          [--references batched|separate]): a whole sampling run instead
@@ -116,6 +116,21 @@ std::unique_ptr<ud::nn::UViT<T>> random_network(const ud::nn::UViTConfig& cfg,
   return net;
 }
 
+// --dtype bf16: the context's math mode, or fp32 with a note on stderr where this build or CPU
+// has no bf16 products.
+ud::MathMode math_of(const ud::cli::Args& a) {
+  if (a.choice("dtype", "f32", {"f32", "bf16", "f64"}) != "bf16") return ud::MathMode::fp32;
+  if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
+    return ud::MathMode::bf16;
+  std::fprintf(stderr,
+               "unidiffuser-bench: note: --dtype bf16 needs a oneDNN build on a CPU with "
+               "AVX512-BF16 or AMX; this run computes fp32\n");
+  return ud::MathMode::fp32;
+}
+const char* dtype_name(std::size_t size, ud::MathMode math) {
+  return size == 8 ? "f64" : math == ud::MathMode::bf16 ? "bf16" : "f32";
+}
+
 // `train`: one training step (training forward with its tape, the UniDiffuser loss gradient,
 // backward, AdamW, EMA) instead of one forward.
 template <class T>
@@ -124,10 +139,20 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
   const std::int64_t B = a.integer<std::int64_t>("batch", 1, 1, 65536);
   const int threads = a.threads(), repeat = a.integer("repeat", 7, 1, 100000);
   const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
-  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B), "unidiffuser-bench uvit");
+  const ud::MathMode math = math_of(a);
+  if (train && a.choice("dtype", "f32", {"f32", "bf16", "f64"}) == "bf16")
+    throw ud::error("unidiffuser-bench train", "--dtype bf16",
+                    "bf16 is an inference mode; train in f32 (or f64)");
+  if (math == ud::MathMode::bf16 && gemm == "eigen")
+    throw ud::error("unidiffuser-bench", "--dtype bf16",
+                    "bf16 products run through oneDNN; --gemm eigen is fp32 only");
+  // bf16: the block weights packed in place as bf16 (half their memory), as for inference
+  const auto packing =
+      math == ud::MathMode::bf16 ? ud::nn::WeightPacking::in_place : ud::nn::WeightPacking::copies;
+  ud::check_memory_fits(ud::estimate_memory<T>(cfg, B, 0, 0, packing), "unidiffuser-bench uvit");
   set_threads(threads);
   const double rss0 = peak_rss_mib();
-  const auto owned = random_network<T>(cfg, gemm, ud::nn::WeightPacking::copies);
+  const auto owned = random_network<T>(cfg, gemm, packing);
   ud::nn::UViT<T>& net = *owned;
   const char* gemm_used = net.packed_gemm() ? "onednn" : "eigen";
   ud::nn::UViTPredictor<T, 2> model(net);
@@ -157,10 +182,10 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
   }
   auto once = [&] {
     if (trainer) {
-      trainer->step(ud::Context<ud::cpu>{threads});
+      trainer->step(ud::Context<ud::cpu>{threads, math});
       return;
     }
-    model(ud::Context<ud::cpu>{threads}, {x[0].view(), x[1].view()},
+    model(ud::Context<ud::cpu>{threads, math}, {x[0].view(), x[1].view()},
           {std::span<const double>(ti), std::span<const double>(tt)}, {o[0].view(), o[1].view()});
   };
   auto timed = [&](int n) {
@@ -181,9 +206,9 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
       static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0);
   if (a.has("serve")) {
     std::printf(
-        "{\"bench\": \"%s\", \"serve\": true, \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
-        "%lld, \"gflop\": %.4f}\n",
-        bench, gemm_used, static_cast<long long>(cfg.tokens()),
+        "{\"bench\": \"%s\", \"serve\": true, \"dtype\": \"%s\", \"gemm\": \"%s\", "
+        "\"tokens\": %lld, \"params\": %lld, \"gflop\": %.4f}\n",
+        bench, dtype_name(sizeof(T), math), gemm_used, static_cast<long long>(cfg.tokens()),
         static_cast<long long>(net.parameter_count()), gflop);
     std::fflush(stdout);
     std::string request;
@@ -206,7 +231,7 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
       "%lld, \"batch\": %lld, \"threads\": %d, "
       "\"gflop\": %.4f, \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, \"gflops\": %.2f, "
       "\"peak_rss_mib\": %.1f, \"weights_mib\": %.1f, \"rss_at_start_mib\": %.1f}\n",
-      bench, sizeof(T) == 4 ? "f32" : "f64", gemm_used, static_cast<long long>(cfg.tokens()),
+      bench, dtype_name(sizeof(T), math), gemm_used, static_cast<long long>(cfg.tokens()),
       static_cast<long long>(net.parameter_count()), static_cast<long long>(B), threads, gflop, med,
       ms.front(), ms.back(), gflop / (med / 1e3), peak_rss_mib(), weight_mib, rss0);
   return 0;
@@ -242,6 +267,10 @@ int bench_sample(const ud::cli::Args& a) {
   const std::string gemm = a.choice("gemm", "auto", {"auto", "eigen", "onednn"});
   const std::string mode = a.choice("mode", "t2i", {"joint", "t2i", "i2t", "i", "t"});
   const std::string refs = a.choice("references", "batched", {"batched", "separate"});
+  const ud::MathMode math = math_of(a);
+  if (math == ud::MathMode::bf16 && gemm == "eigen")
+    throw ud::error("unidiffuser-bench", "--dtype bf16",
+                    "bf16 products run through oneDNN; --gemm eigen is fp32 only");
   ud::GuidanceOptions g;
   g.scale = a.real("scale", 7.0, 0.0, 1000.0);
   g.batch_references = refs == "batched";
@@ -288,8 +317,8 @@ int bench_sample(const ud::cli::Args& a) {
     ud::PhiloxNoise noise(7);  // the same run every time
     timed_net.ms = 0;
     const auto t0 = std::chrono::steady_clock::now();
-    auto out = ud::sample_task<T, 2>(ud::Context<ud::cpu>{threads}, timed_net, noise, layout, task,
-                                     g, solver, B, cv);
+    auto out = ud::sample_task<T, 2>(ud::Context<ud::cpu>{threads, math}, timed_net, noise, layout,
+                                     task, g, solver, B, cv);
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     for (const auto& o : out)  // a non-finite sample would mean a broken run, not a slow one
@@ -310,11 +339,12 @@ int bench_sample(const ud::cli::Args& a) {
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "\"bench\": \"sample\", \"mode\": \"%s\", \"steps\": %d, \"scale\": %g, "
-                  "\"references\": \"%s\", \"gemm\": \"%s\", \"tokens\": %lld, \"params\": "
+                  "\"references\": \"%s\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": "
+                  "%lld, \"params\": "
                   "%lld, \"batch\": %lld, \"threads\": %d, \"network_calls\": %llu, "
                   "\"network_rows\": %llu, \"gflop\": %.4f",
-                  mode.c_str(), so.steps, g.scale, refs.c_str(), gemm_used,
-                  static_cast<long long>(cfg.tokens()),
+                  mode.c_str(), so.steps, g.scale, refs.c_str(), dtype_name(sizeof(T), math),
+                  gemm_used, static_cast<long long>(cfg.tokens()),
                   static_cast<long long>(net.parameter_count()), static_cast<long long>(B), threads,
                   static_cast<unsigned long long>(calls), static_cast<unsigned long long>(rows),
                   gflop);
@@ -343,11 +373,11 @@ int bench_sample(const ud::cli::Args& a) {
   const Run med = runs[runs.size() / 2];
   char buf[512];
   std::snprintf(buf, sizeof buf,
-                ", \"dtype\": \"%s\", \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, "
+                ", \"ms_median\": %.3f, \"ms_min\": %.3f, \"ms_max\": %.3f, "
                 "\"network_ms\": %.3f, \"outside_network\": %.5f, \"gflops\": %.2f, "
                 "\"peak_rss_mib\": %.1f, \"weights_mib\": %.1f, \"rss_at_start_mib\": %.1f",
-                sizeof(T) == 4 ? "f32" : "f64", med.ms, runs.front().ms, runs.back().ms, med.net_ms,
-                (med.ms - med.net_ms) / med.ms, gflop / (med.ms / 1e3), peak_rss_mib(),
+                med.ms, runs.front().ms, runs.back().ms, med.net_ms, (med.ms - med.net_ms) / med.ms,
+                gflop / (med.ms / 1e3), peak_rss_mib(),
                 static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0), rss0);
   std::printf("%s\n", describe(buf).c_str());
   return 0;
@@ -445,7 +475,11 @@ gflop counts 3x the forward's products):
   --repeat R            timed forwards (median reported)                 1..100000  [7]
   --version V           v0 | v1                                                     [v1]
   --gemm G              auto | eigen | onednn (onednn needs UNIDIFFUSER_ONEDNN)     [auto]
-  --double              float64 instead of float32
+  --dtype D             f32 | bf16 | f64 (bf16: block GEMMs with bf16 operands and fp32
+                        accumulation, block weights packed in place as bf16 -- needs oneDNN
+                        and a CPU with AVX512-BF16 or AMX, else a note and f32; not for
+                        train)                                                      [f32]
+  --double              float64 instead of float32 (--dtype f64)
 sample options (the uvit options, and: a whole sampling run of an official mode on random
 weights and random conditions -- DPM-Solver++, fast driver, order 3 -- timed with its network
 calls apart; gflop counts the network rows of one run; --repeat defaults to 3):
@@ -480,12 +514,13 @@ int bench_main(int argc, char** argv) {
   if (cmd == "uvit" || cmd == "train")
     known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},       {"patch"},
              {"text"},    {"clip"},  {"batch"},         {"threads"},      {"repeat"},
-             {"version"}, {"gemm"},  {"double", false}, {"serve", false}, {"recompute", false}};
+             {"version"}, {"gemm"},  {"double", false}, {"serve", false}, {"recompute", false},
+             {"dtype"}};
   else if (cmd == "sample")
-    known = {{"embed"},      {"depth"},         {"heads"},       {"latent"},  {"patch"},
-             {"text"},       {"clip"},          {"batch"},       {"threads"}, {"repeat"},
-             {"version"},    {"gemm"},          {"mode"},        {"steps"},   {"scale"},
-             {"references"}, {"double", false}, {"serve", false}};
+    known = {{"embed"},      {"depth"},         {"heads"},        {"latent"},  {"patch"},
+             {"text"},       {"clip"},          {"batch"},        {"threads"}, {"repeat"},
+             {"version"},    {"gemm"},          {"mode"},         {"steps"},   {"scale"},
+             {"references"}, {"double", false}, {"serve", false}, {"dtype"}};
   else if (cmd == "fma")
     known = {{"threads"}, {"seconds"}, {"serve", false}};
   else
@@ -497,9 +532,10 @@ int bench_main(int argc, char** argv) {
     return 0;
   }
   if (cmd == "fma") return bench_fma(a);
-  if (cmd == "sample") return a.has("double") ? bench_sample<double>(a) : bench_sample<float>(a);
+  const bool f64 = a.has("double") || a.choice("dtype", "f32", {"f32", "bf16", "f64"}) == "f64";
+  if (cmd == "sample") return f64 ? bench_sample<double>(a) : bench_sample<float>(a);
   const bool train = cmd == "train";
-  return a.has("double") ? bench_uvit<double>(a, train) : bench_uvit<float>(a, train);
+  return f64 ? bench_uvit<double>(a, train) : bench_uvit<float>(a, train);
 }
 
 }  // namespace

@@ -16,6 +16,12 @@ foreach(mode joint t2i i2t i t i2t2i t2i2t)
                    --out ${CMAKE_CURRENT_BINARY_DIR}/sample_${mode}.safetensors --quiet)
 endforeach()
 
+# --dtype bf16: the run ends well in bf16 (where the build and CPU have it) or in f32 with a note
+add_test(NAME sample_cli_t2i_bf16
+         COMMAND unidiffuser-sample --checkpoint ${_tiny} --prefix param/ --mode t2i --steps 6
+                 --batch 2 --conditions ${_tiny_cond} --dtype bf16
+                 --out ${CMAKE_CURRENT_BINARY_DIR}/sample_t2i_bf16.safetensors --quiet)
+
 # cli_expect(NAME RC <code> [STDERR re] [STDOUT re] [FORBID re] [INPUT file] [CREATES file]
 #            [FILE_CONTAINS text] [UNCHANGED a|b] [HOSTILE] COMMAND ...)
 # Exit code 1 also requires stderr to be exactly one line. HOSTILE: needs the
@@ -240,8 +246,21 @@ if(UNIDIFFUSER_BUILD_BENCHMARKS)
              COMMAND ${_bench} ${_tiny_uvit} --repeat 1 --threads 1)
   cli_expect(cli_bench_uvit_unknown_option RC 1 STDERR "${_berr}--bogus: unknown option"
              COMMAND ${_bench} ${_tiny_uvit} --bogus 7)
-  cli_expect(cli_bench_uvit_dtype RC 1 STDERR "${_berr}--dtype: unknown option"
-             COMMAND ${_bench} ${_tiny_uvit} --dtype bf16)
+  cli_expect(cli_bench_uvit_dtype RC 1 STDERR "${_berr}--dtype: unknown value"
+             COMMAND ${_bench} ${_tiny_uvit} --dtype f16)
+  # bf16 where the build and CPU have it, else f32 with a note (both end well)
+  cli_expect(cli_bench_uvit_bf16 RC 0 STDOUT "\"dtype\": \"(bf16|f32)\""
+             COMMAND ${_bench} ${_tiny_uvit} --dtype bf16 --repeat 1 --threads 1)
+  # oneDNN told the CPU has no bf16 instructions (ONEDNN_MAX_CPU_ISA): the f32 fallback's note
+  cli_expect(cli_bench_uvit_bf16_fallback RC 0
+             STDERR "unidiffuser-bench: note: --dtype bf16 needs a oneDNN build on a CPU with AVX512-BF16 or AMX. this run computes fp32"
+             STDOUT "\"dtype\": \"f32\""
+             COMMAND ${CMAKE_COMMAND} -E env ONEDNN_MAX_CPU_ISA=AVX512_CORE
+                     ${_bench} ${_tiny_uvit} --dtype bf16 --repeat 1 --threads 1)
+  cli_expect(cli_bench_train_bf16 RC 1
+             STDERR "unidiffuser-bench: error: unidiffuser-bench train: --dtype bf16: bf16 is an inference mode"
+             COMMAND ${_bench} train --embed 64 --depth 4 --heads 4 --latent 4x8x8 --patch 2
+                     --text 6x8 --clip 12 --dtype bf16)
   cli_expect(cli_bench_uvit_missing_value RC 1 STDERR "${_berr}--repeat: missing value"
              COMMAND ${_bench} ${_tiny_uvit} --repeat)
   cli_expect(cli_bench_uvit_embed_wrap RC 1

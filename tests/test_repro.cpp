@@ -146,71 +146,79 @@ TEST_CASE("the reference calls batched with the main call give the separate call
 }
 
 TEST_CASE("a forward output does not depend on the sample's position, neighbours or threads") {
-  for (const auto& cfg : {small_config(), odd_head_config()}) {
-    CAPTURE(cfg.embed_dim);
-    ud::nn::UViT<float> net(cfg);
-    net.init_random(11, 0.1);
-    constexpr std::int64_t B = 5;
-    const auto& C = cfg.components;
-    std::vector<std::vector<float>> x(C.size());  // canonical order: sample b is row b
-    for (std::size_t k = 0; k < C.size(); ++k) {
-      x[k].resize(static_cast<std::size_t>(B * C[k].numel()));
-      for (std::size_t i = 0; i < x[k].size(); ++i)
-        x[k][i] = static_cast<float>(ud::philox_normal(5, k, 0, i));
-    }
-    const std::vector<double> t0{10, 250, 999, 1, 600}, t1{1000, 3, 420, 777, 0};
-    const std::vector<std::int64_t> dt{1, 0, 1, 1, 0};
-    // outputs of the samples `order` (row r of the batch is sample order[r]), put back in
-    // canonical order
-    auto run = [&](const std::vector<std::int64_t>& order, int threads) {
-      set_threads(threads);
-      const auto nb = static_cast<std::int64_t>(order.size());
-      std::vector<std::vector<float>> xin(C.size()), out(C.size());
-      std::vector<double> a, b;
-      std::vector<std::int64_t> d;
-      for (std::int64_t s : order) {
-        a.push_back(t0[static_cast<std::size_t>(s)]);
-        b.push_back(t1[static_cast<std::size_t>(s)]);
-        d.push_back(dt[static_cast<std::size_t>(s)]);
-      }
-      ud::nn::UViTInputs<float> in;
-      std::vector<ud::RowBlock<float, ud::cpu>> ob;
+  // fp32, and bf16 where this build and CPU have it (MathMode::bf16)
+  std::vector<ud::MathMode> maths{ud::MathMode::fp32};
+  if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
+    maths.push_back(ud::MathMode::bf16);
+  else
+    MESSAGE("bf16 not checked: this build or CPU has no bf16 products");
+  for (const auto math : maths)
+    for (const auto& cfg : {small_config(), odd_head_config()}) {
+      CAPTURE(cfg.embed_dim);
+      CAPTURE(static_cast<int>(math));
+      ud::nn::UViT<float> net(cfg);
+      net.init_random(11, 0.1);
+      constexpr std::int64_t B = 5;
+      const auto& C = cfg.components;
+      std::vector<std::vector<float>> x(C.size());  // canonical order: sample b is row b
       for (std::size_t k = 0; k < C.size(); ++k) {
-        const std::int64_t n = C[k].numel();
-        for (std::int64_t s : order)
-          xin[k].insert(xin[k].end(), x[k].begin() + s * n, x[k].begin() + (s + 1) * n);
-        out[k].assign(static_cast<std::size_t>(nb * n), 0.f);
-        in.x.push_back(ud::RowBlock<const float, ud::cpu>(xin[k].data(), nb, n, n));
-        ob.push_back(ud::RowBlock<float, ud::cpu>(out[k].data(), nb, n, n));
+        x[k].resize(static_cast<std::size_t>(B * C[k].numel()));
+        for (std::size_t i = 0; i < x[k].size(); ++i)
+          x[k][i] = static_cast<float>(ud::philox_normal(5, k, 0, i));
       }
-      in.t = {std::span<const double>(a), std::span<const double>(b)};
-      in.data_type = d;
-      net.forward(ud::Context<ud::cpu>{}, in, ob);
-      std::vector<std::vector<float>> canon(C.size());
-      for (std::size_t k = 0; k < C.size(); ++k) {
-        const std::int64_t n = C[k].numel();
-        canon[k].assign(static_cast<std::size_t>(B * n), 0.f);
-        for (std::int64_t r = 0; r < nb; ++r)
-          std::copy_n(out[k].begin() + r * n, n,
-                      canon[k].begin() + order[static_cast<std::size_t>(r)] * n);
-      }
-      return canon;
-    };
-    const auto ref = run({0, 1, 2, 3, 4}, 1);
-    for (int t : {1, 2, 3, 4}) {
-      CAPTURE(t);
-      for (const auto& order : std::vector<std::vector<std::int64_t>>{
-               {4, 3, 2, 1, 0}, {2, 0, 4, 1, 3}, {3, 1}, {1, 3}, {4}, {0, 1, 2, 3, 4}}) {
-        CAPTURE(order.size());
-        const auto got = run(order, t);
+      const std::vector<double> t0{10, 250, 999, 1, 600}, t1{1000, 3, 420, 777, 0};
+      const std::vector<std::int64_t> dt{1, 0, 1, 1, 0};
+      // outputs of the samples `order` (row r of the batch is sample order[r]), put back in
+      // canonical order
+      auto run = [&](const std::vector<std::int64_t>& order, int threads) {
+        set_threads(threads);
+        const auto nb = static_cast<std::int64_t>(order.size());
+        std::vector<std::vector<float>> xin(C.size()), out(C.size());
+        std::vector<double> a, b;
+        std::vector<std::int64_t> d;
+        for (std::int64_t s : order) {
+          a.push_back(t0[static_cast<std::size_t>(s)]);
+          b.push_back(t1[static_cast<std::size_t>(s)]);
+          d.push_back(dt[static_cast<std::size_t>(s)]);
+        }
+        ud::nn::UViTInputs<float> in;
+        std::vector<ud::RowBlock<float, ud::cpu>> ob;
         for (std::size_t k = 0; k < C.size(); ++k) {
           const std::int64_t n = C[k].numel();
           for (std::int64_t s : order)
-            CHECK(std::memcmp(got[k].data() + s * n, ref[k].data() + s * n,
-                              static_cast<std::size_t>(n) * sizeof(float)) == 0);
+            xin[k].insert(xin[k].end(), x[k].begin() + s * n, x[k].begin() + (s + 1) * n);
+          out[k].assign(static_cast<std::size_t>(nb * n), 0.f);
+          in.x.push_back(ud::RowBlock<const float, ud::cpu>(xin[k].data(), nb, n, n));
+          ob.push_back(ud::RowBlock<float, ud::cpu>(out[k].data(), nb, n, n));
+        }
+        in.t = {std::span<const double>(a), std::span<const double>(b)};
+        in.data_type = d;
+        net.forward(ud::Context<ud::cpu>{0, math}, in, ob);
+        std::vector<std::vector<float>> canon(C.size());
+        for (std::size_t k = 0; k < C.size(); ++k) {
+          const std::int64_t n = C[k].numel();
+          canon[k].assign(static_cast<std::size_t>(B * n), 0.f);
+          for (std::int64_t r = 0; r < nb; ++r)
+            std::copy_n(out[k].begin() + r * n, n,
+                        canon[k].begin() + order[static_cast<std::size_t>(r)] * n);
+        }
+        return canon;
+      };
+      const auto ref = run({0, 1, 2, 3, 4}, 1);
+      for (int t : {1, 2, 3, 4}) {
+        CAPTURE(t);
+        for (const auto& order : std::vector<std::vector<std::int64_t>>{
+                 {4, 3, 2, 1, 0}, {2, 0, 4, 1, 3}, {3, 1}, {1, 3}, {4}, {0, 1, 2, 3, 4}}) {
+          CAPTURE(order.size());
+          const auto got = run(order, t);
+          for (std::size_t k = 0; k < C.size(); ++k) {
+            const std::int64_t n = C[k].numel();
+            for (std::int64_t s : order)
+              CHECK(std::memcmp(got[k].data() + s * n, ref[k].data() + s * n,
+                                static_cast<std::size_t>(n) * sizeof(float)) == 0);
+          }
         }
       }
     }
-  }
   set_threads(1);
 }

@@ -40,7 +40,8 @@ std::vector<double> random_vec(std::size_t n, std::uint64_t seed) {
 }
 
 // Runs the native input set of the v1 golden file; returns all outputs concatenated.
-std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::File& f) {
+std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::File& f,
+                              const ud::Context<ud::cpu>& ctx = {}) {
   const auto& cfg = net.config();
   std::vector<ud::Tensor<float>> xs, outs;
   ud::nn::UViTInputs<float> in;
@@ -58,7 +59,7 @@ std::vector<float> run_native(ud::nn::UViT<float>& net, const ud::safetensors::F
   const auto dt = f.get_vector<std::int64_t>("input/native/data_type");
   in.t = {ti, tt};
   in.data_type = dt;
-  net.forward(ud::Context<ud::cpu>{}, in, ob);
+  net.forward(ctx, in, ob);
   std::vector<float> all;
   for (auto& o : outs) all.insert(all.end(), o.begin(), o.end());
   return all;
@@ -624,6 +625,119 @@ TEST_CASE("oneDNN linear on packed weights equals the Eigen linear (bias, GELU, 
     CHECK(w == plain);
   }
   CHECK(packed_cases >= 3);
+}
+#endif
+
+TEST_CASE("bf16 math: copies and in place agree; in place halves and rounds the block weights") {
+  const ud::Context<ud::cpu> b16{0, ud::MathMode::bf16};
+  if (!ud::ops::math_supported(b16, ud::MathMode::bf16)) {
+    MESSAGE("bf16 not checked: this build or CPU has no bf16 products (fp32 runs instead)");
+    return;
+  }
+  const auto f = ud::safetensors::File::read(kGolden);
+  ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
+  ud::load_checkpoint(net, f, "param/");
+  const std::vector<float> plain(net.parameters().begin(), net.parameters().end());
+  const auto fp32 = run_native(net, f);
+  const auto copies = run_native(net, f, b16);
+  // bf16 ran (outputs differ from fp32) and is close (the golden checker holds the bound)
+  double d = 0, n = 0;
+  for (std::size_t i = 0; i < fp32.size(); ++i)
+    d += (double(copies[i]) - fp32[i]) * (double(copies[i]) - fp32[i]),
+        n += double(fp32[i]) * fp32[i];
+  CHECK(d > 0);
+  CHECK(std::sqrt(d / n) < 1e-2);
+  CHECK(run_native(net, f) == fp32);  // the fp32 entries are kept beside the bf16 ones
+  CHECK(std::equal(plain.begin(), plain.end(), net.parameters().begin()));  // copies: untouched
+  net.set_weight_packing(ud::nn::WeightPacking::in_place);
+  CHECK(run_native(net, f, b16) == copies);
+  CHECK(net.weights_packed());
+  net.unpack_weights();
+  // block weights: their bf16 roundings; everything else: unchanged
+  const ud::nn::UViT<float>& cnet = net;
+  for (const auto& name : net.parameter_names()) {
+    CAPTURE(name);
+    const auto p = cnet.param(name);
+    const auto off = static_cast<std::size_t>(net.parameter_offset(name));
+    // in_blocks.*, mid_block, out_blocks.*: qkv, proj, fc1, fc2, skip_linear
+    const bool block = name.find("block") != std::string::npos &&
+                       name.find(".weight") != std::string::npos &&
+                       name.find("norm") == std::string::npos;
+    bool ok = true;
+    for (std::int64_t i = 0; i < p.size(); ++i) {
+      const float v = plain[off + static_cast<std::size_t>(i)];
+      const float want = block ? ud::bfloat16_t::from_float(v).to_float() : v;
+      ok = ok && p.data()[i] == want;
+    }
+    CHECK(ok);
+  }
+  // the rounded weights give the same bf16 outputs again, and fp32 runs after bf16 in place
+  CHECK(run_native(net, f, b16) == copies);
+  const auto after = run_native(net, f);  // fp32 in place now, on the rounded weights
+  CHECK(net.weights_packed());
+  d = 0;
+  for (std::size_t i = 0; i < fp32.size(); ++i)
+    d += (double(after[i]) - fp32[i]) * (double(after[i]) - fp32[i]);
+  CHECK(d > 0);
+  CHECK(std::sqrt(d / n) < 1e-2);
+}
+
+#if defined(UNIDIFFUSER_WITH_ONEDNN)
+TEST_CASE("oneDNN bf16 linear: the fp32 product of the bf16-rounded operands") {
+  ud::onednn::Gemm gemm;
+  if (!gemm.bf16()) {
+    MESSAGE("bf16 not checked: this CPU has no bf16 instructions for oneDNN");
+    return;
+  }
+  const auto r16 = [](float v) { return double(ud::bfloat16_t::from_float(v).to_float()); };
+  // (m, k, n, ldx pad, ldy pad)
+  for (auto [m, k, n, px, py] : std::vector<std::array<std::int64_t, 5>>{
+           {1, 64, 128, 0, 0}, {37, 96, 192, 5, 3}, {337, 128, 64, 0, 0}, {5, 32, 16, 0, 7}}) {
+    CAPTURE(m);
+    CAPTURE(k);
+    CAPTURE(n);
+    const std::int64_t ldx = k + px, ldy = n + py, ldw = k + 3;
+    const auto wd = random_vec(static_cast<std::size_t>(n * ldw), 21),
+               xd = random_vec(static_cast<std::size_t>(m * ldx), 22),
+               bd = random_vec(static_cast<std::size_t>(n), 23),
+               yd = random_vec(static_cast<std::size_t>(m * ldy), 24);
+    std::vector<float> w(wd.begin(), wd.end()), x(xd.begin(), xd.end()), b(bd.begin(), bd.end()),
+        y0(yd.begin(), yd.end());
+    std::vector<char> packed(gemm.packed16_bytes(n, k));
+    gemm.pack16(w.data(), n, k, ldw, packed.data());
+    std::vector<float> back(static_cast<std::size_t>(n * ldw), -1.f);
+    gemm.unpack16(packed.data(), n, k, back.data(), ldw);
+    bool rounded = true;  // pack16 rounds to nearest even, unpack16 widens exactly
+    for (std::int64_t j = 0; j < n; ++j)
+      for (std::int64_t p = 0; p < k; ++p)
+        rounded = rounded && back[static_cast<std::size_t>(j * ldw + p)] ==
+                                 float(r16(w[static_cast<std::size_t>(j * ldw + p)]));
+    CHECK(rounded);
+    for (auto post :
+         {ud::onednn::Post::none, ud::onednn::Post::gelu, ud::onednn::Post::accumulate}) {
+      CAPTURE(static_cast<int>(post));
+      std::vector<float> got = y0;
+      gemm.linear16(x.data(), m, k, ldx, packed.data(), n, b.data(), got.data(), ldy, post);
+      double worst = 0;
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < ldy; ++j) {
+          const auto at = static_cast<std::size_t>(i * ldy + j);
+          if (j >= n) {  // padding between rows is not written
+            REQUIRE(got[at] == y0[at]);
+            continue;
+          }
+          double acc = b[static_cast<std::size_t>(j)];
+          for (std::int64_t p = 0; p < k; ++p)
+            acc += r16(x[static_cast<std::size_t>(i * ldx + p)]) *
+                   r16(w[static_cast<std::size_t>(j * ldw + p)]);
+          if (post == ud::onednn::Post::gelu)
+            acc = 0.5 * acc * (1 + std::erf(acc / std::sqrt(2.0)));
+          if (post == ud::onednn::Post::accumulate) acc += y0[at];
+          worst = std::max(worst, std::abs(double(got[at]) - acc) / (1 + std::abs(acc)));
+        }
+      CHECK(worst < 2e-5);  // fp32 accumulation of exact bf16 products
+    }
+  }
 }
 #endif
 

@@ -31,6 +31,9 @@ PyTorch variants (each its own process: OPENBLAS_CORETYPE must be set before tor
   bf16, sdpa+bf16  default / sdpa under torch.autocast('cpu', dtype=torch.bfloat16) (as the official
                    sampling script runs; not float32, so never taken as "the best PyTorch variant";
                    not in the default --variants: slow on CPUs without native bf16 arithmetic)
+  sdpa+compile+bf16  the compiled sdpa module under that autocast (compiled on its first call)
+The library's math modes: --dtypes f32[,bf16] (bf16: the bench's --dtype bf16, compared with the
+best bf16 PyTorch variant as well as with the best float32 one).
 Several interpreters (--python A,B) compare several torch builds in the same run, e.g. Debian's
 python3-torch and a PyPI torch in a venv. Several library builds or GEMM paths compare too:
 --bench A[,B] and --gemm eigen,onednn (a path a build lacks is skipped).
@@ -38,7 +41,7 @@ Usage: /usr/bin/python3 compare_torch.py --bench build/release/benchmarks/unidif
        [--gemm auto] [--threads 2] [--rounds 15] [--per-turn 1] [--configs demo,small]
        [--variants default,skylakex,...] [--python /usr/bin/python3[,/path/to/venv/bin/python]]
        [--step forward|train|sample] [--modes t2i,joint,...] [--steps 20] [--scale 7] [--batches 1,4]
-       [--references batched,separate]
+       [--references batched,separate] [--dtypes f32,bf16]
 e.g. whole sampling runs:
        python3 compare_torch.py --step sample --bench build/release/benchmarks/unidiffuser-bench
        --configs demo,small --modes t2i,joint --steps 20 --scale 7 --batches 1,4 --references batched,separate
@@ -63,7 +66,8 @@ CONFIGS = {
 VARIANTS = {"default": ({}, ()), "skylakex": ({"OPENBLAS_CORETYPE": "SkylakeX"}, ()),
             "mkldnn": ({}, ("mkldnn",)), "skylakex+mkldnn": ({"OPENBLAS_CORETYPE": "SkylakeX"}, ("mkldnn",)),
             "sdpa": ({}, ("sdpa",)), "sdpa+compile": ({}, ("sdpa", "compile")),
-            "bf16": ({}, ("bf16",)), "sdpa+bf16": ({}, ("sdpa", "bf16"))}
+            "bf16": ({}, ("bf16",)), "sdpa+bf16": ({}, ("sdpa", "bf16")),
+            "sdpa+compile+bf16": ({}, ("sdpa", "compile", "bf16"))}
 
 
 def vm_hwm_mib(pid):
@@ -213,6 +217,7 @@ def main():
     ap.add_argument("--references", default="batched,separate",
                     help="sample: comma-separated call structures of the guidance reference calls")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "bf16" not in v))
+    ap.add_argument("--dtypes", default="f32", help="comma-separated math modes of the library: f32, bf16")
     ap.add_argument("--python", default=sys.executable,
                     help="comma-separated interpreters, each with its own torch (e.g. Debian's and a venv's)")
     ap.add_argument("--seed", type=int, default=1)
@@ -255,13 +260,17 @@ def main():
         ours, theirs = [], []
         for bench in a.bench.split(","):
             for g in a.gemm.split(","):
-                sub = {"forward": "uvit", "train": "train", "sample": "sample"}[a.step]
-                w = Worker("unidiffuser[%s]" % g, [bench, sub] + args + ["--gemm", g, "--serve"])
-                if w.skipped:  # this build lacks the path (the bench said why on stderr)
-                    continue
-                w.label = "unidiffuser[%s]%s" % (w.info["gemm"], "" if len(a.bench.split(",")) == 1
-                                                  else " " + os.path.relpath(bench))
-                ours.append(w)
+                for dt in a.dtypes.split(","):
+                    sub = {"forward": "uvit", "train": "train", "sample": "sample"}[a.step]
+                    w = Worker("unidiffuser[%s]" % g, [bench, sub] + args + ["--gemm", g, "--dtype", dt, "--serve"])
+                    if w.skipped:  # this build lacks the path (the bench said why on stderr)
+                        continue
+                    dtype = w.info.get("dtype", "f32")  # f32 where bf16 fell back (the bench said why)
+                    w.label = "unidiffuser[%s%s]%s" % (w.info["gemm"], "" if dtype == "f32" else " " + dtype,
+                                                       "" if len(a.bench.split(",")) == 1
+                                                       else " " + os.path.relpath(bench))
+                    w.fp32 = dtype == "f32"
+                    ours.append(w)
         for py in pythons:
             for name in a.variants.split(","):
                 env, opts = VARIANTS[name]
@@ -326,14 +335,19 @@ def main():
         if not theirs:
             continue
         fp32 = [w for w in theirs if w.fp32] or theirs  # the float32 variants: the like-for-like baseline
-        best = min(fp32, key=lambda w: statistics.median(w.times))
+        half = [w for w in theirs if not w.fp32]  # the bf16 autocast variants
         for o in ours:
             mo = statistics.median(o.times)
-            paired = statistics.median(row[best.label] / row[o.label] for row in per_round)
-            print("  %s vs the best %sPyTorch variant (%s): %.2fx faster (ratio of medians; median of "
-                  "per-round ratios %.2fx); %.0f %% of the FMA peak"
-                  % (o.label, "float32 " if best.fp32 else "", best.label, statistics.median(best.times) / mo,
-                     paired, 100 * gflop / mo * 1e3 / peak))
+            # like for like: float32 against float32; bf16 against bf16 autocast, then float32 too
+            for best in ([min(fp32, key=lambda w: statistics.median(w.times))] if o.fp32 or not half else
+                         [min(half, key=lambda w: statistics.median(w.times))] +
+                         [min(v, key=lambda w: statistics.median(w.times)) for v in [[w for w in fp32 if w.fp32]] if v]):
+                paired = statistics.median(row[best.label] / row[o.label] for row in per_round)
+                print("  %s vs the best %sPyTorch variant (%s): %.2fx faster (ratio of medians; median of "
+                      "per-round ratios %.2fx); %.0f %% of the FMA peak"
+                      % (o.label, "float32 " if best.fp32 else "bf16 ", best.label,
+                         statistics.median(best.times) / mo, paired, 100 * gflop / mo * 1e3 / peak))
+            best = min(fp32, key=lambda w: statistics.median(w.times))
             for py in pythons:
                 mine = [w for w in fp32 if w.p.args[0] == py]
                 if mine and len(pythons) > 1:

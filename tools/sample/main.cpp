@@ -84,6 +84,11 @@ any saved layout of 1 to 8 timestep groups) and writes the generated components 
   --seed N              noise seed, 0..18446744073709551615                          [1234]
   --batch B             samples, 1..4096                                             [1]
   --threads T           CPU threads, 0 (= all) .. 4 x hardware threads (at most 1024) [0]
+  --dtype D             f32 | bf16: the network's block GEMMs with bf16 operands and fp32
+                        accumulation, their weights packed in place as bf16 (half their
+                        memory); layer norm, attention, residuals and the sampler state stay
+                        f32. Needs a oneDNN build on a CPU with AVX512-BF16 or AMX (else a note
+                        on stderr and f32). Recorded in the output's settings.     [f32]
   --data-type D         v1 data-type token, 0..1                                     [1]
   --allow-nonfinite-weights
                         load a checkpoint holding NaN or infinite weights (refused otherwise)
@@ -121,6 +126,7 @@ const std::vector<ud::cli::Option> kOptions = {{"checkpoint"},
                                                {"seed"},
                                                {"batch"},
                                                {"threads"},
+                                               {"dtype"},
                                                {"data-type"},
                                                {"allow-nonfinite-weights", false},
                                                {"quiet", false}};
@@ -183,10 +189,10 @@ struct Progress {
 };
 
 template <std::size_t K, class Sampler>
-std::array<ud::Tensor<float>, K> run(Progress<K>& prog, ud::PhiloxNoise& noise,
-                                     const ud::GroupLayout<K>& layout, const ud::Chain<K>& stages,
-                                     const ud::GuidanceOptions& g, const Sampler& sampler,
-                                     std::int64_t batch,
+std::array<ud::Tensor<float>, K> run(const ud::Context<ud::cpu>& ctx, Progress<K>& prog,
+                                     ud::PhiloxNoise& noise, const ud::GroupLayout<K>& layout,
+                                     const ud::Chain<K>& stages, const ud::GuidanceOptions& g,
+                                     const Sampler& sampler, std::int64_t batch,
                                      std::array<ud::TensorView<const float>, K> cond,
                                      std::array<ud::TensorView<const float>, K> null) {
   std::array<ud::Tensor<float>, K> result;
@@ -197,16 +203,16 @@ std::array<ud::Tensor<float>, K> run(Progress<K>& prog, ud::PhiloxNoise& noise,
       if (task.roles[k] == ud::Role::condition && result[k].size() > 0) c[k] = result[k].view();
     ud::GuidanceOptions pg = g;  // the probe only counts calls: its rescale needs no schedule
     pg.rescale = 0;
-    ud::GuidedPredictor<float, K, Progress<K>, ud::PhiloxNoise> probe(
-        ud::Context<ud::cpu>{}, prog, noise, layout, task, pg, batch, c, null);
+    ud::GuidedPredictor<float, K, Progress<K>, ud::PhiloxNoise> probe(ctx, prog, noise, layout,
+                                                                      task, pg, batch, c, null);
     prog.per_nfe = probe.calls_per_evaluation();
     prog.nfe = sampler.nfe();
     prog.calls = 0;
     prog.stage = stages.size() > 1
                      ? "stage " + std::to_string(++stage) + "/" + std::to_string(stages.size())
                      : "";
-    auto out = ud::sample_task<float, K>(ud::Context<ud::cpu>{}, prog, noise, layout, task, g,
-                                         sampler, batch, c, null);
+    auto out =
+        ud::sample_task<float, K>(ctx, prog, noise, layout, task, g, sampler, batch, c, null);
     for (std::size_t k = 0; k < K; ++k)
       if (task.generated(k)) result[k] = std::move(out[k]);
   }
@@ -367,6 +373,7 @@ struct Settings {
   ud::Spacing spacing{};
   ud::GuidanceOptions g;
   bool quiet = false, allow_nonfinite = false;
+  ud::MathMode math = ud::MathMode::fp32;  // --dtype bf16 where supported
 };
 
 template <std::size_t K>
@@ -455,6 +462,8 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
   const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
   ud::PhiloxNoise noise(st.seed);
+  ud::Context<ud::cpu> ctx{};
+  ctx.math = st.math;
   Progress<K> prog;
   prog.net = &model;
   prog.quiet = st.quiet;
@@ -467,7 +476,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
     o.skip_type = st.spacing;
     o.predict_x0 = st.sampler == "dpm_solver++";
     const ud::DpmSolver<float> s(ns, o, &grid);
-    result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
+    result = run<K>(ctx, prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
   } else {
     ud::DdimOptions o;
     o.steps = st.steps;
@@ -475,10 +484,10 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
     o.seed = st.seed;
     if (st.sampler == "ddpm") {
       const ud::Ddpm<float> s(ns, o);
-      result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
+      result = run<K>(ctx, prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
     } else {
       const ud::Ddim<float> s(ns, o);
-      result = run<K>(prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
+      result = run<K>(ctx, prog, noise, layout, chain, st.g, s, st.batch, cv, nv);
     }
   }
 
@@ -509,6 +518,7 @@ int sample(const Settings& st, const ud::safetensors::File& f, const ud::nn::UVi
   if (st.g.interval_lo > 0 || st.g.interval_hi < 1)
     settings["guidance_interval"] = {st.g.interval_lo, st.g.interval_hi};
   if (!st.g.batch_references) settings["guidance_references"] = "separate";
+  if (st.math == ud::MathMode::bf16) settings["dtype"] = "bf16";
   if (st.mode_name.empty())
     settings["task"] = st.task_spec;
   else
@@ -601,6 +611,14 @@ int main_impl(int argc, char** argv) {
   }
   st.quiet = a.has("quiet");
   st.allow_nonfinite = a.has("allow-nonfinite-weights");
+  if (a.choice("dtype", "f32", {"f32", "bf16"}) == "bf16") {
+    if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
+      st.math = ud::MathMode::bf16;
+    else
+      std::fprintf(stderr,
+                   "unidiffuser-sample: note: --dtype bf16 needs a oneDNN build on a CPU with "
+                   "AVX512-BF16 or AMX; sampling in f32\n");
+  }
 
   // 2. files: inputs are regular files, the output is none of them and can be written
   check_input(st.ckpt, "--checkpoint");

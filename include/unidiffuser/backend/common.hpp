@@ -179,20 +179,21 @@ struct InPlaceWeight {
   std::int64_t pieces = 1;
 };
 
-//! A backend's cache of prepared (e.g. reordered) weight matrices for `linear`. The primary
-//! template prepares nothing; the CPU backend packs fp32 weights for oneDNN, as copies or in
-//! place.
+//! A backend's cache of prepared (e.g. reordered) weight matrices for `linear`, for one math
+//! mode each (MathMode::fp32 or a 16-bit mode). The primary template prepares nothing; the CPU
+//! backend packs weights for oneDNN (fp32, or bf16 where the CPU has it), as copies or in place.
 template <class T, class Backend>
 class LinearCache {
  public:
   static constexpr bool available = false;
   static constexpr bool in_place_available = false;
-  void prepare(std::span<const RowBlock<const T, Backend>>) {}
-  void pack_in_place(std::span<const InPlaceWeight<T, Backend>>) {}
+  void prepare(std::span<const RowBlock<const T, Backend>>, MathMode = MathMode::fp32) {}
+  void pack_in_place(std::span<const InPlaceWeight<T, Backend>>, MathMode = MathMode::fp32) {}
   void unpack_in_place() {}
   bool packed_in_place() const { return false; }
   void clear() {}
   bool empty() const { return true; }
+  bool ready(MathMode) const { return false; }
   std::int64_t packed_elements() const { return 0; }
 };
 

@@ -33,12 +33,26 @@ struct Context {
                 "unidiffuser::cuda from a translation unit compiled by nvcc");
 };
 
-//! CPU context: how many threads the primitives may use (0 = all available). `region` is set
-//! by the CPU backend itself on the contexts it hands to code running inside one of its parallel
-//! regions (ops::run_samples); users leave it null.
+//! How a backend computes fp32 networks (a context's `math`):
+//! - fp32: exact fp32 arithmetic (the default; the backends agree to float rounding);
+//! - tf32 (CUDA): GEMMs on TF32 tensor cores (10-bit mantissa operands, fp32 accumulation);
+//! - bf16 / fp16: mixed precision -- master weights, activations, layer norm, softmax statistics,
+//!   residuals and the sampler state stay fp32; the operands of the network's block GEMMs are
+//!   rounded to 16 bits (weights once per parameter version, through the network's LinearCache)
+//!   and products accumulate in fp32. The analogue of PyTorch's autocast, with fp32 activations.
+//!   CUDA: bf16 and fp16 on tensor cores, attention's q, k, v rounded too. CPU: bf16 only, through
+//!   oneDNN on CPUs with AVX512-BF16 or AMX (ops::math_supported says; elsewhere, and for fp16 or
+//!   tf32, the CPU computes fp32); attention stays fp32.
+enum class MathMode { fp32, tf32, bf16, fp16 };
+
+//! CPU context: how many threads the primitives may use (0 = all available) and the math mode of
+//! fp32 networks (MathMode::fp32, exact, by default; MathMode::bf16 where supported). `region`
+//! is set by the CPU backend itself on the contexts it hands to code running inside one of its
+//! parallel regions (ops::run_samples); users leave it null.
 template <>
 struct Context<cpu> {
   int threads = 0;
+  MathMode math = MathMode::fp32;
   cpu_detail::Region* region = nullptr;
 };
 

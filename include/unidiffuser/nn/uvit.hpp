@@ -236,7 +236,7 @@ class UViT {
                std::span<const RowBlock<T, Backend>> out, Workspace& ws) const {
     const Pass ps = check(in, out);
     ws.reserve(*this, ps);
-    prepare_cache();
+    prepare_cache(ctx);
     const Positional& pe = ws.positional(*this, ps.lh, ps.lw);
     ops::run_samples(
         ctx, ps.B,
@@ -258,7 +258,7 @@ class UViT {
                   "packed in place for inference (WeightPacking::in_place): the backward needs the "
                   "plain weights; set WeightPacking::copies or none to train");
     tape.record(*this, ctx, ps, recompute);
-    prepare_cache();  // the same GEMM path for the forward and any recomputation
+    prepare_cache(ctx);  // the same GEMM path for the forward and any recomputation
     const Positional& pe = tape.ws.positional(*this, ps.lh, ps.lw);
     train_forward(ctx, ps, pe, tape);
     tape.version_ = version_;
@@ -392,9 +392,26 @@ class UViT {
                   "the block weights are packed in place (WeightPacking::in_place) and the buffer "
                   "does not hold their plain values; call unpack_weights() first");
   }
-  void prepare_cache() const {
-    if (!packed_gemm() || !cache_.empty()) return;
+  // The math mode the CPU backend packs weights for: the context's bf16 where the CPU has it,
+  // else fp32 (the CUDA backend makes its 16-bit copies per call, from ctx.math).
+  MathMode packed_math([[maybe_unused]] const Context<Backend>& ctx) const {
+    if constexpr (std::is_same_v<Backend, cpu>)
+      if (ctx.math == MathMode::bf16 && cache_.supports(MathMode::bf16)) return MathMode::bf16;
+    return MathMode::fp32;
+  }
+  bool cache_ready(const Context<Backend>& ctx) const {
+    if constexpr (std::is_same_v<Backend, cpu>)
+      return cache_.ready(packed_math(ctx));
+    else
+      return !cache_.empty();
+  }
+  void prepare_cache(const Context<Backend>& ctx) const {
+    if (!packed_gemm() || cache_ready(ctx)) return;
+    const MathMode math = packed_math(ctx);
     if (packing_ == WeightPacking::in_place && cache_.in_place_available) {
+      // one mode in place at a time: switching unpacks first (from bf16: the rounded values)
+      if constexpr (std::is_same_v<Backend, cpu>)
+        if (cache_.packed_in_place() && cache_.in_place_math() != math) cache_.unpack_in_place();
       // the buffer is the network's own; packing it is a change of layout, not of values
       // (const like the copies' cache: forwards of one network serialise on the cache's lock)
       T* P = const_cast<T*>(params_.data());
@@ -406,7 +423,10 @@ class UViT {
         for (const Lin* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2})
           w.push_back({RowBlock<T, Backend>(P + l->w, l->n, l->k, l->ld), 1});
       }
-      cache_.pack_in_place(w);
+      if constexpr (std::is_same_v<Backend, cpu>)
+        cache_.pack_in_place(w, math);
+      else
+        cache_.pack_in_place(w);
       return;
     }
     std::vector<RowBlock<const T, Backend>> w;
@@ -415,7 +435,10 @@ class UViT {
       if (b.skip) w.push_back(b.skip0.wv(P)), w.push_back(b.skip1.wv(P));
       for (const Lin* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2}) w.push_back(l->wv(P));
     }
-    cache_.prepare(w);
+    if constexpr (std::is_same_v<Backend, cpu>)
+      cache_.prepare(w, math);
+    else
+      cache_.prepare(w);
   }
 
   // Per-call description of a pass.

@@ -40,6 +40,10 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__) && defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace unidiffuser {
 
@@ -179,14 +183,18 @@ void run_samples(const Context<cpu>& ctx, std::int64_t samples, F&& f, bool whol
     cpu_detail::Region own{&err, false}, shared{&err, true};
     if (per > 0) {
       try {
-        f(Context<cpu>{ctx.threads, &own}, tid * per, (tid + 1) * per);
+        Context<cpu> c = ctx;
+        c.region = &own;
+        f(c, tid * per, (tid + 1) * per);
       } catch (...) {
         err.capture();
       }
     }
     if (per * team < samples) {
       try {
-        f(Context<cpu>{ctx.threads, &shared}, per * team, samples);
+        Context<cpu> c = ctx;
+        c.region = &shared;
+        f(c, per * team, samples);
       } catch (...) {
         err.capture();
       }
@@ -218,28 +226,50 @@ void once(const Context<cpu>& ctx, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // Packed weights (oneDNN): a CPU-backend cache of reordered copies of weight matrices
 
-//! Reordered fp32 weight matrices for oneDNN's matmul (builds with UNIDIFFUSER_WITH_ONEDNN;
-//! elsewhere it packs nothing). Each column chunk of a weight (the rows one work item of
-//! `linear` uses) is packed on its own, either as a copy beside the plain weight (`prepare`: the
-//! plain weights stay where they are, read-only) or in the weight's own storage (`pack_in_place`:
-//! no extra memory, and the storage holds the packed layout until `unpack_in_place`). A network
-//! keeps one cache, fills it once and passes it to `linear`.
+//! Reordered weight matrices for oneDNN's matmul (builds with UNIDIFFUSER_WITH_ONEDNN;
+//! elsewhere it packs nothing), for one math mode each: fp32, or bf16 where the CPU has bf16
+//! instructions (supports()). Each column chunk of a weight (the rows one work item of `linear`
+//! uses) is packed on its own, either as a copy beside the plain weight (`prepare`: the plain
+//! weights stay where they are, read-only) or in the weight's own storage (`pack_in_place`: no
+//! extra memory, and the storage holds the packed layout until `unpack_in_place`). bf16 in place
+//! takes half the storage and hands the other half's whole pages back to the system (Linux), so
+//! the block weights take half the memory; unpacking it restores the bf16-rounded values (an
+//! inference layout: the fp32 values are gone). A network keeps one cache, fills it once per mode
+//! and passes it to `linear`, which uses the entries of its context's math mode.
 template <class T>
 class LinearCache<T, cpu> {
  public:
   static constexpr bool available = onednn::available && std::is_same_v<T, float>;
   static constexpr bool in_place_available = available;
-  //! Packs a copy of every weight not yet packed (thread-safe; a no-op where oneDNN is not
-  //! available).
-  void prepare(std::span<const RowBlock<const T, cpu>> weights) {
+  //! Whether weights can be packed for `math`: fp32 with oneDNN, bf16 where the CPU also has
+  //! bf16 instructions.
+  bool supports(MathMode math) const {
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (available) {
+      if (math == MathMode::fp32) return true;
+      if (math == MathMode::bf16) return gemm_.bf16();
+    }
+#endif
+    (void)math;
+    return false;
+  }
+  //! Packs a copy for `math` of every weight not yet packed for it (thread-safe; a no-op where
+  //! the mode is not supported).
+  void prepare(std::span<const RowBlock<const T, cpu>> weights, MathMode math = MathMode::fp32) {
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+    if constexpr (available) {
+      if (!supports(math)) return;
       std::lock_guard<std::mutex> lock(mu_);
+      const bool b16 = math == MathMode::bf16;
       for (const auto& w : weights) {
-        if (map_.count(w.data)) continue;
+        if ((b16 ? map16_ : map_).count(w.data)) continue;
         const std::int64_t n = w.rows, k = w.cols, cw = cpu_detail::col_width(n);
-        if (!fits(n, k)) continue;
         Entry e;
+        if (b16) {
+          copy16(w.data, n, k, w.ld);
+          continue;
+        }
+        if (!fits(n, k)) continue;
         e.data.assign(static_cast<std::size_t>(n * k), 0.f);
         for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
@@ -251,24 +281,37 @@ class LinearCache<T, cpu> {
         }
         map_.emplace(w.data, std::move(e));
       }
-      ready_.store(true);
+      (b16 ? ready16_ : ready_).store(true);
     }
 #else
     (void)weights;
+    (void)math;
 #endif
   }
-  //! Packs each matrix in its own storage: m.w is W [rows, pieces x k] with contiguous rows
-  //! (ld = cols), used by `linear` as `pieces` weights side by side (piece p: the RowBlock at
-  //! m.w.data + p k, k columns, ld = cols). A matrix whose packed layout would not fit, or whose
-  //! rows are not contiguous, stays plain (linear takes the plain path for it). Thread-safe; a
-  //! no-op where oneDNN is not available.
-  void pack_in_place(std::span<const InPlaceWeight<T, cpu>> matrices) {
+  //! Packs each matrix in its own storage for `math`: m.w is W [rows, pieces x k] with
+  //! contiguous rows (ld = cols), used by `linear` as `pieces` weights side by side (piece p: the
+  //! RowBlock at m.w.data + p k, k columns, ld = cols). A matrix whose packed layout would not
+  //! fit, or whose rows are not contiguous, stays plain (linear takes the plain path for it).
+  //! Every matrix packed in place holds one mode: call unpack_in_place() before packing for
+  //! another (unidiffuser::error otherwise). Thread-safe; a no-op where the mode is not supported.
+  void pack_in_place(std::span<const InPlaceWeight<T, cpu>> matrices,
+                     MathMode math = MathMode::fp32) {
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (available) {
+      if (!supports(math)) return;
       std::lock_guard<std::mutex> lock(mu_);
+      if (!in_place_.empty() && in_place_math_ != math)
+        throw error("LinearCache::pack_in_place", "weights",
+                    "packed in place for another math mode; unpack_in_place() first");
+      in_place_math_ = math;
       for (const auto& m : matrices) {
         const std::int64_t n = m.w.rows, K = m.w.cols, pieces = m.pieces;
-        if (pieces < 1 || K % pieces != 0 || m.w.ld != K || map_.count(m.w.data)) continue;
+        if (pieces < 1 || K % pieces != 0 || m.w.ld != K) continue;
+        if (math == MathMode::bf16) {
+          pack16_in_place(m);
+          continue;
+        }
+        if (map_.count(m.w.data)) continue;
         const std::int64_t k = K / pieces, cw = cpu_detail::col_width(n);
         if (!fits(n, k)) continue;
         std::vector<Entry> e(static_cast<std::size_t>(pieces));
@@ -292,28 +335,42 @@ class LinearCache<T, cpu> {
           map_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
         in_place_.push_back(m);
       }
-      ready_.store(true);
+      (math == MathMode::bf16 ? ready16_ : ready_).store(true);
     }
 #else
     (void)matrices;
+    (void)math;
 #endif
   }
-  //! Restores the plain layout of every matrix packed in place and forgets every packed weight.
+  //! Restores the plain layout of every matrix packed in place (bf16: the rounded values) and
+  //! forgets every packed weight.
   void unpack_in_place() {
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (available) {
       std::lock_guard<std::mutex> lock(mu_);
+      std::vector<char> tmp;
       for (const auto& m : in_place_) {
         const std::int64_t n = m.w.rows, K = m.w.cols, k = K / m.pieces;
         const std::int64_t cw = cpu_detail::col_width(n);
         for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-          gemm_.unpack(m.w.data + r0 * K, nr, k, m.pieces);
+          float* base = m.w.data + r0 * K;
+          if (in_place_math_ == MathMode::bf16) {
+            const std::size_t b = gemm_.packed16_bytes(nr, k);
+            const char* at = reinterpret_cast<const char*>(base);
+            tmp.assign(at, at + b * static_cast<std::size_t>(m.pieces));
+            for (std::int64_t p = 0; p < m.pieces; ++p)
+              gemm_.unpack16(tmp.data() + static_cast<std::size_t>(p) * b, nr, k, base + p * k, K);
+          } else {
+            gemm_.unpack(base, nr, k, m.pieces);
+          }
         }
       }
       in_place_.clear();
       map_.clear();
+      map16_.clear();
       ready_.store(false);
+      ready16_.store(false);
     }
 #endif
   }
@@ -321,6 +378,11 @@ class LinearCache<T, cpu> {
   bool packed_in_place() const {
     std::lock_guard<std::mutex> lock(mu_);
     return !in_place_.empty();
+  }
+  //! The math mode of the matrices packed in place (fp32 when none is).
+  MathMode in_place_math() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_place_.empty() ? MathMode::fp32 : in_place_math_;
   }
   //! Forgets every packed copy (after the weights changed). Matrices packed in place must be
   //! unpacked first (unidiffuser::error otherwise: their storage does not hold plain weights).
@@ -331,29 +393,38 @@ class LinearCache<T, cpu> {
           "LinearCache::clear", "weights",
           "packed in place: their storage does not hold plain values; unpack_in_place() first");
     map_.clear();
+    map16_.clear();
     ready_.store(false);
+    ready16_.store(false);
   }
   bool empty() const {
-    return !ready_.load();
+    return !ready_.load() && !ready16_.load();
   }
-  //! Elements held in packed copies beside the plain weights (memory: 4 bytes each); weights
-  //! packed in place take none.
+  //! Whether weights were packed for `math` since the last clear.
+  bool ready(MathMode math) const {
+    return math == MathMode::bf16 ? ready16_.load() : math == MathMode::fp32 && ready_.load();
+  }
+  //! Elements (4 bytes each) held in packed copies beside the plain weights; weights packed in
+  //! place take none.
   std::int64_t packed_elements() const {
     std::lock_guard<std::mutex> lock(mu_);
     std::int64_t n = 0;
-    for (const auto& [k, v] : map_) n += static_cast<std::int64_t>(v.data.size());
+    for (const auto* m : {&map_, &map16_})
+      for (const auto& [k, v] : *m) n += static_cast<std::int64_t>(v.data.size());
     return n;
   }
 
   // Backend internals (used by ops::linear).
   struct Entry {
     cpu_kernels::AlignedVector<float> data;  // a copy's storage (empty when packed in place)
-    std::vector<const float*> chunks;        // packed column chunk c of the weight
+    std::vector<const void*> chunks;         // packed column chunk c of the weight
   };
-  const Entry* find(const T* w) const {
-    if (!ready_.load()) return nullptr;
-    auto it = map_.find(w);
-    return it == map_.end() ? nullptr : &it->second;
+  //! The packed weight w for `math`, or null.
+  const Entry* find(const T* w, MathMode math = MathMode::fp32) const {
+    if (!ready(math)) return nullptr;
+    const auto& m = math == MathMode::bf16 ? map16_ : map_;
+    auto it = m.find(w);
+    return it == m.end() ? nullptr : &it->second;
   }
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
   onednn::Gemm& gemm() const {
@@ -373,14 +444,94 @@ class LinearCache<T, cpu> {
     return false;
 #endif
   }
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  // bf16 in place: each column chunk's pieces packed one after the other at the chunk's start
+  // (half its bytes); the whole pages of the other half go back to the system. Every layout is
+  // created before the first byte changes, so a failure leaves the matrix as it was.
+  void pack16_in_place(const InPlaceWeight<T, cpu>& m) {
+    const std::int64_t n = m.w.rows, K = m.w.cols, pieces = m.pieces, k = K / pieces;
+    const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+    if (map16_.count(m.w.data)) return;
+    std::vector<std::size_t> bytes;
+    std::size_t most = 0;
+    for (std::int64_t c = 0; c < nch; ++c) {
+      const std::int64_t nr = std::min(cw, n - c * cw);
+      bytes.push_back(gemm_.packed16_bytes(nr, k));
+      if (bytes.back() * static_cast<std::size_t>(pieces) >
+          static_cast<std::size_t>(nr * K) * sizeof(float)) {
+        // does not fit (a small matrix padded to oneDNN's blocks): bf16 copies instead, so the
+        // products are those of the copies' path
+        for (std::int64_t p = 0; p < pieces; ++p) copy16(m.w.data + p * k, n, k, K);
+        return;
+      }
+      most = std::max(most, bytes.back() * static_cast<std::size_t>(pieces));
+    }
+    std::vector<char> tmp(most);
+    std::vector<Entry> e(static_cast<std::size_t>(pieces));
+    for (std::int64_t c = 0; c < nch; ++c) {
+      const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+      const std::size_t b = bytes[static_cast<std::size_t>(c)];
+      float* base = m.w.data + r0 * K;
+      for (std::int64_t p = 0; p < pieces; ++p)
+        gemm_.pack16(base + p * k, nr, k, K, tmp.data() + static_cast<std::size_t>(p) * b);
+      char* at = reinterpret_cast<char*>(base);
+      std::copy_n(tmp.data(), b * static_cast<std::size_t>(pieces), at);
+      for (std::int64_t p = 0; p < pieces; ++p)
+        e[static_cast<std::size_t>(p)].chunks.push_back(at + static_cast<std::size_t>(p) * b);
+      release(at + b * static_cast<std::size_t>(pieces),
+              at + static_cast<std::size_t>(nr * K) * sizeof(float));
+    }
+    for (std::int64_t p = 0; p < pieces; ++p)
+      map16_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
+    in_place_.push_back(m);
+  }
+  // A packed bf16 copy of W [n, k] (row stride ld), one packed block per column chunk.
+  void copy16(const T* w, std::int64_t n, std::int64_t k, std::int64_t ld) {
+    if (map16_.count(w)) return;
+    const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+    std::vector<std::size_t> at{0};  // byte offset of each chunk
+    for (std::int64_t c = 0; c < nch; ++c)
+      at.push_back(at.back() + gemm_.packed16_bytes(std::min(cw, n - c * cw), k));
+    Entry e;
+    e.data.assign((at.back() + 3) / 4, 0.f);
+    char* base = reinterpret_cast<char*>(e.data.data());
+    for (std::int64_t c = 0; c < nch; ++c) {
+      const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+      gemm_.pack16(w + r0 * ld, nr, k, ld, base + at[static_cast<std::size_t>(c)]);
+      e.chunks.push_back(base + at[static_cast<std::size_t>(c)]);
+    }
+    map16_.emplace(w, std::move(e));
+  }
+  // Hands the whole pages inside [a, b) back to the system (their contents become zeros on the
+  // next touch); elsewhere than Linux nothing is released.
+  static void release([[maybe_unused]] char* a, [[maybe_unused]] char* b) {
+#if defined(__linux__)
+    const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+    const std::uintptr_t lo = (reinterpret_cast<std::uintptr_t>(a) + page - 1) / page * page;
+    const std::uintptr_t hi = reinterpret_cast<std::uintptr_t>(b) / page * page;
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+#endif
+  }
+#endif
   mutable std::mutex mu_;
-  std::atomic<bool> ready_{false};
-  std::unordered_map<const T*, Entry> map_;
+  std::atomic<bool> ready_{false}, ready16_{false};
+  std::unordered_map<const T*, Entry> map_, map16_;
   std::vector<InPlaceWeight<T, cpu>> in_place_;
+  MathMode in_place_math_ = MathMode::fp32;
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
   mutable onednn::Gemm gemm_;
 #endif
 };
+
+//! Whether the CPU backend computes `math` as asked (fp32 always; bf16 in oneDNN builds on CPUs
+//! with AVX512-BF16 or AMX); where not, a network computes fp32.
+inline bool math_supported(const Context<cpu>&, MathMode math) {
+  if (math == MathMode::fp32) return true;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  if (math == MathMode::bf16) return cpu_detail::backward_gemm().bf16();
+#endif
+  return false;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Linear layers
@@ -404,10 +555,25 @@ void linear(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const 
   const std::int64_t m = x.rows, k = w.cols, n = w.rows;
   if (m == 0 || n == 0) return;
   const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
-  [[maybe_unused]] const auto* packed = cache ? cache->find(w.data) : nullptr;
+  // the weight packed for the context's math mode (bf16 where prepared), else for fp32
+  [[maybe_unused]] const bool b16 =
+      ctx.math == MathMode::bf16 && cache && cache->find(w.data, MathMode::bf16);
+  [[maybe_unused]] const auto* packed =
+      cache ? cache->find(w.data, b16 ? MathMode::bf16 : MathMode::fp32) : nullptr;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+  // bf16: a sample's rows are rounded once per call and thread, for all the column chunks the
+  // thread runs for it in a row (items go chunk-fastest); the call's number tells calls apart
+  static std::atomic<std::uint64_t> calls{0};
+  const std::uint64_t call = b16 ? ++calls : 0;
+  struct Rounded {
+    std::uint64_t call = 0;
+    std::int64_t sample = -1;
+  };
+  thread_local Rounded last;
+#endif
   cpu_detail::for_items(
       ctx, x.samples * nch, 2.0 * static_cast<double>(x.samples * m * n * k), [&](std::int64_t it) {
-        const std::int64_t s = it % x.samples, c = it / x.samples;
+        const std::int64_t s = b16 ? it / nch : it % x.samples, c = b16 ? it % nch : it / x.samples;
         const std::int64_t c0 = c * cw, nc = std::min(cw, n - c0);
         const T* bc = b ? b + c0 : nullptr;
         T* yc = y.data + s * y.stride + c0;
@@ -418,8 +584,17 @@ void linear(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const 
             const auto post = ep == Epilogue::gelu         ? onednn::Post::gelu
                               : ep == Epilogue::accumulate ? onednn::Post::accumulate
                                                            : onednn::Post::none;
-            cache->gemm().linear(xs, m, k, x.ld, packed->chunks[static_cast<std::size_t>(c)], nc,
-                                 bc, yc, y.ld, post);
+            const void* wc = packed->chunks[static_cast<std::size_t>(c)];
+            if (b16) {
+              auto* x16 = cpu_detail::scratch<std::uint16_t>(m * k);
+              if (last.call != call || last.sample != s) {
+                onednn::Gemm::round_rows(xs, m, k, x.ld, x16);
+                last = {call, s};
+              }
+              cache->gemm().linear16(x16, m, k, wc, nc, bc, yc, y.ld, post);
+            } else
+              cache->gemm().linear(xs, m, k, x.ld, static_cast<const float*>(wc), nc, bc, yc, y.ld,
+                                   post);
             return;
           }
         }

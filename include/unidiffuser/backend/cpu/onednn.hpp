@@ -1,22 +1,28 @@
 // SPDX-License-Identifier: Apache-2.0
 //! \file onednn.hpp
-//! Optional fp32 GEMM path of the CPU backend through oneDNN (build option UNIDIFFUSER_ONEDNN,
-//! which defines UNIDIFFUSER_WITH_ONEDNN and links DNNL::dnnl). A weight matrix is reordered
-//! once into oneDNN's blocked layout for this CPU -- in place, in the storage of the plain
-//! matrix, so the packed network needs no extra memory -- and every product then runs oneDNN's
-//! matmul (brgemm kernels on AVX-512 CPUs) on the packed weights with the bias and an optional
-//! exact-erf GELU or accumulation fused into it. Without the option `available` is false and
-//! nothing else is declared. See docs/NOTES.md, "oneDNN GEMM path".
+//! Optional GEMM path of the CPU backend through oneDNN (build option UNIDIFFUSER_ONEDNN, which
+//! defines UNIDIFFUSER_WITH_ONEDNN and links DNNL::dnnl). A weight matrix is reordered once into
+//! oneDNN's blocked layout for this CPU -- in place, in the storage of the plain matrix, so the
+//! packed network needs no extra memory -- and every product then runs oneDNN's matmul (brgemm
+//! kernels on AVX-512 CPUs) on the packed weights with the bias and an optional exact-erf GELU or
+//! accumulation fused into it. The bf16 variant (MathMode::bf16 on CPUs with AVX512-BF16 or AMX)
+//! packs the weights as bf16 and rounds each product's activations to bf16 before it; products
+//! accumulate in fp32 and bias, GELU and the output stay fp32. Without the option `available` is
+//! false and nothing else is declared. See docs/NOTES.md, "oneDNN GEMM path" and "bf16".
 #pragma once
 
 #include <cstdint>
 
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <string>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -30,6 +36,37 @@ namespace unidiffuser::onednn {
 enum class Post { none, gelu, accumulate };
 
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+
+//! Rounds n floats to bf16 (nearest even; NaN stays NaN): the bit pattern of
+//! bfloat16_t::from_float, as a loop the compiler vectorises.
+inline void round_bf16(const float* x, std::int64_t n, std::uint16_t* y) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    const std::uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    y[i] = static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
+  }
+}
+#if defined(__GNUC__) && defined(__x86_64__)
+//! round_bf16 with AVX512-BF16's conversion (16 values per instruction), for the bf16 path, which
+//! runs only on CPUs that have it whatever the build's -march (VCVTNEPS2BF16 also rounds to
+//! nearest even; it flushes denormal inputs to zero).
+__attribute__((target("avx512f,avx512bf16"))) inline void round_bf16_native(const float* x,
+                                                                            std::int64_t n,
+                                                                            std::uint16_t* y) {
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    std::memcpy(y + i, &h, sizeof h);
+  }
+  round_bf16(x + i, n - i, y + i);
+}
+#else
+inline void round_bf16_native(const float* x, std::int64_t n, std::uint16_t* y) {
+  round_bf16(x, n, y);
+}
+#endif
+
 inline constexpr bool available = true;
 
 //! Packs fp32 weight matrices in place and runs y = x W^T (+ b) (post) with them. One object
@@ -80,6 +117,89 @@ class Gemm {
     s.wait();
   }
 
+  //! Whether this CPU has bf16 instructions for oneDNN (AVX512-BF16 or AMX, as oneDNN's effective
+  //! ISA says: ONEDNN_MAX_CPU_ISA=AVX512_CORE turns them off) and its bf16 matmul is created;
+  //! asked once per object. Emulated bf16 on other AVX-512 CPUs is not used (slower than fp32).
+  bool bf16() {
+    std::call_once(bf16_once_, [&] {
+      const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+      const auto need = static_cast<unsigned>(dnnl_cpu_isa_avx512_core_bf16);
+      if ((isa & need) != need) return;
+      try {
+        bf16_ = layout16(64, 64).get_size() > 0;
+      } catch (const error&) {
+        bf16_ = false;
+      }
+    });
+    return bf16_;
+  }
+  //! Bytes of W [n, k] packed as bf16 for linear16.
+  std::size_t packed16_bytes(std::int64_t n, std::int64_t k) { return layout16(n, k).get_size(); }
+  //! Rounds W [n, k] (row stride ldw, fp32) to bf16 into oneDNN's packed layout at dst
+  //! (packed16_bytes(n, k) bytes). Requires bf16().
+  void pack16(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, void* dst) {
+    const dnnl::memory::desc md = layout16(n, k);
+    dnnl::stream s(eng_);
+    dnnl::memory src(plain(n, k, ldw), eng_, const_cast<float*>(w));
+    dnnl::memory d(md, eng_, dst);
+    dnnl::reorder(src, d).execute(s, src, d);
+    s.wait();
+  }
+  //! Inverse of pack16 (the bf16 values widened to fp32): W [n, k] with row stride ldw.
+  void unpack16(const void* packed, std::int64_t n, std::int64_t k, float* w, std::int64_t ldw) {
+    const dnnl::memory::desc md = layout16(n, k);
+    dnnl::stream s(eng_);
+    dnnl::memory src(md, eng_, const_cast<void*>(packed));
+    dnnl::memory d(plain(n, k, ldw), eng_, w);
+    dnnl::reorder(src, d).execute(s, src, d);
+    s.wait();
+  }
+  //! As linear() with W packed by pack16: x is rounded to bf16 (into a per-thread buffer), the
+  //! product accumulates in fp32, bias, post operation and y are fp32.
+  void linear16(const float* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const void* w,
+                std::int64_t n, const float* b, float* y, std::int64_t ldy, Post post) {
+    static thread_local std::vector<std::uint16_t> xs16;
+    xs16.resize(static_cast<std::size_t>(m * k));
+    round_rows(x, m, k, ldx, xs16.data());
+    linear16(xs16.data(), m, k, w, n, b, y, ldy, post);
+  }
+  //! x [m, k] (row stride ldx) rounded to bf16 into x16 [m, k] (contiguous rows).
+  static void round_rows(const float* x, std::int64_t m, std::int64_t k, std::int64_t ldx,
+                         std::uint16_t* x16) {
+    for (std::int64_t i = 0; i < m; ++i) round_bf16_native(x + i * ldx, k, x16 + i * k);
+  }
+  //! The same with x already rounded (x16 [m, k], contiguous rows; round_rows). (oneDNN 2.6's
+  //! bf16 brgemm takes contiguous outputs only: a strided y is written through a per-thread
+  //! buffer, and the accumulation is done here.)
+  void linear16(const std::uint16_t* x16, std::int64_t m, std::int64_t k, const void* w,
+                std::int64_t n, const float* b, float* y, std::int64_t ldy, Post post) {
+    const bool direct = ldy == n && post != Post::accumulate;
+    Key key = key_of(m, k, n, k, n, b != nullptr, post == Post::gelu ? post : Post::none);
+    std::get<7>(key) = true;
+    // oneDNN's preferred bf16 layout does not depend on the row count (checked for 1 to 1105
+    // rows); the packed one is asked for, so a change would make a slow primitive, not a wrong one
+    const dnnl::memory::desc packed = layout16(n, k);
+    const Prim& p = primitive(key, &packed);
+    static thread_local std::vector<char> scratch;
+    static thread_local std::vector<float> out;
+    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
+    if (!direct) out.resize(static_cast<std::size_t>(m * n));
+    float* dst = direct ? y : out.data();
+    dnnl::stream s(eng_);
+    dnnl::memory xs(p.src, eng_, const_cast<std::uint16_t*>(x16)), ys(p.dst, eng_, dst);
+    dnnl::memory ws(p.wmd, eng_, const_cast<void*>(w));
+    execute(p, s, xs, ws, ys, b, scratch.data());
+    if (direct) return;
+    for (std::int64_t i = 0; i < m; ++i) {
+      const float* o = dst + i * n;
+      float* yi = y + i * ldy;
+      if (post == Post::accumulate)
+        for (std::int64_t j = 0; j < n; ++j) yi[j] += o[j];
+      else
+        std::copy_n(o, n, yi);
+    }
+  }
+
   //! y [m, n] (leading dimension ldy) = x [m, k] (ldx) W^T (+ b) with W packed by pack() (for a
   //! piece p of a multi-piece matrix, pass w + p n k), then the post operation: none, exact
   //! GELU, or accumulate (y += ...).
@@ -99,12 +219,7 @@ class Gemm {
       dnnl::reorder(ws, r).execute(s, ws, r);
       ws = r;
     }
-    dnnl::memory sp(p.pd.scratchpad_desc(), eng_, scratch.data());
-    std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ws}, {DNNL_ARG_DST, ys}, {DNNL_ARG_SCRATCHPAD, sp}};
-    if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, eng_, const_cast<float*>(b)));
-    p.prim.execute(s, args);
-    s.wait();
+    execute(p, s, xs, ws, ys, b, scratch.data());
   }
 
   //! c [m, n] (row stride ldc) = a [m, k] b [k, n], or += with `accumulate`, on plain operands
@@ -159,8 +274,9 @@ class Gemm {
                   std::string("oneDNN could not create the primitive: ") + e.what());
     }
   }
-  using Key =
-      std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool, int>;
+  // m, k, n, ldx, ldy, bias, post, bf16 (source and weights)
+  using Key = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool,
+                         int, bool>;
   struct Prim {
     dnnl::matmul::primitive_desc pd;
     dnnl::matmul prim;
@@ -169,7 +285,7 @@ class Gemm {
   };
   static Key key_of(std::int64_t m, std::int64_t k, std::int64_t n, std::int64_t ldx,
                     std::int64_t ldy, bool bias, Post post) {
-    return {m, k, n, ldx, ldy, bias, static_cast<int>(post)};
+    return {m, k, n, ldx, ldy, bias, static_cast<int>(post), false};
   }
   using dt = dnnl::memory::data_type;
   // W [n, k] with row stride ldw, seen as the [k, n] operand of x W^T.
@@ -179,14 +295,22 @@ class Gemm {
   dnnl::memory::desc layout(std::int64_t n, std::int64_t k) {
     return primitive(key_of(1105, k, n, k, n, false, Post::none)).wmd;
   }
-  const Prim& primitive(const Key& key) {
+  dnnl::memory::desc layout16(std::int64_t n, std::int64_t k) {
+    Key key = key_of(1105, k, n, k, n, false, Post::none);
+    std::get<7>(key) = true;
+    return primitive(key).wmd;
+  }
+  // The primitive of `key`; weights in the layout `fixed` when given (else oneDNN's choice).
+  const Prim& primitive(const Key& key, const dnnl::memory::desc* fixed = nullptr) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
-    const auto [m, k, n, ldx, ldy, bias, post] = key;
-    const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{ldx, 1});
+    const auto [m, k, n, ldx, ldy, bias, post, b16] = key;
+    const dt in = b16 ? dt::bf16 : dt::f32;
+    const dnnl::memory::desc src({m, k}, in, dnnl::memory::dims{ldx, 1});
     const dnnl::memory::desc dst({m, n}, dt::f32, dnnl::memory::dims{ldy, 1});
-    const dnnl::memory::desc wany({k, n}, dt::f32, dnnl::memory::format_tag::any);
+    const dnnl::memory::desc wany =
+        fixed ? *fixed : dnnl::memory::desc({k, n}, in, dnnl::memory::format_tag::any);
     const dnnl::memory::desc bmd({1, n}, dt::f32, dnnl::memory::format_tag::ab);
     dnnl::post_ops po;
     if (post == static_cast<int>(Post::gelu))
@@ -210,8 +334,21 @@ class Gemm {
     }
   }
 
+  // Runs a linear primitive: source, weights, output, optional fp32 bias, user scratchpad.
+  void execute(const Prim& p, dnnl::stream& s, const dnnl::memory& xs, const dnnl::memory& ws,
+               const dnnl::memory& ys, const float* b, void* scratch) {
+    dnnl::memory sp(p.pd.scratchpad_desc(), eng_, scratch);
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ws}, {DNNL_ARG_DST, ys}, {DNNL_ARG_SCRATCHPAD, sp}};
+    if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, eng_, const_cast<float*>(b)));
+    p.prim.execute(s, args);
+    s.wait();
+  }
+
   dnnl::engine eng_;
   std::mutex mu_;
+  std::once_flag bf16_once_;
+  bool bf16_ = false;
   std::map<Key, Prim> cache_;
   std::map<PlainKey, PlainPrim> plain_;
 };

@@ -36,14 +36,7 @@
 
 namespace unidiffuser {
 
-//! How the CUDA backend computes fp32 networks:
-//! - fp32: exact fp32 arithmetic (the default; matches the CPU backend to float rounding);
-//! - tf32: GEMMs on TF32 tensor cores (10-bit mantissa operands, fp32 accumulation);
-//! - bf16 / fp16: mixed precision -- master weights, activations, layer norm, softmax statistics,
-//!   residuals and the sampler state stay fp32; GEMM operands and attention's q, k, v are rounded
-//!   to 16 bits (weights once per parameter version, through the network's LinearCache), products
-//!   accumulate in fp32 on tensor cores. The analogue of PyTorch's autocast, with fp32 activations.
-enum class MathMode { fp32, tf32, bf16, fp16 };
+// MathMode (fp32, tf32, bf16, fp16): backend/tags.hpp.
 
 //! CUDA context: the stream every primitive is enqueued on (null: the legacy default stream)
 //! and the math mode of fp32 networks (MathMode::fp32, exact, by default).
