@@ -570,6 +570,25 @@ TEST_CASE("weights packed in place: the copies' outputs bit for bit, plain value
 }
 
 #if defined(UNIDIFFUSER_WITH_ONEDNN)
+// The largest |got - want| / (1 + |want|) over the m x n outputs of a product written with row
+// stride ldy, want(i, j) the expected value; the padding between rows must still hold y0.
+template <class Want>
+double worst_linear_error(const std::vector<float>& got, const std::vector<float>& y0,
+                          std::int64_t m, std::int64_t n, std::int64_t ldy, Want want) {
+  double worst = 0;
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < ldy; ++j) {
+      const auto at = static_cast<std::size_t>(i * ldy + j);
+      if (j >= n) {  // padding between rows is not written
+        REQUIRE(got[at] == y0[at]);
+        continue;
+      }
+      const double w = want(i, j);
+      worst = std::max(worst, std::abs(double(got[at]) - w) / (1 + std::abs(w)));
+    }
+  return worst;
+}
+
 TEST_CASE("oneDNN linear on packed weights equals the Eigen linear (bias, GELU, accumulate)") {
   ud::onednn::Gemm gemm;
   int packed_cases = 0;
@@ -608,18 +627,9 @@ TEST_CASE("oneDNN linear on packed weights equals the Eigen linear (bias, GELU, 
           for (std::int64_t i = 0; i < m; ++i) kk::gelu(want.data() + i * ldy, n);
         gemm.linear(x.data(), m, k, ldx, w.data() + piece * n * k, n, b.data(), got.data(), ldy,
                     post);
-        double worst = 0;
-        for (std::int64_t i = 0; i < m; ++i)
-          for (std::int64_t j = 0; j < ldy; ++j) {
-            const auto at = static_cast<std::size_t>(i * ldy + j);
-            if (j >= n) {  // padding between rows is not written
-              REQUIRE(got[at] == y0[at]);
-              continue;
-            }
-            worst = std::max(
-                worst, std::abs(double(got[at]) - want[at]) / (1 + std::abs(double(want[at]))));
-          }
-        CHECK(worst < 2e-5);
+        CHECK(worst_linear_error(got, y0, m, n, ldy, [&](std::int64_t i, std::int64_t j) {
+                return double(want[static_cast<std::size_t>(i * ldy + j)]);
+              }) < 2e-5);
       }
     gemm.unpack(w.data(), n, k, pieces);
     CHECK(w == plain);
@@ -718,23 +728,18 @@ TEST_CASE("oneDNN bf16 linear: the fp32 product of the bf16-rounded operands") {
       CAPTURE(static_cast<int>(post));
       std::vector<float> got = y0;
       gemm.linear16(x.data(), m, k, ldx, packed.data(), n, b.data(), got.data(), ldy, post);
-      double worst = 0;
-      for (std::int64_t i = 0; i < m; ++i)
-        for (std::int64_t j = 0; j < ldy; ++j) {
-          const auto at = static_cast<std::size_t>(i * ldy + j);
-          if (j >= n) {  // padding between rows is not written
-            REQUIRE(got[at] == y0[at]);
-            continue;
-          }
-          double acc = b[static_cast<std::size_t>(j)];
-          for (std::int64_t p = 0; p < k; ++p)
-            acc += r16(x[static_cast<std::size_t>(i * ldx + p)]) *
-                   r16(w[static_cast<std::size_t>(j * ldw + p)]);
-          if (post == ud::onednn::Post::gelu)
-            acc = 0.5 * acc * (1 + std::erf(acc / std::sqrt(2.0)));
-          if (post == ud::onednn::Post::accumulate) acc += y0[at];
-          worst = std::max(worst, std::abs(double(got[at]) - acc) / (1 + std::abs(acc)));
-        }
+      const double worst =
+          worst_linear_error(got, y0, m, n, ldy, [&](std::int64_t i, std::int64_t j) {
+            double acc = b[static_cast<std::size_t>(j)];
+            for (std::int64_t p = 0; p < k; ++p)
+              acc += r16(x[static_cast<std::size_t>(i * ldx + p)]) *
+                     r16(w[static_cast<std::size_t>(j * ldw + p)]);
+            if (post == ud::onednn::Post::gelu)
+              acc = 0.5 * acc * (1 + std::erf(acc / std::sqrt(2.0)));
+            if (post == ud::onednn::Post::accumulate)
+              acc += y0[static_cast<std::size_t>(i * ldy + j)];
+            return acc;
+          });
       CHECK(worst < 2e-5);  // fp32 accumulation of exact bf16 products
     }
   }
