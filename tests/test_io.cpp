@@ -391,9 +391,12 @@ TEST_CASE("estimate_memory bounds the parameters and grows with the batch; check
   CHECK(official.parameters == 952509520ull * 4);
   CHECK(official.workspace > 1105ull * 1536 * 4 * 6);
   // oneDNN builds keep packed copies of the block weights: 31 blocks x (4 E^2 + 2 H E) + 15 skip
-  // linears x 2 E^2, E = 1536, H = 4 E (about 3.5 GiB); the double network packs nothing
+  // linears x 2 E^2, E = 1536, H = 4 E (about 3.5 GiB), and at most the chunks' alignment more;
+  // the double network packs nothing
   if constexpr (ud::ops::LinearCache<float, ud::cpu>::available) {
-    CHECK(official.packed == (31ull * 12 * 1536 * 1536 + 15ull * 2 * 1536 * 1536) * 4);
+    const std::uint64_t exact = (31ull * 12 * 1536 * 1536 + 15ull * 2 * 1536 * 1536) * 4;
+    CHECK(official.packed >= exact);
+    CHECK(official.packed <= exact + exact / 1000);
     CHECK(official.packed < official.parameters);
   } else {
     CHECK(official.packed == 0);

@@ -374,6 +374,71 @@ TEST_CASE("training on Gaussian data brings the network close to the exact noise
   CHECK(after < 0.05);
 }
 
+TEST_CASE("the fused optimiser pass: AdamW, EMA and zeroed gradients as the separate passes") {
+  // 10,000 values over two ranges (one decayed), three steps: the fused CPU pass against
+  // AdamW::step, Ema::update and a fill, and the reference backend (no fused op: the fallback)
+  const std::int64_t n = 10000;
+  const std::vector<tr::ParamRange> ranges = {{"w", 0, 6000}, {"x.bias", 6000, 4000}};
+  auto fill = [&](auto& t, double a, double b) {
+    for (std::int64_t i = 0; i < n; ++i) t[i] = static_cast<float>(a * std::sin(b * double(i)));
+  };
+  ud::Tensor<float> P1(ud::Shape{n}), P2(ud::Shape{n}), G1(ud::Shape{n}), G2(ud::Shape{n});
+  ud::Tensor<float, ud::reference> P3(ud::Shape{n}), G3(ud::Shape{n});
+  fill(P1, 1.0, 0.37), fill(P2, 1.0, 0.37), fill(P3, 1.0, 0.37);
+  const ud::Context<ud::cpu> ctx{};
+  tr::AdamW<float> fused(ranges, n), plain(ranges, n);
+  tr::AdamW<float, ud::reference> ref(ranges, n);
+  tr::Ema<float> e1(ctx, P1.view(), 0.99), e2(ctx, P2.view(), 0.99);
+  tr::Ema<float, ud::reference> e3(ud::Context<ud::reference>{}, P3.view(), 0.99);
+  for (int t = 0; t < 3; ++t) {
+    fill(G1, 0.1, 0.11 * (t + 1)), fill(G2, 0.1, 0.11 * (t + 1)), fill(G3, 0.1, 0.11 * (t + 1));
+    fused.step(ctx, P1.view(), G1.view(), 1e-3, &e1, true);
+    plain.step(ctx, P2.view(), ud::TensorView<const float>(G2.view()), 1e-3);
+    e2.update(ctx, P2.view());
+    ref.step(ud::Context<ud::reference>{}, P3.view(), G3.view(), 1e-3, &e3, true);
+    for (std::int64_t i = 0; i < n; ++i) {
+      CHECK(G1[i] == 0.0f);  // zeroed as read
+      CHECK(G3[i] == 0.0f);
+    }
+  }
+  double worst_p = 0, worst_e = 0, worst_r = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    worst_p = std::max(worst_p, std::abs(double(P1[i]) - P2[i]));  // the same arithmetic
+    worst_e = std::max(worst_e, std::abs(double(e1.weights()[i]) - e2.weights()[i]));
+    worst_r = std::max(worst_r, std::abs(double(P1[i]) - P3[i]));
+  }
+  CHECK(worst_p == 0.0);
+  CHECK(worst_e < 1e-6);  // the EMA's products may round differently (contraction)
+  CHECK(worst_r < 1e-6);  // the reference computes in double
+  CHECK(fused.steps() == 3);
+  // wrong sizes are named
+  ud::Tensor<float> small(ud::Shape{5});
+  CHECK_THROWS_AS(fused.step(ctx, small.view(), G1.view(), 1e-3, &e1, true), ud::error);
+}
+
+TEST_CASE("a trainer's step zeroes the gradients it used unless asked to keep them") {
+  const auto cfg = tiny();
+  nn::UViT<float> a(cfg), b(cfg);
+  a.init_random(9, 0.02);
+  b.init_random(9, 0.02);
+  auto oa = options(4), ob = options(4);
+  ob.keep_gradients = true;
+  tr::Trainer<float, 2> ta(a, oa, pattern_data), tb(b, ob, pattern_data);
+  for (int s = 0; s < 3; ++s) {
+    const auto la = ta.step(ud::Context<ud::cpu>{}), lb = tb.step(ud::Context<ud::cpu>{});
+    CHECK(la.loss == lb.loss);
+    CHECK(la.grad_norm == lb.grad_norm);
+    bool zero = true, kept = false;
+    for (float v : values(a.gradients())) zero = zero && v == 0.0f;
+    for (float v : values(b.gradients())) kept = kept || v != 0.0f;
+    CHECK(zero);
+    CHECK(kept);
+  }
+  CHECK(values(static_cast<const nn::UViT<float>&>(a).parameters()) ==
+        values(static_cast<const nn::UViT<float>&>(b).parameters()));
+  CHECK(values(ta.ema().weights()) == values(tb.ema().weights()));
+}
+
 TEST_CASE("gradient accumulation over micro-batches matches one pass over the batch") {
   const auto cfg = tiny();
   nn::UViT<float> a(cfg), b(cfg);
@@ -411,6 +476,7 @@ TEST_CASE("group loss weights: the weighted loss, its gradient, group_mean_weigh
     net->init_random(4, 0.02);
     auto o = options(4);
     o.clip_norm = 0;  // the raw gradient stays in net.gradients() after the step
+    o.keep_gradients = true;
     o.group_weights = std::move(w);
     tr::Trainer<float, 2> t(*net, o, pattern_data);
     const auto log = t.step(ud::Context<ud::cpu>{});
@@ -560,6 +626,7 @@ TEST_CASE("min-SNR level weighting: the weight, the objective it changes, a resu
     net->init_random(4, 0.02);
     auto o = options(16);
     o.clip_norm = 0;  // the raw gradient stays in net.gradients() after the step
+    o.keep_gradients = true;
     o.min_snr_gamma = gamma;
     tr::Trainer<float, 2> t(*net, o, pattern_data);
     const auto log = t.step(ud::Context<ud::cpu>{});

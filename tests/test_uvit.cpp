@@ -497,6 +497,17 @@ TEST_CASE("packed GEMM path: same outputs as Eigen's, parameters unchanged throu
   net.use_packed_gemm(true);
   const auto again = run_native(net, f);  // packs again after the plain run
   CHECK(std::equal(again.begin(), again.end(), packed.begin(), packed.end()));
+  // changed weights: parameters_changed() repacks the copies in their old storage, and the
+  // outputs are those of a network packed from scratch with the new weights
+  auto P = net.parameters();
+  for (std::int64_t i = 0; i < P.size(); ++i) P[i] *= 0.75f;
+  net.parameters_changed();
+  const auto changed = run_native(net, f);
+  ud::nn::UViT<float> fresh(net.config());
+  std::copy(P.begin(), P.end(), fresh.parameters().begin());
+  fresh.parameters_changed();
+  CHECK(changed != packed);
+  CHECK(run_native(fresh, f) == changed);
 }
 
 TEST_CASE("weights packed in place: the copies' outputs bit for bit, plain values restored") {
@@ -635,6 +646,30 @@ TEST_CASE("oneDNN linear on packed weights equals the Eigen linear (bias, GELU, 
     CHECK(w == plain);
   }
   CHECK(packed_cases >= 3);
+  // copies (LinearCache's fp32 entries): any n and k, padded to the layout's blocks, reordered
+  // from a strided plain weight
+  for (auto [m, k, n] :
+       std::vector<std::array<std::int64_t, 3>>{{7, 40, 80}, {3, 32, 16}, {84, 128, 96}}) {
+    CAPTURE(m);
+    CAPTURE(k);
+    CAPTURE(n);
+    const std::int64_t ldw = k + 3;
+    const auto wd = random_vec(static_cast<std::size_t>(n * ldw), 21),
+               xd = random_vec(static_cast<std::size_t>(m * k), 22),
+               bd = random_vec(static_cast<std::size_t>(n), 23);
+    const std::vector<float> w(wd.begin(), wd.end()), x(xd.begin(), xd.end()),
+        b(bd.begin(), bd.end());
+    CHECK(gemm.packed_bytes(n, k) >= static_cast<std::size_t>(n * k) * 4);
+    std::vector<float> packed(gemm.packed_bytes(n, k) / 4);
+    gemm.pack_copy(w.data(), n, k, ldw, packed.data());
+    std::vector<float> want(static_cast<std::size_t>(m * n)), got = want;
+    kk::linear(x.data(), m, k, k, w.data(), n, ldw, b.data(), want.data(), n, false);
+    gemm.linear(x.data(), m, k, k, packed.data(), n, b.data(), got.data(), n,
+                ud::onednn::Post::none);
+    CHECK(worst_linear_error(got, got, m, n, n, [&](std::int64_t i, std::int64_t j) {
+            return double(want[static_cast<std::size_t>(i * n + j)]);
+          }) < 2e-5);
+  }
 }
 #endif
 

@@ -192,6 +192,7 @@ class LinearCache {
   void unpack_in_place() {}
   bool packed_in_place() const { return false; }
   void clear() {}
+  void invalidate() {}
   bool empty() const { return true; }
   bool ready(MathMode) const { return false; }
   std::int64_t packed_elements() const { return 0; }

@@ -356,8 +356,8 @@ struct MemoryEstimate {
   std::uint64_t workspace = 0;   //!< upper bound of the forward's buffers, 25 % slack included
   //! The packed copies of the block weights that builds with the oneDNN GEMM path keep beside the
   //! plain ones with nn::WeightPacking::copies (ops::LinearCache; 0 where it packs nothing, and
-  //! with none or in_place): the blocks' qkv, proj, fc1, fc2 and skip weights, an upper bound (a
-  //! matrix whose packed layout would not fit is not packed).
+  //! with none or in_place): the blocks' qkv, proj, fc1, fc2 and skip weights, an upper bound
+  //! (each column chunk's layout padded to whole blocks of 64 outputs and 16 inputs, aligned).
   std::uint64_t packed = 0;
   std::uint64_t total = 0;  //!< parameters + packed + workspace
 };
@@ -424,11 +424,17 @@ MemoryEstimate estimate_memory(const nn::UViTConfig& cfg, std::int64_t batch,
   if (ops::LinearCache<T, cpu>::available && packing == nn::WeightPacking::copies) {
     // per block qkv (3 E x E), proj (E x E), fc1 (H x E), fc2 (E x H); per out-block the skip
     // linear's two E x E halves
+    // (chunks of whole blocks of 64 outputs but the last: n rounded up to 64; k to 16; 16
+    // elements of alignment per chunk)
+    const auto mat = [&](std::uint64_t n, std::uint64_t k) {
+      return sat_add(sat_mul((n + 63) / 64 * 64, (k + 15) / 16 * 16), 16 * ((n + 63) / 64 + 1));
+    };
     const std::uint64_t blocks = 2 * u(cfg.blocks_per_side()) + 1;
-    const std::uint64_t per_block = sat_add(4 * E * E, 2 * Hm * E);
-    m.packed =
-        sat_mul(sat_add(sat_mul(blocks, per_block), sat_mul(u(cfg.blocks_per_side()), 2 * E * E)),
-                sizeof(T));
+    const std::uint64_t per_block =
+        sat_add(sat_add(mat(3 * E, E), mat(E, E)), sat_add(mat(Hm, E), mat(E, Hm)));
+    m.packed = sat_mul(
+        sat_add(sat_mul(blocks, per_block), sat_mul(u(cfg.blocks_per_side()), 2 * mat(E, E))),
+        sizeof(T));
   }
   m.total = sat_add(sat_add(m.parameters, m.packed), m.workspace);
   return m;

@@ -139,9 +139,20 @@ class UViT {
       grads_ = Tensor<T, Backend>(params_.shape());
       ops::fill(ctx0(), grads_.view(), T(0));
     }
+    grads_zero_ = false;  // the caller may write through it
     return grads_.view();
   }
-  void zero_gradients() { ops::fill(ctx0(), gradients(), T(0)); }
+  //! Zeroes every gradient; a no-op when they are known to be zero (zeroed by this call or, as
+  //! note_gradients_zero() says, by the caller through the last gradients() view) and the
+  //! buffer was not handed out since.
+  void zero_gradients() {
+    if (grads_zero_ && grads_.size() == params_.size()) return;
+    ops::fill(ctx0(), gradients(), T(0));
+    grads_zero_ = true;
+  }
+  //! The caller has zeroed every gradient through the last gradients() view (e.g. a fused
+  //! optimiser step): the next zero_gradients() skips its pass.
+  void note_gradients_zero() { grads_zero_ = grads_.size() == params_.size(); }
   //! Offset and shape of parameter n in the buffers.
   std::int64_t parameter_offset(const std::string& n) const { return entry(n).offset; }
   std::int64_t parameter_count() const {
@@ -198,7 +209,7 @@ class UViT {
   //! Call after changing parameters (drops packed weight copies and cached positional tables).
   void parameters_changed() {
     unpack_weights();
-    cache_.clear();
+    cache_.invalidate();
     version_ = next_version();
   }
   //! Observes intermediate activations of forward() under the official module paths: the time
@@ -1243,6 +1254,7 @@ class UViT {
   }
   std::uint64_t version_ = next_version();
   mutable ops::LinearCache<T, Backend> cache_;
+  bool grads_zero_ = false;  // every gradient known to be zero (zero_gradients)
   std::unique_ptr<Workspace> own_ws_;
   Trace trace_;
   WeightPacking packing_ = WeightPacking::copies;

@@ -72,6 +72,9 @@ struct AdamWOptions {
   std::function<bool(const std::string&)> no_decay = default_no_decay;
 };
 
+template <class T, class Backend = cpu>
+class Ema;
+
 //! AdamW over a flat parameter buffer: first and second moments in buffers of the same layout.
 template <class T, class Backend = cpu>
 class AdamW {
@@ -102,18 +105,44 @@ class AdamW {
       throw_mismatch("train::AdamW::step", "params/grads", "element count", m_.size(),
                      params.size());
     ++t_;
-    ops::AdamWStep s;
-    s.lr = lr;
-    s.beta1 = opt_.beta1;
-    s.beta2 = opt_.beta2;
-    s.eps = opt_.eps;
-    s.c1 = 1 - std::pow(opt_.beta1, static_cast<double>(t_));
-    s.c2 = 1 - std::pow(opt_.beta2, static_cast<double>(t_));
+    ops::AdamWStep s = step_of(lr);
     for (std::size_t i = 0; i < ranges_.size(); ++i) {
       const auto& r = ranges_[i];
       s.weight_decay = decay_[i] ? opt_.weight_decay : 0.0;
       ops::adamw_update<T>(ctx, params.data() + r.offset, grads.data() + r.offset,
                            m_.data() + r.offset, v_.data() + r.offset, r.size, s);
+    }
+  }
+  //! One step fused with the rest of a training step where the backend offers it (the CPU
+  //! backend: one pass over the buffers), else as separate passes: params -= AdamW(grads), then
+  //! `ema` (if not null) updated with the new parameters, then the gradients zeroed (zero_grads).
+  void step(const Context<Backend>& ctx, TensorView<T, Backend> params,
+            TensorView<T, Backend> grads, double lr, Ema<T, Backend>* ema, bool zero_grads) {
+    constexpr bool fused = requires(T * x, std::int64_t n, const ops::AdamWStep& s) {
+      ops::adamw_update<T>(Context<Backend>{}, x, x, x, x, n, s, x, 0.0, true);
+    };
+    if constexpr (fused) {
+      if (params.size() != m_.size() || grads.size() != m_.size())
+        throw_mismatch("train::AdamW::step", "params/grads", "element count", m_.size(),
+                       params.size());
+      if (ema && ema->weights().size() != m_.size())
+        throw_mismatch("train::AdamW::step", "ema", "element count", m_.size(),
+                       ema->weights().size());
+      ++t_;
+      ops::AdamWStep s = step_of(lr);
+      T* e = ema ? ema->weights().data() : nullptr;
+      const double d = ema ? ema->decay() : 0.0;
+      for (std::size_t i = 0; i < ranges_.size(); ++i) {
+        const auto& r = ranges_[i];
+        s.weight_decay = decay_[i] ? opt_.weight_decay : 0.0;
+        ops::adamw_update<T>(ctx, params.data() + r.offset, grads.data() + r.offset,
+                             m_.data() + r.offset, v_.data() + r.offset, r.size, s,
+                             e ? e + r.offset : nullptr, d, zero_grads);
+      }
+    } else {
+      step(ctx, params, TensorView<const T, Backend>(grads), lr);
+      if (ema) ema->update(ctx, TensorView<const T, Backend>(params));
+      if (zero_grads) ops::fill(ctx, grads, T(0));
     }
   }
   std::int64_t steps() const { return t_; }
@@ -126,6 +155,17 @@ class AdamW {
   bool decays(std::size_t i) const { return decay_[i]; }
 
  private:
+  // The step's constants after t_ was counted up.
+  ops::AdamWStep step_of(double lr) const {
+    ops::AdamWStep s;
+    s.lr = lr;
+    s.beta1 = opt_.beta1;
+    s.beta2 = opt_.beta2;
+    s.eps = opt_.eps;
+    s.c1 = 1 - std::pow(opt_.beta1, static_cast<double>(t_));
+    s.c2 = 1 - std::pow(opt_.beta2, static_cast<double>(t_));
+    return s;
+  }
   std::vector<ParamRange> ranges_;
   AdamWOptions opt_;
   std::vector<bool> decay_;
@@ -145,7 +185,7 @@ double clip_grad_norm(const Context<Backend>& ctx, TensorView<T, Backend> grads,
 }
 
 //! Exponential moving average of a parameter buffer: ema = d ema + (1 - d) params.
-template <class T, class Backend = cpu>
+template <class T, class Backend>
 class Ema {
  public:
   Ema(const Context<Backend>& ctx, TensorView<const T, Backend> params, double decay = 0.9999)

@@ -61,7 +61,11 @@ struct TrainerOptions {
   AdamWOptions adamw{};
   double clip_norm = 0;  //!< global-norm clipping (0: off)
   double ema_decay = 0.9999;
-  bool recompute = false;      //!< per-block activation recomputation in the backward
+  bool recompute = false;  //!< per-block activation recomputation in the backward
+  //! Leave the step's gradients (reduced, clipped) in net.gradients() after step(), for
+  //! inspection; by default the optimiser's pass zeroes them for the next step as it reads them
+  //! (one pass over the buffer fewer).
+  bool keep_gradients = false;
   std::int64_t data_type = 1;  //!< default data type of v1 networks when the source sets none
   //! Weight of each group's squared error in the loss; empty: 1 for every group, i.e. the mean
   //! over the concatenation of all groups' elements (UNIDIFFUSER.md §3, the library's default).
@@ -213,9 +217,10 @@ class Trainer {
       red_.sum_f64(sums.data(), static_cast<std::int64_t>(sums.size()));
     }
     log.grad_norm = clip_grad_norm<T>(ctx, net_.gradients(), opt_.clip_norm);
-    adam_.step(ctx, net_.parameters(), net_.gradients(), log.lr);
+    // AdamW, the EMA and the next step's zero gradients in one pass where the backend fuses them
+    adam_.step(ctx, net_.parameters(), net_.gradients(), log.lr, &ema_, !opt_.keep_gradients);
+    if (!opt_.keep_gradients) net_.note_gradients_zero();
     net_.parameters_changed();
-    ema_.update(ctx, net_.parameters());
     log.loss = sums[K] / denom;
     for (std::size_t g = 0; g < K; ++g)
       log.group_mse.push_back(sums[g] / (static_cast<double>(opt_.batch) * layout_.size(g)));

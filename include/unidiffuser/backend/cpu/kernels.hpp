@@ -215,6 +215,39 @@ template <class T>
 using Packet = typename Eigen::internal::packet_traits<T>::type;
 template <class T>
 inline constexpr int lanes = Eigen::internal::unpacket_traits<Packet<T>>::size;
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+// PacketBlock<Packet16f, ...> drops the vector type's alignment attribute in the template
+// argument, as in Eigen's own kernels (which silence the same warning)
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+//! dst[j ldd + i] = src[i lds + j] for i < rows, j < cols (the transpose of a strided block),
+//! by register tiles of lanes x lanes where Eigen vectorises T.
+template <class T>
+void transpose(const T* src, std::int64_t rows, std::int64_t cols, std::int64_t lds, T* dst,
+               std::int64_t ldd) {
+  using namespace Eigen::internal;
+  constexpr int W = lanes<T>;
+  std::int64_t i0 = 0;
+  if constexpr (W > 1 && packet_traits<T>::Vectorizable) {
+    for (; i0 + W <= rows; i0 += W) {
+      std::int64_t j0 = 0;
+      for (; j0 + W <= cols; j0 += W) {
+        PacketBlock<Packet<T>, W> b;
+        for (int r = 0; r < W; ++r) b.packet[r] = ploadu<Packet<T>>(src + (i0 + r) * lds + j0);
+        ptranspose(b);
+        for (int r = 0; r < W; ++r) pstoreu(dst + (j0 + r) * ldd + i0, b.packet[r]);
+      }
+      for (std::int64_t j = j0; j < cols; ++j)
+        for (std::int64_t i = i0; i < i0 + W; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+  }
+  for (std::int64_t j = 0; j < cols; ++j)
+    for (std::int64_t i = i0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 //! The register-tiled attention path applies when Eigen vectorises T and a head is a whole number
 //! of packets (head dims 32 and 64 of every official and benchmark config).
 template <class T>
@@ -545,6 +578,31 @@ void silu_backward(const T* u, const T* dy, T* du, std::int64_t n) {
   }
 }
 
+namespace detail {
+//! Each row of S [l, l] (contiguous) becomes softmax(row * scale), in place.
+template <class T>
+void softmax_rows(T* S, std::int64_t l, T scale) {
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
+  for (std::int64_t i = 0; i < l; ++i) {
+    Eigen::Map<A> row(S + i * l, l);
+    row *= scale;
+    row = (row - row.maxCoeff()).exp();
+    row *= T(1) / row.sum();
+  }
+}
+//! dP [l, l] becomes dS scale = P (dP - rowsum(dP P)) scale, row by row, in place.
+template <class T>
+void softmax_backward_rows(const T* P, T* dP, std::int64_t l, T scale) {
+  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
+  for (std::int64_t i = 0; i < l; ++i) {
+    const Eigen::Map<const A> p(P + i * l, l);
+    Eigen::Map<A> d(dP + i * l, l);
+    const T dot = (p * d).sum();
+    d = p * (d - dot) * scale;
+  }
+}
+}  // namespace detail
+
 //! Scratch elements of attention_head_backward for sequence length l: two [l, l] blocks.
 inline std::int64_t attention_backward_scratch(std::int64_t l) {
   return detail::pad16(2 * l * l);
@@ -571,21 +629,10 @@ void attention_head_backward(const T* qkv, std::int64_t ldq, std::int64_t l, std
   T* dP = sc + l * l;
   std::fill_n(P, l * l, T(0));
   detail::gemm_nt_accumulate<T>(q, l, dh, ldq, k, l, ldq, P, l);
-  using A = Eigen::Array<T, 1, Eigen::Dynamic>;
-  for (std::int64_t i = 0; i < l; ++i) {
-    Eigen::Map<A> row(P + i * l, l);
-    row *= scale;
-    row = (row - row.maxCoeff()).exp();
-    row *= T(1) / row.sum();
-  }
+  detail::softmax_rows(P, l, scale);
   std::fill_n(dP, l * l, T(0));
   detail::gemm_nt_accumulate<T>(dO, l, dh, ldo, v, l, ldq, dP, l);  // dP = dO V^T
-  for (std::int64_t i = 0; i < l; ++i) {
-    const Eigen::Map<const A> p(P + i * l, l);
-    Eigen::Map<A> d(dP + i * l, l);
-    const T dot = (p * d).sum();
-    d = p * (d - dot) * scale;  // dS / sqrt dh
-  }
+  detail::softmax_backward_rows(P, dP, l, scale);
   for (std::int64_t i = 0; i < l; ++i) {
     std::fill_n(dq + i * ldg, dh, T(0));
     std::fill_n(dk + i * ldg, dh, T(0));

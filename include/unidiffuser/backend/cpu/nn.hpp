@@ -122,12 +122,12 @@ void for_items(const Context<cpu>& ctx, std::int64_t n, double work, F&& f) {
 }
 
 //! Output columns of one work item of a product: about a quarter of the outputs, 64 to 256 wide
-//! (a multiple of 16), so a small layer still splits over threads and a large one makes few
-//! calls. Depends only on the product's shape.
+//! (a multiple of 64: oneDNN's packed fp32 and bf16 weight layouts block the outputs by 64, so
+//! such a chunk packs without padding, in place too), so a small layer still splits over threads
+//! and a large one makes few calls. Depends only on the product's shape.
 inline std::int64_t col_width(std::int64_t n) {
   if (n <= 64) return std::max<std::int64_t>(n, 1);
-  return std::min<std::int64_t>(
-      256, std::max<std::int64_t>(64, cpu_kernels::detail::pad16((n + 3) / 4)));
+  return std::min<std::int64_t>(256, ((n + 3) / 4 + 63) / 64 * 64);
 }
 inline std::int64_t col_chunks(std::int64_t n) {
   return (n + col_width(n) - 1) / col_width(n);
@@ -262,21 +262,43 @@ class LinearCache<T, cpu> {
       std::lock_guard<std::mutex> lock(mu_);
       const bool b16 = math == MathMode::bf16;
       for (const auto& w : weights) {
-        if ((b16 ? map16_ : map_).count(w.data)) continue;
         const std::int64_t n = w.rows, k = w.cols, cw = cpu_detail::col_width(n);
-        Entry e;
         if (b16) {
           copy16(w.data, n, k, w.ld);
           continue;
         }
-        if (!fits(n, k)) continue;
-        e.data.assign(static_cast<std::size_t>(n * k), 0.f);
+        const auto it = map_.find(w.data);
+        if (it != map_.end()) {
+          Entry& old = it->second;
+          if (!old.stale) continue;
+          if (old.n == n && old.k == k) {  // repacked into its own storage
+            for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+              const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+              gemm_.pack_copy(w.data + r0 * w.ld, nr, k, w.ld,
+                              const_cast<float*>(static_cast<const float*>(
+                                  old.chunks[static_cast<std::size_t>(c)])));
+            }
+            old.stale = false;
+            continue;
+          }
+          map_.erase(it);
+        }
+        Entry e;
+        e.n = n;
+        e.k = k;
+        // each chunk in its packed layout (padded where its width is not a multiple of the
+        // layout's block), reordered straight from the plain weight
+        std::vector<std::size_t> at;
+        std::size_t total = 0;
+        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+          at.push_back(total);
+          total += (gemm_.packed_bytes(std::min(cw, n - c * cw), k) + 63) / 64 * 16;
+        }
+        e.data.assign(total, 0.f);
         for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-          float* dst = e.data.data() + r0 * k;
-          for (std::int64_t r = 0; r < nr; ++r)
-            std::copy_n(w.data + (r0 + r) * w.ld, k, dst + r * k);
-          gemm_.pack(dst, nr, k, 1);
+          float* dst = e.data.data() + at[static_cast<std::size_t>(c)];
+          gemm_.pack_copy(w.data + r0 * w.ld, nr, k, w.ld, dst);
           e.chunks.push_back(dst);
         }
         map_.emplace(w.data, std::move(e));
@@ -397,6 +419,20 @@ class LinearCache<T, cpu> {
     ready_.store(false);
     ready16_.store(false);
   }
+  //! As clear() for the weights' values, keeping the storage of the fp32 copies: the next
+  //! prepare() repacks each weight of the same shape into its old copy (a training step changes
+  //! every weight; no reallocation, no fresh pages).
+  void invalidate() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!in_place_.empty())
+      throw error(
+          "LinearCache::invalidate", "weights",
+          "packed in place: their storage does not hold plain values; unpack_in_place() first");
+    for (auto& kv : map_) kv.second.stale = true;
+    map16_.clear();
+    ready_.store(false);
+    ready16_.store(false);
+  }
   bool empty() const {
     return !ready_.load() && !ready16_.load();
   }
@@ -418,13 +454,15 @@ class LinearCache<T, cpu> {
   struct Entry {
     cpu_kernels::AlignedVector<float> data;  // a copy's storage (empty when packed in place)
     std::vector<const void*> chunks;         // packed column chunk c of the weight
+    std::int64_t n = 0, k = 0;               // a copy's weight shape
+    bool stale = false;                      // invalidated: the weights changed since packing
   };
   //! The packed weight w for `math`, or null.
   const Entry* find(const T* w, MathMode math = MathMode::fp32) const {
     if (!ready(math)) return nullptr;
     const auto& m = math == MathMode::bf16 ? map16_ : map_;
     auto it = m.find(w);
-    return it == m.end() ? nullptr : &it->second;
+    return it == m.end() || it->second.stale ? nullptr : &it->second;
   }
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
   onednn::Gemm& gemm() const {
@@ -537,6 +575,23 @@ inline bool math_supported(const Context<cpu>&, MathMode math) {
 // Linear layers
 
 namespace detail {
+// db[r0 + j] += the sum of dy's column r0 + j over samples and rows, for j < nr: added in the
+// order of the samples and rows, into a local copy (so the adds vectorise across columns).
+template <class T>
+void bias_grad(BatchBlock<const T, cpu> dy, std::int64_t r0, std::int64_t nr, T* db) {
+  constexpr std::int64_t kCols = 256;
+  for (std::int64_t j0 = 0; j0 < nr; j0 += kCols) {
+    const std::int64_t nj = std::min(kCols, nr - j0);
+    T acc[kCols];
+    std::copy_n(db + r0 + j0, nj, acc);
+    for (std::int64_t s = 0; s < dy.samples; ++s)
+      for (std::int64_t i = 0; i < dy.rows; ++i) {
+        const T* d = dy.data + s * dy.stride + i * dy.ld + r0 + j0;
+        for (std::int64_t j = 0; j < nj; ++j) acc[j] += d[j];
+      }
+    std::copy_n(acc, nj, db + r0 + j0);
+  }
+}
 template <class X, class Y>
 void check_linear(const char* op, const X& x, std::int64_t k, const Y& y, std::int64_t n) {
   check_batch(op, "x", x, x.samples, x.rows, k);
@@ -660,33 +715,22 @@ void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlo
           for (std::int64_t s0 = 0; s0 < S; s0 += joined ? S : 1) {
             const std::int64_t s1 = joined ? S : s0 + 1;
             for (std::int64_t s = s0; s < s1; ++s)
-              for (std::int64_t i = 0; i < m; ++i) {
-                const T* src = dy.data + s * dy.stride + i * dy.ld + r0;
-                const std::int64_t col = (s - s0) * m + i;
-                for (std::int64_t j = 0; j < nr; ++j) t[j * depth + col] = src[j];
-              }
+              cpu_kernels::detail::transpose(dy.data + s * dy.stride + r0, m, nr, dy.ld,
+                                             t + (s - s0) * m, depth);
             cpu_detail::backward_gemm().matmul(t, nr, depth, depth, 1, x.data + s0 * x.stride, k,
                                                x.ld, 1, dw.data + r0 * dw.ld, dw.ld, true);
           }
         }
-        if (db)
-          for (std::int64_t s = 0; s < S; ++s) {
-            const T* d = dy.data + s * dy.stride + r0;
-            for (std::int64_t i = 0; i < m; ++i)
-              for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];
-          }
+        if (db) detail::bias_grad(dy, r0, nr, db);
         return;
       }
 #endif
-      for (std::int64_t s = 0; s < S; ++s) {
-        const T* d = dy.data + s * dy.stride + r0;
-        if (dw.data)
-          cpu_kernels::detail::gemm_tn_accumulate<T>(d, m, nr, dy.ld, x.data + s * x.stride, k,
-                                                     x.ld, dw.data + r0 * dw.ld, dw.ld);
-        if (db)
-          for (std::int64_t i = 0; i < m; ++i)
-            for (std::int64_t j = 0; j < nr; ++j) db[r0 + j] += d[i * dy.ld + j];
-      }
+      if (dw.data)
+        for (std::int64_t s = 0; s < S; ++s)
+          cpu_kernels::detail::gemm_tn_accumulate<T>(dy.data + s * dy.stride + r0, m, nr, dy.ld,
+                                                     x.data + s * x.stride, k, x.ld,
+                                                     dw.data + r0 * dw.ld, dw.ld);
+      if (db) detail::bias_grad(dy, r0, nr, db);
     });
   }
 }
@@ -830,6 +874,34 @@ void attention(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64
       });
 }
 //! Backward of attention: dqkv [S; L, 3E] written from dout [S; L, E] (P recomputed).
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+namespace detail {
+// cpu_kernels::attention_head_backward with its five products through oneDNN's plain matmul
+// (its kernels run these shapes faster than Eigen's on AVX-512; the softmax parts are shared).
+inline void attention_head_backward_onednn(const float* qkv, std::int64_t ldq, std::int64_t l,
+                                           std::int64_t e, std::int64_t heads, std::int64_t h,
+                                           const float* dout, std::int64_t ldo, float* dqkv,
+                                           std::int64_t ldg, float* sc) {
+  const std::int64_t dh = e / heads;
+  const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh)));
+  const float* q = qkv + h * dh;
+  const float* k = qkv + e + h * dh;
+  const float* v = qkv + 2 * e + h * dh;
+  const float* dO = dout + h * dh;
+  float *dq = dqkv + h * dh, *dk = dqkv + e + h * dh, *dv = dqkv + 2 * e + h * dh;
+  float *P = sc, *dP = sc + l * l;
+  onednn::Gemm& g = cpu_detail::backward_gemm();
+  g.matmul(q, l, dh, ldq, 1, k, l, 1, ldq, P, l, false);  // Q K^T
+  cpu_kernels::detail::softmax_rows(P, l, scale);
+  g.matmul(dO, l, dh, ldo, 1, v, l, 1, ldq, dP, l, false);  // dP = dO V^T
+  cpu_kernels::detail::softmax_backward_rows(P, dP, l, scale);
+  g.matmul(P, l, l, 1, l, dO, dh, ldo, 1, dv, ldg, false);  // dV = P^T dO
+  g.matmul(dP, l, l, l, 1, k, dh, ldq, 1, dq, ldg, false);  // dQ = dS K / sqrt dh
+  g.matmul(dP, l, l, 1, l, q, dh, ldq, 1, dk, ldg, false);  // dK = dS^T Q / sqrt dh
+}
+}  // namespace detail
+#endif
+
 template <class T>
 void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64_t heads,
                         BatchBlock<const T, cpu> dout, BatchBlock<T, cpu> dqkv) {
@@ -842,6 +914,14 @@ void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, s
   cpu_detail::for_items(
       ctx, S * heads, 8.0 * static_cast<double>(S * l * l * e), [&](std::int64_t it) {
         const std::int64_t s = it % S, h = it / S;
+#if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
+        if constexpr (std::is_same_v<T, float>) {  // the five products through oneDNN
+          detail::attention_head_backward_onednn(qkv.row(s, 0), qkv.ld, l, e, heads, h,
+                                                 dout.row(s, 0), dout.ld, dqkv.row(s, 0), dqkv.ld,
+                                                 cpu_detail::scratch<T>(sc, 1));
+          return;
+        }
+#endif
         cpu_kernels::attention_head_backward(qkv.row(s, 0), qkv.ld, l, e, heads, h, dout.row(s, 0),
                                              dout.ld, dqkv.row(s, 0), dqkv.ld,
                                              cpu_detail::scratch<T>(sc, 1));

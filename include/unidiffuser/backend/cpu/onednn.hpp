@@ -104,6 +104,14 @@ class Gemm {
     std::copy(tmp.begin(), tmp.end(), w);
     return true;
   }
+  //! Bytes of W [n, k] in the packed fp32 layout (more than n k floats where n or k is not a
+  //! multiple of the layout's blocks).
+  std::size_t packed_bytes(std::int64_t n, std::int64_t k) { return layout(n, k).get_size(); }
+  //! Reorders W [n, k] (row stride ldw) into the packed fp32 layout at dst (packed_bytes(n, k)
+  //! bytes), padding included: the operand of linear() as pack() makes it, for a copy.
+  void pack_copy(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, float* dst) {
+    reorder(plain(n, k, ldw), w, layout(n, k), dst);
+  }
   //! Inverse of a successful pack(w, n, k, pieces): the plain row-major matrix again.
   void unpack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
     const dnnl::memory::desc md = layout(n, k);
@@ -138,21 +146,11 @@ class Gemm {
   //! Rounds W [n, k] (row stride ldw, fp32) to bf16 into oneDNN's packed layout at dst
   //! (packed16_bytes(n, k) bytes). Requires bf16().
   void pack16(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, void* dst) {
-    const dnnl::memory::desc md = layout16(n, k);
-    dnnl::stream s(eng_);
-    dnnl::memory src(plain(n, k, ldw), eng_, const_cast<float*>(w));
-    dnnl::memory d(md, eng_, dst);
-    dnnl::reorder(src, d).execute(s, src, d);
-    s.wait();
+    reorder(plain(n, k, ldw), w, layout16(n, k), dst);
   }
   //! Inverse of pack16 (the bf16 values widened to fp32): W [n, k] with row stride ldw.
   void unpack16(const void* packed, std::int64_t n, std::int64_t k, float* w, std::int64_t ldw) {
-    const dnnl::memory::desc md = layout16(n, k);
-    dnnl::stream s(eng_);
-    dnnl::memory src(md, eng_, const_cast<void*>(packed));
-    dnnl::memory d(plain(n, k, ldw), eng_, w);
-    dnnl::reorder(src, d).execute(s, src, d);
-    s.wait();
+    reorder(layout16(n, k), packed, plain(n, k, ldw), w);
   }
   //! As linear() with W packed by pack16: x is rounded to bf16 (into a per-thread buffer), the
   //! product accumulates in fp32, bias, post operation and y are fp32.
@@ -334,6 +332,14 @@ class Gemm {
     }
   }
 
+  // Copies src (layout `from`) into dst (layout `to`), converting the data type if they differ.
+  void reorder(const dnnl::memory::desc& from, const void* src, const dnnl::memory::desc& to,
+               void* dst) {
+    dnnl::stream s(eng_);
+    dnnl::memory a(from, eng_, const_cast<void*>(src)), b(to, eng_, dst);
+    dnnl::reorder(a, b).execute(s, a, b);
+    s.wait();
+  }
   // Runs a linear primitive: source, weights, output, optional fp32 bias, user scratchpad.
   void execute(const Prim& p, dnnl::stream& s, const dnnl::memory& xs, const dnnl::memory& ws,
                const dnnl::memory& ys, const float* b, void* scratch) {

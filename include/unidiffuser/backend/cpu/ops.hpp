@@ -232,6 +232,45 @@ void adamw_update(const Context<cpu>& ctx, T* p, const T* g, T* m, T* v, std::in
   });
 }
 
+//! adamw_update fused with what follows it in a training step, in the same pass over the
+//! buffers: the moving average of the new parameters, ema = d ema + (1 - d) p (ema null: none),
+//! and the gradients zeroed once read (zero_grad). The same values as the separate passes
+//! (ops::adamw_update, ops::lincomb, ops::fill) up to the rounding of the EMA's two products.
+template <class T>
+void adamw_update(const Context<cpu>& ctx, T* p, T* g, T* m, T* v, std::int64_t n,
+                  const AdamWStep& s, T* ema, double ema_decay, bool zero_grad) {
+  const T lr = static_cast<T>(s.lr), b1 = static_cast<T>(s.beta1), b2 = static_cast<T>(s.beta2);
+  const T ob1 = static_cast<T>(1 - s.beta1), ob2 = static_cast<T>(1 - s.beta2);
+  const T ic1 = static_cast<T>(1 / s.c1), ic2 = static_cast<T>(1 / s.c2),
+          eps = static_cast<T>(s.eps), keep = static_cast<T>(1 - s.lr * s.weight_decay);
+  const T d = static_cast<T>(ema_decay), od = static_cast<T>(1 - ema_decay);
+  const std::int64_t chunk = 4096, nch = (n + chunk - 1) / chunk;
+  auto run = [&]<bool E, bool Z>(std::int64_t j0, std::int64_t j1) {
+    for (std::int64_t j = j0; j < j1; ++j) {
+      const T gj = g[j];
+      const T mj = b1 * m[j] + ob1 * gj;
+      const T vj = b2 * v[j] + ob2 * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      const T pj = keep * p[j] - lr * (mj * ic1) / (std::sqrt(vj * ic2) + eps);
+      p[j] = pj;
+      if constexpr (E) ema[j] = d * ema[j] + od * pj;
+      if constexpr (Z) g[j] = T(0);
+    }
+  };
+  detail::for_rows(ctx, nch, chunk * 10, [&](std::int64_t c) {
+    const std::int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
+    if (ema && zero_grad)
+      run.template operator()<true, true>(j0, j1);
+    else if (ema)
+      run.template operator()<true, false>(j0, j1);
+    else if (zero_grad)
+      run.template operator()<false, true>(j0, j1);
+    else
+      run.template operator()<false, false>(j0, j1);
+  });
+}
+
 //! Sum of squares of n contiguous values, in double, summed in fixed chunks (deterministic).
 template <class T>
 double sum_squares(const Context<cpu>& ctx, const T* x, std::int64_t n) {

@@ -197,6 +197,8 @@ class LinearCache<float, cuda> {
     std::lock_guard<std::mutex> lock(mu_);
     map_.clear();
   }
+  //! The weights changed: the 16-bit copies are dropped (made again lazily).
+  void invalidate() { clear(); }
   bool empty() const {
     std::lock_guard<std::mutex> lock(mu_);
     return map_.empty();
