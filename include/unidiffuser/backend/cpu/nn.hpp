@@ -703,22 +703,30 @@ void linear_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlo
       const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
       if constexpr (std::is_same_v<T, float>) {
-        // dY^T X through oneDNN as a plain (non-transposed) product: the chunk's columns of dY
-        // are transposed into scratch first (nr x rows: k times fewer elements than the
-        // product's operations), since oneDNN's products with a transposed source run well
-        // below its plain ones on AVX2 CPUs. Samples stored one after the other (x's and dY's
-        // rows contiguous across samples) make one product of depth S m.
+        // dY^T X through oneDNN. Samples stored one after the other (x's and dY's rows
+        // contiguous across samples) make one product of depth S m. On AVX-512 CPUs oneDNN
+        // reads the transposed dY directly (its kernels lay it out faster than a separate
+        // transpose); elsewhere (AVX2: products with a transposed source run well below plain
+        // ones there) the chunk's columns of dY are transposed into scratch first (nr x rows,
+        // k times fewer elements than the product's operations) for a plain product.
+        onednn::Gemm& g = cpu_detail::backward_gemm();
         if (dw.data && m > 0) {
           const bool joined = S == 1 || x.stride == m * x.ld;
           const std::int64_t depth = joined ? S * m : m;
-          float* t = cpu_detail::scratch<float>(nr * depth);
+          const bool direct = g.avx512() && (S == 1 || (joined && dy.stride == m * dy.ld));
+          float* t = direct ? nullptr : cpu_detail::scratch<float>(nr * depth);
           for (std::int64_t s0 = 0; s0 < S; s0 += joined ? S : 1) {
             const std::int64_t s1 = joined ? S : s0 + 1;
+            if (direct) {
+              g.matmul(dy.data + s0 * dy.stride + r0, nr, depth, 1, dy.ld, x.data + s0 * x.stride,
+                       k, x.ld, 1, dw.data + r0 * dw.ld, dw.ld, true);
+              continue;
+            }
             for (std::int64_t s = s0; s < s1; ++s)
               cpu_kernels::detail::transpose(dy.data + s * dy.stride + r0, m, nr, dy.ld,
                                              t + (s - s0) * m, depth);
-            cpu_detail::backward_gemm().matmul(t, nr, depth, depth, 1, x.data + s0 * x.stride, k,
-                                               x.ld, 1, dw.data + r0 * dw.ld, dw.ld, true);
+            g.matmul(t, nr, depth, depth, 1, x.data + s0 * x.stride, k, x.ld, 1,
+                     dw.data + r0 * dw.ld, dw.ld, true);
           }
         }
         if (db) detail::bias_grad(dy, r0, nr, db);

@@ -76,7 +76,7 @@ inline constexpr bool available = true;
 //! OpenMP's threads itself).
 class Gemm {
  public:
-  Gemm() : eng_(dnnl::engine::kind::cpu, 0) {}
+  Gemm() : eng_(engine()) {}
 
   //! Reorders W [n, pieces * k] (row-major, the weight of `pieces` products side by side: piece
   //! p is columns [p k, (p + 1) k)) in place into `pieces` packed [k, n] blocks, one after the
@@ -141,6 +141,15 @@ class Gemm {
     });
     return bf16_;
   }
+  //! Whether oneDNN runs AVX-512 kernels here (its effective ISA: ONEDNN_MAX_CPU_ISA lowers it).
+  bool avx512() {
+    std::call_once(isa_once_, [&] {
+      const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+      const auto need = static_cast<unsigned>(dnnl_cpu_isa_avx512_core);
+      avx512_ = (isa & need) == need;
+    });
+    return avx512_;
+  }
   //! Bytes of W [n, k] packed as bf16 for linear16.
   std::size_t packed16_bytes(std::int64_t n, std::int64_t k) { return layout16(n, k).get_size(); }
   //! Rounds W [n, k] (row stride ldw, fp32) to bf16 into oneDNN's packed layout at dst
@@ -183,7 +192,7 @@ class Gemm {
     if (scratch.size() < p.scratch) scratch.resize(p.scratch);
     if (!direct) out.resize(static_cast<std::size_t>(m * n));
     float* dst = direct ? y : out.data();
-    dnnl::stream s(eng_);
+    dnnl::stream& s = stream();
     dnnl::memory xs(p.src, eng_, const_cast<std::uint16_t*>(x16)), ys(p.dst, eng_, dst);
     dnnl::memory ws(p.wmd, eng_, const_cast<void*>(w));
     execute(p, s, xs, ws, ys, b, scratch.data());
@@ -208,7 +217,7 @@ class Gemm {
     static thread_local std::vector<char> scratch;
     static thread_local std::vector<float> relaid;
     if (scratch.size() < p.scratch) scratch.resize(p.scratch);
-    dnnl::stream s(eng_);
+    dnnl::stream& s = stream();
     dnnl::memory xs(p.src, eng_, const_cast<float*>(x)), ys(p.dst, eng_, y);
     dnnl::memory ws(packed, eng_, const_cast<float*>(w));
     if (!(p.wmd == packed)) {  // this m wants another layout (not seen so far): re-lay
@@ -229,14 +238,12 @@ class Gemm {
     const PlainPrim& p = plain_primitive({m, k, n, as0, as1, bs0, bs1, ldc, accumulate});
     static thread_local std::vector<char> scratch;
     if (scratch.size() < p.scratch) scratch.resize(p.scratch);
-    dnnl::stream s(eng_);
     dnnl::memory as(p.src, eng_, const_cast<float*>(a)), bs(p.wei, eng_, const_cast<float*>(b)),
-        cs(p.dst, eng_, c), sp(p.pd.scratchpad_desc(), eng_, scratch.data());
-    p.prim.execute(s, {{DNNL_ARG_SRC, as},
-                       {DNNL_ARG_WEIGHTS, bs},
-                       {DNNL_ARG_DST, cs},
-                       {DNNL_ARG_SCRATCHPAD, sp}});
-    s.wait();
+        cs(p.dst, eng_, c), sp(p.scratch_md, eng_, scratch.data());
+    run(p.prim, {{DNNL_ARG_SRC, as.get()},
+                 {DNNL_ARG_WEIGHTS, bs.get()},
+                 {DNNL_ARG_DST, cs.get()},
+                 {DNNL_ARG_SCRATCHPAD, sp.get()}});
   }
 
  private:
@@ -245,7 +252,7 @@ class Gemm {
   struct PlainPrim {
     dnnl::matmul::primitive_desc pd;
     dnnl::matmul prim;
-    dnnl::memory::desc src, wei, dst;
+    dnnl::memory::desc src, wei, dst, scratch_md;
     std::size_t scratch = 0;
   };
   const PlainPrim& plain_primitive(const PlainKey& key) {
@@ -263,7 +270,13 @@ class Gemm {
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     try {
       dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, eng_);
-      PlainPrim p{pd, dnnl::matmul(pd), src, wei, dst, pd.scratchpad_desc().get_size()};
+      PlainPrim p{pd,
+                  dnnl::matmul(pd),
+                  src,
+                  wei,
+                  dst,
+                  pd.scratchpad_desc(),
+                  pd.scratchpad_desc().get_size()};
       return plain_.emplace(key, std::move(p)).first->second;
     } catch (const dnnl::error& e) {
       throw error("onednn::Gemm::matmul",
@@ -278,7 +291,7 @@ class Gemm {
   struct Prim {
     dnnl::matmul::primitive_desc pd;
     dnnl::matmul prim;
-    dnnl::memory::desc src, wmd, dst, bias;
+    dnnl::memory::desc src, wmd, dst, bias, scratch_md;
     std::size_t scratch = 0;
   };
   static Key key_of(std::int64_t m, std::int64_t k, std::int64_t n, std::int64_t ldx,
@@ -321,8 +334,14 @@ class Gemm {
     try {
       auto d = bias ? dnnl::matmul::desc(src, wany, bmd, dst) : dnnl::matmul::desc(src, wany, dst);
       dnnl::matmul::primitive_desc pd(d, attr, eng_);
-      Prim p{
-          pd, dnnl::matmul(pd), src, pd.weights_desc(), dst, bmd, pd.scratchpad_desc().get_size()};
+      Prim p{pd,
+             dnnl::matmul(pd),
+             src,
+             pd.weights_desc(),
+             dst,
+             bmd,
+             pd.scratchpad_desc(),
+             pd.scratchpad_desc().get_size()};
       return cache_.emplace(key, std::move(p)).first->second;
     } catch (const dnnl::error& e) {
       throw error("onednn::Gemm",
@@ -341,20 +360,47 @@ class Gemm {
     s.wait();
   }
   // Runs a linear primitive: source, weights, output, optional fp32 bias, user scratchpad.
-  void execute(const Prim& p, dnnl::stream& s, const dnnl::memory& xs, const dnnl::memory& ws,
+  void execute(const Prim& p, dnnl::stream&, const dnnl::memory& xs, const dnnl::memory& ws,
                const dnnl::memory& ys, const float* b, void* scratch) {
-    dnnl::memory sp(p.pd.scratchpad_desc(), eng_, scratch);
-    std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ws}, {DNNL_ARG_DST, ys}, {DNNL_ARG_SCRATCHPAD, sp}};
-    if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, eng_, const_cast<float*>(b)));
-    p.prim.execute(s, args);
+    dnnl::memory sp(p.scratch_md, eng_, scratch);
+    if (!b) {
+      run(p.prim, {{DNNL_ARG_SRC, xs.get()},
+                   {DNNL_ARG_WEIGHTS, ws.get()},
+                   {DNNL_ARG_DST, ys.get()},
+                   {DNNL_ARG_SCRATCHPAD, sp.get()}});
+      return;
+    }
+    dnnl::memory bm(p.bias, eng_, const_cast<float*>(b));
+    run(p.prim, {{DNNL_ARG_SRC, xs.get()},
+                 {DNNL_ARG_WEIGHTS, ws.get()},
+                 {DNNL_ARG_DST, ys.get()},
+                 {DNNL_ARG_SCRATCHPAD, sp.get()},
+                 {DNNL_ARG_BIAS, bm.get()}});
+  }
+  // Executes a primitive on this thread's stream and waits (the C API's argument array: no
+  // map built per call).
+  static void run(const dnnl::primitive& prim, std::initializer_list<dnnl_exec_arg_t> args) {
+    dnnl::stream& s = stream();
+    dnnl::error::wrap_c_api(
+        dnnl_primitive_execute(prim.get(), s.get(), static_cast<int>(args.size()), args.begin()),
+        "could not execute a primitive");
     s.wait();
+  }
+  // The CPU engine every Gemm shares, and each thread's stream on it (created once per thread,
+  // not per product).
+  static const dnnl::engine& engine() {
+    static const dnnl::engine e(dnnl::engine::kind::cpu, 0);
+    return e;
+  }
+  static dnnl::stream& stream() {
+    static thread_local dnnl::stream s(engine());
+    return s;
   }
 
   dnnl::engine eng_;
   std::mutex mu_;
-  std::once_flag bf16_once_;
-  bool bf16_ = false;
+  std::once_flag bf16_once_, isa_once_;
+  bool bf16_ = false, avx512_ = false;
   std::map<Key, Prim> cache_;
   std::map<PlainKey, PlainPrim> plain_;
 };
