@@ -267,41 +267,37 @@ class LinearCache<T, cpu> {
           copy16(w.data, n, k, w.ld);
           continue;
         }
-        const auto it = map_.find(w.data);
-        if (it != map_.end()) {
-          Entry& old = it->second;
-          if (!old.stale) continue;
-          if (old.n == n && old.k == k) {  // repacked into its own storage
-            for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
-              const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-              gemm_.pack_copy(w.data + r0 * w.ld, nr, k, w.ld,
-                              const_cast<float*>(static_cast<const float*>(
-                                  old.chunks[static_cast<std::size_t>(c)])));
-            }
-            old.stale = false;
-            continue;
-          }
-          map_.erase(it);
-        }
-        Entry e;
-        e.n = n;
-        e.k = k;
         // each chunk in its packed layout (padded where its width is not a multiple of the
-        // layout's block), reordered straight from the plain weight
-        std::vector<std::size_t> at;
-        std::size_t total = 0;
-        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
-          at.push_back(total);
-          total += (gemm_.packed_bytes(std::min(cw, n - c * cw), k) + 63) / 64 * 16;
+        // layout's block), reordered straight from the plain weight; a stale copy of the same
+        // shape is repacked in its own storage
+        auto it = map_.find(w.data);
+        if (it != map_.end() && !it->second.stale) continue;
+        if (it != map_.end() && (it->second.n != n || it->second.k != k)) {
+          map_.erase(it);
+          it = map_.end();
         }
-        e.data.assign(total, 0.f);
+        if (it == map_.end()) {
+          Entry e;
+          e.n = n;
+          e.k = k;
+          std::vector<std::size_t> at;
+          std::size_t total = 0;
+          for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+            at.push_back(total);
+            total += (gemm_.packed_bytes(std::min(cw, n - c * cw), k) + 63) / 64 * 16;
+          }
+          e.data.assign(total, 0.f);
+          for (std::size_t off : at) e.chunks.push_back(e.data.data() + off);
+          it = map_.emplace(w.data, std::move(e)).first;
+        }
+        Entry& e = it->second;
         for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
           const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-          float* dst = e.data.data() + at[static_cast<std::size_t>(c)];
+          // the chunk lies in e.data, which this cache owns
+          auto* dst = static_cast<float*>(const_cast<void*>(e.chunks[static_cast<std::size_t>(c)]));
           gemm_.pack_copy(w.data + r0 * w.ld, nr, k, w.ld, dst);
-          e.chunks.push_back(dst);
         }
-        map_.emplace(w.data, std::move(e));
+        e.stale = false;
       }
       (b16 ? ready16_ : ready_).store(true);
     }
