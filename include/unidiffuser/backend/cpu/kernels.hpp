@@ -203,6 +203,13 @@ template <class T>
 void gelu(T* x, std::int64_t n) {
   bias_gelu<T>(x, 1, n, nullptr);
 }
+//! y = GELU(x) over n contiguous values (y may be x): bias_gelu's arithmetic without a copy first.
+template <class T>
+void gelu(const T* x, T* y, std::int64_t n) {
+  const Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>> u(x, n);
+  const T r = static_cast<T>(0.70710678118654752440);
+  Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(y, n) = T(0.5) * u * (T(1) + (u * r).erf());
+}
 
 //! SiLU u sigmoid(u), in place.
 template <class T>

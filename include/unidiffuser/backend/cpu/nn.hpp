@@ -762,11 +762,7 @@ template <class T>
 void gelu(const Context<cpu>& ctx, BatchBlock<const T, cpu> u, BatchBlock<T, cpu> y) {
   check_batch("ops::gelu", "y", y, u.samples, u.rows, u.cols);
   detail::for_row_chunks(ctx, u, 8.0, [&](std::int64_t s, std::int64_t r0, std::int64_t nr) {
-    for (std::int64_t r = r0; r < r0 + nr; ++r) {
-      T* o = y.row(s, r);
-      if (o != u.row(s, r)) std::copy_n(u.row(s, r), u.cols, o);
-      cpu_kernels::bias_gelu(o, 1, u.cols, static_cast<const T*>(nullptr));
-    }
+    for (std::int64_t r = r0; r < r0 + nr; ++r) cpu_kernels::gelu(u.row(s, r), y.row(s, r), u.cols);
   });
 }
 //! du = dy GELU'(u); du may be dy.
@@ -882,6 +878,10 @@ void attention(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, std::int64
 namespace detail {
 // cpu_kernels::attention_head_backward with its five products through oneDNN's plain matmul
 // (its kernels run these shapes faster than Eigen's on AVX-512; the softmax parts are shared).
+// Sequences shorter than this take the Eigen path: below it oneDNN's per-call cost outweighs its
+// faster kernels (measured per head on AVX-512, heads of 32 and 64: Eigen 1.3-2x faster at 8-23
+// rows, even at 48-64, oneDNN 1.2-1.3x faster from 84 rows).
+inline constexpr std::int64_t kOnednnAttentionRows = 64;
 inline void attention_head_backward_onednn(const float* qkv, std::int64_t ldq, std::int64_t l,
                                            std::int64_t e, std::int64_t heads, std::int64_t h,
                                            const float* dout, std::int64_t ldo, float* dqkv,
@@ -920,10 +920,12 @@ void attention_backward(const Context<cpu>& ctx, BatchBlock<const T, cpu> qkv, s
         const std::int64_t s = it % S, h = it / S;
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
         if constexpr (std::is_same_v<T, float>) {  // the five products through oneDNN
-          detail::attention_head_backward_onednn(qkv.row(s, 0), qkv.ld, l, e, heads, h,
-                                                 dout.row(s, 0), dout.ld, dqkv.row(s, 0), dqkv.ld,
-                                                 cpu_detail::scratch<T>(sc, 1));
-          return;
+          if (l >= detail::kOnednnAttentionRows) {
+            detail::attention_head_backward_onednn(qkv.row(s, 0), qkv.ld, l, e, heads, h,
+                                                   dout.row(s, 0), dout.ld, dqkv.row(s, 0), dqkv.ld,
+                                                   cpu_detail::scratch<T>(sc, 1));
+            return;
+          }
         }
 #endif
         cpu_kernels::attention_head_backward(qkv.row(s, 0), qkv.ld, l, e, heads, h, dout.row(s, 0),

@@ -15,6 +15,8 @@
 
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -110,7 +112,7 @@ class Gemm {
   //! Reorders W [n, k] (row stride ldw) into the packed fp32 layout at dst (packed_bytes(n, k)
   //! bytes), padding included: the operand of linear() as pack() makes it, for a copy.
   void pack_copy(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, float* dst) {
-    reorder(plain(n, k, ldw), w, layout(n, k), dst);
+    reorder(Copy::pack, n, k, ldw, w, dst);
   }
   //! Inverse of a successful pack(w, n, k, pieces): the plain row-major matrix again.
   void unpack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
@@ -155,11 +157,11 @@ class Gemm {
   //! Rounds W [n, k] (row stride ldw, fp32) to bf16 into oneDNN's packed layout at dst
   //! (packed16_bytes(n, k) bytes). Requires bf16().
   void pack16(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, void* dst) {
-    reorder(plain(n, k, ldw), w, layout16(n, k), dst);
+    reorder(Copy::pack16, n, k, ldw, w, dst);
   }
   //! Inverse of pack16 (the bf16 values widened to fp32): W [n, k] with row stride ldw.
   void unpack16(const void* packed, std::int64_t n, std::int64_t k, float* w, std::int64_t ldw) {
-    reorder(layout16(n, k), packed, plain(n, k, ldw), w);
+    reorder(Copy::unpack16, n, k, ldw, packed, w);
   }
   //! As linear() with W packed by pack16: x is rounded to bf16 (into a per-thread buffer), the
   //! product accumulates in fp32, bias, post operation and y are fp32.
@@ -187,15 +189,10 @@ class Gemm {
     // rows); the packed one is asked for, so a change would make a slow primitive, not a wrong one
     const dnnl::memory::desc packed = layout16(n, k);
     const Prim& p = primitive(key, &packed);
-    static thread_local std::vector<char> scratch;
     static thread_local std::vector<float> out;
-    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
     if (!direct) out.resize(static_cast<std::size_t>(m * n));
     float* dst = direct ? y : out.data();
-    dnnl::stream& s = stream();
-    dnnl::memory xs(p.src, eng_, const_cast<std::uint16_t*>(x16)), ys(p.dst, eng_, dst);
-    dnnl::memory ws(p.wmd, eng_, const_cast<void*>(w));
-    execute(p, s, xs, ws, ys, b, scratch.data());
+    execute(p, x16, w, dst, b);
     if (direct) return;
     for (std::int64_t i = 0; i < m; ++i) {
       const float* o = dst + i * n;
@@ -213,20 +210,15 @@ class Gemm {
   void linear(const float* x, std::int64_t m, std::int64_t k, std::int64_t ldx, const float* w,
               std::int64_t n, const float* b, float* y, std::int64_t ldy, Post post) {
     const Prim& p = primitive(key_of(m, k, n, ldx, ldy, b != nullptr, post));
-    const dnnl::memory::desc packed = layout(n, k);
-    static thread_local std::vector<char> scratch;
-    static thread_local std::vector<float> relaid;
-    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
-    dnnl::stream& s = stream();
-    dnnl::memory xs(p.src, eng_, const_cast<float*>(x)), ys(p.dst, eng_, y);
-    dnnl::memory ws(packed, eng_, const_cast<float*>(w));
-    if (!(p.wmd == packed)) {  // this m wants another layout (not seen so far): re-lay
+    if (p.relay) {  // this m wants another layout than the packed one (not seen so far): re-lay
+      static thread_local std::vector<float> relaid;
       relaid.resize(p.wmd.get_size() / sizeof(float) + 1);
-      dnnl::memory r(p.wmd, eng_, relaid.data());
-      dnnl::reorder(ws, r).execute(s, ws, r);
-      ws = r;
+      dnnl::memory ws(layout(n, k), eng_, const_cast<float*>(w)), r(p.wmd, eng_, relaid.data());
+      dnnl::reorder(ws, r).execute(stream(), ws, r);
+      stream().wait();
+      w = relaid.data();
     }
-    execute(p, s, xs, ws, ys, b, scratch.data());
+    execute(p, x, w, y, b);
   }
 
   //! c [m, n] (row stride ldc) = a [m, k] b [k, n], or += with `accumulate`, on plain operands
@@ -235,27 +227,28 @@ class Gemm {
   void matmul(const float* a, std::int64_t m, std::int64_t k, std::int64_t as0, std::int64_t as1,
               const float* b, std::int64_t n, std::int64_t bs0, std::int64_t bs1, float* c,
               std::int64_t ldc, bool accumulate) {
-    const PlainPrim& p = plain_primitive({m, k, n, as0, as1, bs0, bs1, ldc, accumulate});
-    static thread_local std::vector<char> scratch;
-    if (scratch.size() < p.scratch) scratch.resize(p.scratch);
-    dnnl::memory as(p.src, eng_, const_cast<float*>(a)), bs(p.wei, eng_, const_cast<float*>(b)),
-        cs(p.dst, eng_, c), sp(p.scratch_md, eng_, scratch.data());
-    run(p.prim, {{DNNL_ARG_SRC, as.get()},
-                 {DNNL_ARG_WEIGHTS, bs.get()},
-                 {DNNL_ARG_DST, cs.get()},
-                 {DNNL_ARG_SCRATCHPAD, sp.get()}});
+    execute(plain_primitive({m, k, n, as0, as1, bs0, bs1, ldc, accumulate}), a, b, c, nullptr);
   }
 
  private:
   using PlainKey = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                               std::int64_t, std::int64_t, std::int64_t, bool>;
-  struct PlainPrim {
+  // A created matmul: its descriptors, scratchpad size, and an id naming it in each thread's
+  // table of argument memory objects (args()). `relay`: its weights layout differs from the
+  // packed one (linear re-lays the operand first).
+  struct Prim {
     dnnl::matmul::primitive_desc pd;
     dnnl::matmul prim;
-    dnnl::memory::desc src, wei, dst, scratch_md;
+    dnnl::memory::desc src, wmd, dst, bias, scratch_md;
     std::size_t scratch = 0;
+    std::uint64_t id = next_id();
+    bool relay = false;
   };
-  const PlainPrim& plain_primitive(const PlainKey& key) {
+  static std::uint64_t next_id() {
+    static std::atomic<std::uint64_t> n{0};
+    return ++n;
+  }
+  const Prim& plain_primitive(const PlainKey& key) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = plain_.find(key);
     if (it != plain_.end()) return it->second;
@@ -270,13 +263,14 @@ class Gemm {
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     try {
       dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, eng_);
-      PlainPrim p{pd,
-                  dnnl::matmul(pd),
-                  src,
-                  wei,
-                  dst,
-                  pd.scratchpad_desc(),
-                  pd.scratchpad_desc().get_size()};
+      Prim p{pd,
+             dnnl::matmul(pd),
+             src,
+             wei,
+             dst,
+             dnnl::memory::desc(),
+             pd.scratchpad_desc(),
+             pd.scratchpad_desc().get_size()};
       return plain_.emplace(key, std::move(p)).first->second;
     } catch (const dnnl::error& e) {
       throw error("onednn::Gemm::matmul",
@@ -288,12 +282,6 @@ class Gemm {
   // m, k, n, ldx, ldy, bias, post, bf16 (source and weights)
   using Key = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool,
                          int, bool>;
-  struct Prim {
-    dnnl::matmul::primitive_desc pd;
-    dnnl::matmul prim;
-    dnnl::memory::desc src, wmd, dst, bias, scratch_md;
-    std::size_t scratch = 0;
-  };
   static Key key_of(std::int64_t m, std::int64_t k, std::int64_t n, std::int64_t ldx,
                     std::int64_t ldy, bool bias, Post post) {
     return {m, k, n, ldx, ldy, bias, static_cast<int>(post), false};
@@ -303,17 +291,21 @@ class Gemm {
   static dnnl::memory::desc plain(std::int64_t n, std::int64_t k, std::int64_t ldw) {
     return dnnl::memory::desc({k, n}, dt::f32, dnnl::memory::dims{1, ldw});
   }
+  static constexpr std::int64_t kLayoutRows = 1105;  // the row count packed layouts come from
   dnnl::memory::desc layout(std::int64_t n, std::int64_t k) {
-    return primitive(key_of(1105, k, n, k, n, false, Post::none)).wmd;
+    return primitive(key_of(kLayoutRows, k, n, k, n, false, Post::none)).wmd;
   }
   dnnl::memory::desc layout16(std::int64_t n, std::int64_t k) {
-    Key key = key_of(1105, k, n, k, n, false, Post::none);
+    Key key = key_of(kLayoutRows, k, n, k, n, false, Post::none);
     std::get<7>(key) = true;
     return primitive(key).wmd;
   }
   // The primitive of `key`; weights in the layout `fixed` when given (else oneDNN's choice).
   const Prim& primitive(const Key& key, const dnnl::memory::desc* fixed = nullptr) {
     std::lock_guard<std::mutex> lock(mu_);
+    return primitive_locked(key, fixed);
+  }
+  const Prim& primitive_locked(const Key& key, const dnnl::memory::desc* fixed) {
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
     const auto [m, k, n, ldx, ldy, bias, post, b16] = key;
@@ -342,6 +334,10 @@ class Gemm {
              bmd,
              pd.scratchpad_desc(),
              pd.scratchpad_desc().get_size()};
+      if (!b16 && m != kLayoutRows) {
+        const Key lk = key_of(kLayoutRows, k, n, k, n, false, Post::none);
+        p.relay = !(p.wmd == primitive_locked(lk, nullptr).wmd);
+      }
       return cache_.emplace(key, std::move(p)).first->second;
     } catch (const dnnl::error& e) {
       throw error("onednn::Gemm",
@@ -351,39 +347,77 @@ class Gemm {
     }
   }
 
-  // Copies src (layout `from`) into dst (layout `to`), converting the data type if they differ.
-  void reorder(const dnnl::memory::desc& from, const void* src, const dnnl::memory::desc& to,
+  // The weight copies: plain W [n, k] (row stride ldw) to the packed fp32 layout, to the packed
+  // bf16 layout, or back from it. Each reorder primitive is made once (creating one per call
+  // cost a primitive descriptor each time).
+  enum class Copy { pack, pack16, unpack16 };
+  void reorder(Copy kind, std::int64_t n, std::int64_t k, std::int64_t ldw, const void* src,
                void* dst) {
-    dnnl::stream s(eng_);
-    dnnl::memory a(from, eng_, const_cast<void*>(src)), b(to, eng_, dst);
-    dnnl::reorder(a, b).execute(s, a, b);
-    s.wait();
+    const Reorder& r = reorder_primitive(kind, n, k, ldw);
+    Slots& a = args(r.id);
+    dnnl_exec_arg_t v[3] = {{DNNL_ARG_FROM, point(a[0], r.from, src)},
+                            {DNNL_ARG_TO, point(a[1], r.to, dst)},
+                            {DNNL_ARG_SCRATCHPAD, point(a[2], r.scratch_md, scratch(r.scratch))}};
+    run(r.prim, v, 3);
   }
-  // Runs a linear primitive: source, weights, output, optional fp32 bias, user scratchpad.
-  void execute(const Prim& p, dnnl::stream&, const dnnl::memory& xs, const dnnl::memory& ws,
-               const dnnl::memory& ys, const float* b, void* scratch) {
-    dnnl::memory sp(p.scratch_md, eng_, scratch);
-    if (!b) {
-      run(p.prim, {{DNNL_ARG_SRC, xs.get()},
-                   {DNNL_ARG_WEIGHTS, ws.get()},
-                   {DNNL_ARG_DST, ys.get()},
-                   {DNNL_ARG_SCRATCHPAD, sp.get()}});
-      return;
-    }
-    dnnl::memory bm(p.bias, eng_, const_cast<float*>(b));
-    run(p.prim, {{DNNL_ARG_SRC, xs.get()},
-                 {DNNL_ARG_WEIGHTS, ws.get()},
-                 {DNNL_ARG_DST, ys.get()},
-                 {DNNL_ARG_SCRATCHPAD, sp.get()},
-                 {DNNL_ARG_BIAS, bm.get()}});
+  struct Reorder {
+    dnnl::memory::desc from, to, scratch_md;
+    std::size_t scratch = 0;
+    dnnl::reorder prim;
+    std::uint64_t id = next_id();
+  };
+  const Reorder& reorder_primitive(Copy kind, std::int64_t n, std::int64_t k, std::int64_t ldw) {
+    const dnnl::memory::desc packed = kind == Copy::pack ? layout(n, k) : layout16(n, k);
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto key = std::make_tuple(static_cast<int>(kind), n, k, ldw);
+    auto it = reorders_.find(key);
+    if (it != reorders_.end()) return it->second;
+    const dnnl::memory::desc from = kind == Copy::unpack16 ? packed : plain(n, k, ldw);
+    const dnnl::memory::desc to = kind == Copy::unpack16 ? plain(n, k, ldw) : packed;
+    dnnl::primitive_attr attr;  // a scratchpad per thread, as for the matmuls
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::reorder::primitive_desc pd(eng_, from, eng_, to, attr);
+    Reorder r{from, to, pd.scratchpad_desc(), pd.scratchpad_desc().get_size(), dnnl::reorder(pd)};
+    return reorders_.emplace(key, std::move(r)).first->second;
+  }
+  // Runs a matmul: source, weights, output, optional fp32 bias, this thread's scratchpad.
+  void execute(const Prim& p, const void* x, const void* w, void* y, const float* b) {
+    Slots& a = args(p.id);
+    dnnl_exec_arg_t v[5] = {{DNNL_ARG_SRC, point(a[0], p.src, x)},
+                            {DNNL_ARG_WEIGHTS, point(a[1], p.wmd, w)},
+                            {DNNL_ARG_DST, point(a[2], p.dst, y)},
+                            {DNNL_ARG_SCRATCHPAD, point(a[3], p.scratch_md, scratch(p.scratch))},
+                            {DNNL_ARG_BIAS, nullptr}};
+    if (b) v[4].memory = point(a[4], p.bias, b);
+    run(p.prim, v, b ? 5 : 4);
+  }
+  // This thread's memory objects for the arguments of primitive `id`: made once without a
+  // buffer and pointed at each call's operands (making them per call cost two allocations
+  // each, about a fifth of a small product). The table is bounded: a process that makes many
+  // networks starts it again.
+  using Slots = std::array<dnnl::memory, 5>;
+  static Slots& args(std::uint64_t id) {
+    static thread_local std::unordered_map<std::uint64_t, Slots> table;
+    if (table.size() >= 4096 && table.find(id) == table.end()) table.clear();
+    return table[id];
+  }
+  static dnnl_memory_t point(dnnl::memory& m, const dnnl::memory::desc& md, const void* ptr) {
+    if (!m) m = dnnl::memory(md, engine(), static_cast<void*>(nullptr));
+    dnnl::error::wrap_c_api(dnnl_memory_set_data_handle(m.get(), const_cast<void*>(ptr)),
+                            "could not set a memory object's buffer");
+    return m.get();
+  }
+  static void* scratch(std::size_t bytes) {
+    static thread_local std::vector<char> buf;
+    if (buf.size() < bytes) buf.resize(bytes);
+    return buf.data();
   }
   // Executes a primitive on this thread's stream and waits (the C API's argument array: no
   // map built per call).
-  static void run(const dnnl::primitive& prim, std::initializer_list<dnnl_exec_arg_t> args) {
+  static void run(const dnnl::primitive& prim, const dnnl_exec_arg_t* args, int n) {
     dnnl::stream& s = stream();
-    dnnl::error::wrap_c_api(
-        dnnl_primitive_execute(prim.get(), s.get(), static_cast<int>(args.size()), args.begin()),
-        "could not execute a primitive");
+    dnnl::error::wrap_c_api(dnnl_primitive_execute(prim.get(), s.get(), n, args),
+                            "could not execute a primitive");
     s.wait();
   }
   // The CPU engine every Gemm shares, and each thread's stream on it (created once per thread,
@@ -402,7 +436,8 @@ class Gemm {
   std::once_flag bf16_once_, isa_once_;
   bool bf16_ = false, avx512_ = false;
   std::map<Key, Prim> cache_;
-  std::map<PlainKey, PlainPrim> plain_;
+  std::map<PlainKey, Prim> plain_;
+  std::map<std::tuple<int, std::int64_t, std::int64_t, std::int64_t>, Reorder> reorders_;
 };
 #else
 inline constexpr bool available = false;
