@@ -96,13 +96,8 @@ class Gemm {
     const dnnl::memory::desc md = layout(n, k);
     if (md.get_size() != static_cast<std::size_t>(n * k) * sizeof(float)) return false;
     std::vector<float> tmp(static_cast<std::size_t>(n * k * pieces));
-    dnnl::stream s(eng_);
-    for (std::int64_t p = 0; p < pieces; ++p) {
-      dnnl::memory src(plain(n, k, pieces * k), eng_, w + p * k);
-      dnnl::memory dst(md, eng_, tmp.data() + p * n * k);
-      dnnl::reorder(src, dst).execute(s, src, dst);
-    }
-    s.wait();
+    for (std::int64_t p = 0; p < pieces; ++p)
+      reorder(Copy::pack, n, k, pieces * k, w + p * k, tmp.data() + p * n * k);
     std::copy(tmp.begin(), tmp.end(), w);
     return true;
   }
@@ -116,15 +111,9 @@ class Gemm {
   }
   //! Inverse of a successful pack(w, n, k, pieces): the plain row-major matrix again.
   void unpack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
-    const dnnl::memory::desc md = layout(n, k);
     std::vector<float> tmp(w, w + n * k * pieces);
-    dnnl::stream s(eng_);
-    for (std::int64_t p = 0; p < pieces; ++p) {
-      dnnl::memory src(md, eng_, tmp.data() + p * n * k);
-      dnnl::memory dst(plain(n, k, pieces * k), eng_, w + p * k);
-      dnnl::reorder(src, dst).execute(s, src, dst);
-    }
-    s.wait();
+    for (std::int64_t p = 0; p < pieces; ++p)
+      reorder(Copy::unpack, n, k, pieces * k, tmp.data() + p * n * k, w + p * k);
   }
 
   //! Whether this CPU has bf16 instructions for oneDNN (AVX512-BF16 or AMX, as oneDNN's effective
@@ -347,10 +336,10 @@ class Gemm {
     }
   }
 
-  // The weight copies: plain W [n, k] (row stride ldw) to the packed fp32 layout, to the packed
-  // bf16 layout, or back from it. Each reorder primitive is made once (creating one per call
+  // The weight copies: plain W [n, k] (row stride ldw) to the packed fp32 or bf16 layout, or
+  // back from it. Each reorder primitive is made once (creating one per call
   // cost a primitive descriptor each time).
-  enum class Copy { pack, pack16, unpack16 };
+  enum class Copy { pack, unpack, pack16, unpack16 };
   void reorder(Copy kind, std::int64_t n, std::int64_t k, std::int64_t ldw, const void* src,
                void* dst) {
     const Reorder& r = reorder_primitive(kind, n, k, ldw);
@@ -367,13 +356,15 @@ class Gemm {
     std::uint64_t id = next_id();
   };
   const Reorder& reorder_primitive(Copy kind, std::int64_t n, std::int64_t k, std::int64_t ldw) {
-    const dnnl::memory::desc packed = kind == Copy::pack ? layout(n, k) : layout16(n, k);
+    const bool f32 = kind == Copy::pack || kind == Copy::unpack;
+    const bool back = kind == Copy::unpack || kind == Copy::unpack16;
+    const dnnl::memory::desc packed = f32 ? layout(n, k) : layout16(n, k);
     std::lock_guard<std::mutex> lock(mu_);
     const auto key = std::make_tuple(static_cast<int>(kind), n, k, ldw);
     auto it = reorders_.find(key);
     if (it != reorders_.end()) return it->second;
-    const dnnl::memory::desc from = kind == Copy::unpack16 ? packed : plain(n, k, ldw);
-    const dnnl::memory::desc to = kind == Copy::unpack16 ? plain(n, k, ldw) : packed;
+    const dnnl::memory::desc from = back ? packed : plain(n, k, ldw);
+    const dnnl::memory::desc to = back ? plain(n, k, ldw) : packed;
     dnnl::primitive_attr attr;  // a scratchpad per thread, as for the matmuls
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     const dnnl::reorder::primitive_desc pd(eng_, from, eng_, to, attr);
