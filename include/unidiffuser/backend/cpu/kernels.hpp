@@ -184,31 +184,29 @@ void layer_norm_param_grads(const T* x, std::int64_t ldx, const T* r, std::int64
   }
 }
 
-//! y = GELU(y + bias) over rows of y [M, N] (bias may be null): exact erf GELU
-//! 0.5 u (1 + erf(u / sqrt 2)) with Eigen's vectorised erf.
-template <class T>
-void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
-  using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
-  using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
-  const T r = static_cast<T>(0.70710678118654752440);
-  auto one = [&](std::int64_t i) {
-    Row row(y + i * n, n);
-    if (bias) row += CRow(bias, n);
-    row = T(0.5) * row * (T(1) + (row * r).erf());
-  };
-  for (std::int64_t i = 0; i < m; ++i) one(i);
-}
-//! Exact GELU in place over n contiguous values.
-template <class T>
-void gelu(T* x, std::int64_t n) {
-  bias_gelu<T>(x, 1, n, nullptr);
-}
-//! y = GELU(x) over n contiguous values (y may be x): bias_gelu's arithmetic without a copy first.
+//! y = GELU(x) over n contiguous values (y may be x): exact erf GELU 0.5 u (1 + erf(u / sqrt 2))
+//! with Eigen's vectorised erf.
 template <class T>
 void gelu(const T* x, T* y, std::int64_t n) {
   const Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>> u(x, n);
   const T r = static_cast<T>(0.70710678118654752440);
   Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(y, n) = T(0.5) * u * (T(1) + (u * r).erf());
+}
+//! y = GELU(y + bias) over rows of y [M, N] (bias may be null).
+template <class T>
+void bias_gelu(T* y, std::int64_t m, std::int64_t n, const T* bias) {
+  using Row = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+  using CRow = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
+  for (std::int64_t i = 0; i < m; ++i) {
+    T* row = y + i * n;
+    if (bias) Row(row, n) += CRow(bias, n);
+    gelu<T>(row, row, n);
+  }
+}
+//! Exact GELU in place over n contiguous values.
+template <class T>
+void gelu(T* x, std::int64_t n) {
+  gelu<T>(x, x, n);
 }
 
 //! SiLU u sigmoid(u), in place.

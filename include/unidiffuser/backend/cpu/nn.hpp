@@ -879,8 +879,8 @@ namespace detail {
 // cpu_kernels::attention_head_backward with its five products through oneDNN's plain matmul
 // (its kernels run these shapes faster than Eigen's on AVX-512; the softmax parts are shared).
 // Sequences shorter than this take the Eigen path: below it oneDNN's per-call cost outweighs its
-// faster kernels (measured per head on AVX-512, heads of 32 and 64: Eigen 1.3-2x faster at 8-23
-// rows, even at 48-64, oneDNN 1.2-1.3x faster from 84 rows).
+// faster kernels (measured per head on AVX-512, heads of 32 and 64: Eigen 1.2-2.2x faster at 8-23
+// rows, within 10 % at 48-64, oneDNN 1.25-1.45x faster at 84 and 128 rows).
 inline constexpr std::int64_t kOnednnAttentionRows = 64;
 inline void attention_head_backward_onednn(const float* qkv, std::int64_t ldq, std::int64_t l,
                                            std::int64_t e, std::int64_t heads, std::int64_t h,
