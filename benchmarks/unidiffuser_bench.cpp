@@ -3,6 +3,7 @@
 //   unidiffuser-bench uvit --embed E --depth D --heads H --latent CxHxW --patch P --text LxD
 //                          --clip D --batch B --threads T --repeat R [--version v0|v1] [--double]
 //                          [--gemm auto|eigen|onednn] [--dtype f32|bf16|f64] [--serve]
+//   unidiffuser-bench uvit ... --profile: the forward's time and rate per layer kind
 //   unidiffuser-bench train (the uvit options, [--recompute]): one training step instead
 //   unidiffuser-bench sample (the uvit options, --mode M --steps N --scale S
 //                          [--references batched|separate]): a whole sampling run instead
@@ -131,6 +132,59 @@ const char* dtype_name(std::size_t size, ud::MathMode math) {
   return size == 8 ? "f64" : math == ud::MathMode::bf16 ? "bf16" : "f32";
 }
 
+double fma_rate(int threads, double secs);
+int effective_threads(int threads) {
+  if (threads > 0) return threads;
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// --profile: `repeat` rounds of (the FMA peak for 0.2 s, one forward with a layer profile), then
+// one JSON line per layer kind -- its time per forward (thread time / threads), share of the
+// forward, products and rate as a fraction of the median FMA peak -- one for the rest (thread
+// time outside the profiled layers: imbalance, waits, glue) and one for the whole forward.
+template <class T, class F>
+int profile_forwards(ud::nn::UViT<T>& net, F&& once, int repeat, int threads, double gflop) {
+  ud::nn::LayerProfile prof;
+  net.set_profile(&prof);
+  std::vector<double> peaks;
+  double wall = 0;
+  for (int r = 0; r < repeat; ++r) {
+    peaks.push_back(fma_rate(threads, 0.2) / 1e9);
+    const auto t0 = std::chrono::steady_clock::now();
+    once();
+    wall += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  net.set_profile(nullptr);
+  std::sort(peaks.begin(), peaks.end());
+  const double peak = peaks[peaks.size() / 2], n = static_cast<double>(repeat),
+               th = static_cast<double>(threads), fwd_ms = wall / n * 1e3;
+  double in_layers = 0;
+  auto line = [&](const char* kind, double ms, double gf) {
+    std::printf(
+        "{\"bench\": \"uvit_profile\", \"kind\": \"%s\", \"ms_per_forward\": %.3f, \"share\": "
+        "%.4f, \"gflop_per_forward\": %.4f, \"gflops\": %.2f, \"peak_fraction\": %.4f}\n",
+        kind, ms, ms / fwd_ms, gf, ms > 0 ? gf / (ms / 1e3) : 0.0,
+        ms > 0 ? gf / (ms / 1e3) / peak : 0.0);
+  };
+  for (std::size_t k = 0; k < ud::nn::kLayerKinds; ++k) {
+    const auto kind = static_cast<ud::nn::LayerKind>(k);
+    const double ms = prof.seconds(kind) / th / n * 1e3;
+    in_layers += ms;
+    line(ud::nn::kLayerKindNames[k], ms, prof.flop(kind) / n / 1e9);
+  }
+  line("rest", std::max(0.0, fwd_ms - in_layers), 0.0);
+  std::printf(
+      "{\"bench\": \"uvit_profile\", \"kind\": \"forward\", \"ms_per_forward\": %.3f, "
+      "\"gflop_per_forward\": %.4f, \"gflops\": %.2f, \"peak_fraction\": %.4f, \"threads\": %d, "
+      "\"forwards\": %d, \"fma_peak_gflops\": %.1f}\n",
+      fwd_ms, gflop, gflop / (fwd_ms / 1e3), gflop / (fwd_ms / 1e3) / peak, threads, repeat, peak);
+  return 0;
+}
+
 // `train`: one training step (training forward with its tape, the UniDiffuser loss gradient,
 // backward, AdamW, EMA) instead of one forward.
 template <class T>
@@ -201,6 +255,14 @@ int bench_uvit(const ud::cli::Args& a, bool train) {
   once();  // warm-up: workspace allocation, page faults, weight packing
   // a training step: forward, and a backward of about twice its products
   const double gflop = net.flops() * static_cast<double>(B) / 1e9 * (train ? 3.0 : 1.0);
+  if (a.has("profile")) {
+    if (train)
+      throw ud::error("unidiffuser-bench train", "--profile",
+                      "profiles the forward's layers: use 'unidiffuser-bench uvit --profile'");
+    if (a.has("serve"))
+      throw ud::error("unidiffuser-bench uvit", "--profile", "not with --serve: choose one");
+    return profile_forwards(net, once, repeat, effective_threads(threads), gflop);
+  }
   const char* bench = train ? "train" : "uvit";
   const double weight_mib =
       static_cast<double>(net.parameter_count()) * sizeof(T) / (1024.0 * 1024.0);
@@ -454,7 +516,7 @@ int bench_fma(const ud::cli::Args& a) {
   return 0;
 }
 
-const char* kUsage = R"(usage: unidiffuser-bench uvit [options]
+const char* kUsage = R"(usage: unidiffuser-bench uvit [options] [--profile]
        unidiffuser-bench train [options] [--recompute]
        unidiffuser-bench sample [options] [--mode M] [--steps N] [--scale S] [--references R]
        unidiffuser-bench fma [--threads T] [--seconds S] [--serve]
@@ -480,6 +542,12 @@ gflop counts 3x the forward's products):
                         and a CPU with AVX512-BF16 or AMX, else a note and f32; not for
                         train)                                                      [f32]
   --double              float64 instead of float32 (--dtype f64)
+  --profile             (uvit) where the forward's time goes: --repeat rounds of the FMA peak
+                        (0.2 s) and one forward with a layer profile, then one JSON line per
+                        layer kind (embed, skip_linear, layer_norm, qkv, attention, proj,
+                        fc1_gelu, fc2, heads; then the rest, and the whole forward): time per
+                        forward (thread time / threads), share, GFLOP and the rate as a fraction
+                        of the median FMA peak of the same rounds
 sample options (the uvit options, and: a whole sampling run of an official mode on random
 weights and random conditions -- DPM-Solver++, fast driver, order 3 -- timed with its network
 calls apart; gflop counts the network rows of one run; --repeat defaults to 3):
@@ -512,10 +580,11 @@ int bench_main(int argc, char** argv) {
   const std::string cmd = argv[1];
   std::vector<ud::cli::Option> known;
   if (cmd == "uvit" || cmd == "train")
-    known = {{"embed"},   {"depth"}, {"heads"},         {"latent"},       {"patch"},
-             {"text"},    {"clip"},  {"batch"},         {"threads"},      {"repeat"},
-             {"version"}, {"gemm"},  {"double", false}, {"serve", false}, {"recompute", false},
-             {"dtype"}};
+    known = {
+        {"embed"},   {"depth"},         {"heads"},         {"latent"},       {"patch"},
+        {"text"},    {"clip"},          {"batch"},         {"threads"},      {"repeat"},
+        {"version"}, {"gemm"},          {"double", false}, {"serve", false}, {"recompute", false},
+        {"dtype"},   {"profile", false}};
   else if (cmd == "sample")
     known = {{"embed"},      {"depth"},         {"heads"},        {"latent"},  {"patch"},
              {"text"},       {"clip"},          {"batch"},        {"threads"}, {"repeat"},

@@ -466,6 +466,44 @@ TEST_CASE("the forward gives the same outputs with any thread count and with tra
 #endif
 }
 
+TEST_CASE("a layer profile counts every product once and leaves the outputs unchanged") {
+  const auto f = ud::safetensors::File::read(kGolden);
+  ud::nn::UViT<float> net(ud::checkpoint_config(f, "param/"));
+  ud::load_checkpoint(net, f, "param/");
+  const auto ref = run_native(net, f);
+  const auto B = static_cast<double>(
+      f.get<float>("input/native/" + net.config().components[0].name).shape()[0]);
+  const auto& cfg = net.config();
+  const double L = static_cast<double>(cfg.tokens()), E = static_cast<double>(cfg.embed_dim),
+               nb = static_cast<double>(2 * cfg.blocks_per_side() + 1);
+  using K = ud::nn::LayerKind;
+  // threads 1: sample-parallel on one thread; 2 and 3 with the batch's remainder run by the
+  // whole team (each thread counts its share of those calls' products)
+  for (int t : {1, 2, 3}) {
+    CAPTURE(t);
+    ud::nn::LayerProfile prof;
+    net.set_profile(&prof);
+    CHECK(run_native(net, f, ud::Context<ud::cpu>{t}) == ref);
+    net.set_profile(nullptr);
+    double total = 0;
+    for (std::size_t k = 0; k < ud::nn::kLayerKinds; ++k) {
+      const auto kind = static_cast<K>(k);
+      CAPTURE(ud::nn::kLayerKindNames[k]);
+      CHECK(prof.seconds(kind) > 0);
+      total += prof.flop(kind);
+    }
+    CHECK(total == doctest::Approx(net.flops() * B).epsilon(1e-12));
+    CHECK(prof.flop(K::attention) == doctest::Approx(nb * 4 * L * L * E * B).epsilon(1e-12));
+    CHECK(prof.flop(K::qkv) == doctest::Approx(nb * 2 * L * E * 3 * E * B).epsilon(1e-12));
+    CHECK(prof.flop(K::layer_norm) == 0);
+    CHECK(prof.flop(K::embed) == doctest::Approx(net.io_flops() * B).epsilon(1e-12));
+    // no profile set: nothing more is added
+    const double before = prof.seconds(K::fc2);
+    run_native(net, f, ud::Context<ud::cpu>{t});
+    CHECK(prof.seconds(K::fc2) == before);
+  }
+}
+
 TEST_CASE("packed GEMM path: same outputs as Eigen's, parameters unchanged through packing") {
   // In builds with UNIDIFFUSER_ONEDNN forward() packs copies of the block weights; param() must
   // give back the exact plain values and the outputs must match the Eigen path. In other builds
@@ -778,6 +816,67 @@ TEST_CASE("oneDNN bf16 linear: the fp32 product of the bf16-rounded operands") {
       CHECK(worst < 2e-5);  // fp32 accumulation of exact bf16 products
     }
   }
+}
+
+TEST_CASE("packed linear: one whole-width product per sample equals the column chunks' products") {
+  // n = 320: chunks of 128, 128 and 64 columns. 3 samples on 2 threads run per chunk (the
+  // samples alone would leave a thread idle), on one thread per whole sample; a two-piece
+  // matrix (skip_linear's shape), packed as copies and in place; fp32 and bf16
+  std::vector<ud::MathMode> maths{ud::MathMode::fp32};
+  if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
+    maths.push_back(ud::MathMode::bf16);
+  else
+    MESSAGE("bf16 not checked: this build or CPU has no bf16 products");
+  constexpr std::int64_t S = 3, m = 37, k = 96, n = 320;
+  const auto wd = random_vec(static_cast<std::size_t>(n * 2 * k), 31),
+             xd = random_vec(static_cast<std::size_t>(S * m * k), 32),
+             bd = random_vec(static_cast<std::size_t>(n), 33);
+  const std::vector<float> w0(wd.begin(), wd.end()), x(xd.begin(), xd.end()),
+      b(bd.begin(), bd.end());
+  const ud::BatchBlock<const float> xb(x.data(), S, m, k, k, m * k);
+  for (const auto math : maths)
+    for (bool in_place : {false, true}) {
+      CAPTURE(static_cast<int>(math));
+      CAPTURE(in_place);
+      const ud::Context<ud::cpu> one{1, math}, two{2, math};
+      std::vector<float> w = w0;
+      ud::ops::LinearCache<float, ud::cpu> cache;
+      const ud::RowBlock<const float> piece0(w.data(), n, k, 2 * k),
+          piece1(w.data() + k, n, k, 2 * k);
+      if (in_place) {
+        const ud::ops::InPlaceWeight<float, ud::cpu> m2{
+            ud::RowBlock<float>(w.data(), n, 2 * k, 2 * k), 2};
+        cache.pack_in_place(std::span(&m2, 1), math);
+      } else {
+        const std::array<ud::RowBlock<const float>, 2> ws{piece0, piece1};
+        cache.prepare(ws, math);
+      }
+      for (const auto& piece : {piece0, piece1}) {
+        const auto* e = cache.find(piece.data, math);
+        REQUIRE(e != nullptr);
+        CHECK(e->whole);
+        for (auto ep :
+             {ud::ops::Epilogue::none, ud::ops::Epilogue::gelu, ud::ops::Epilogue::accumulate}) {
+          CAPTURE(static_cast<int>(ep));
+          std::vector<float> a(static_cast<std::size_t>(S * m * n), 0.5f), c = a;
+          ud::ops::linear<float>(one, xb, piece, b.data(),
+                                 ud::BatchBlock<float>(a.data(), S, m, n, n, m * n), ep, &cache);
+          ud::ops::linear<float>(two, xb, piece, b.data(),
+                                 ud::BatchBlock<float>(c.data(), S, m, n, n, m * n), ep, &cache);
+          CHECK(a == c);
+        }
+      }
+      if (in_place) {
+        cache.unpack_in_place();
+        // fp32 in place unpacks to the plain values exactly, bf16 to their roundings
+        bool back = true;
+        for (std::size_t i = 0; i < w.size(); ++i)
+          back = back && w[i] == (math == ud::MathMode::fp32
+                                      ? w0[i]
+                                      : ud::bfloat16_t::from_float(w0[i]).to_float());
+        CHECK(back);
+      }
+    }
 }
 #endif
 

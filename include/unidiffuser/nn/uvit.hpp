@@ -27,6 +27,7 @@
 #include "unidiffuser/core/rng.hpp"
 #include "unidiffuser/core/tensor.hpp"
 #include "unidiffuser/nn/component_kind.hpp"
+#include "unidiffuser/nn/layer_profile.hpp"
 #include "unidiffuser/nn/uvit_config.hpp"
 
 namespace unidiffuser::nn {
@@ -224,14 +225,30 @@ class UViT {
     const double nb = static_cast<double>(2 * cfg_.blocks_per_side() + 1);
     double f = nb * (2 * L * E * 3 * E + 2 * 2 * L * L * E + 2 * L * E * E + 2 * 2 * L * E * Hm);
     f += static_cast<double>(cfg_.blocks_per_side()) * 2 * L * 2 * E * E;
+    return f + 2 * io_flops(h, w);
+  }
+  //! The part of flops() in the input embeddings (the same again in the output heads).
+  double io_flops(std::int64_t h = 0, std::int64_t w = 0) const {
+    const double E = static_cast<double>(cfg_.embed_dim);
+    double f = 0;
     for (const auto& c : cfg_.components) {
       // a custom kind counts as a linear embedding and head over its whole input
       const double tk = static_cast<double>(c.tokens(h, w)),
                    in = c.kind == ComponentKind::custom ? static_cast<double>(c.numel()) / tk
                                                         : static_cast<double>(c.in_features());
-      f += 2 * tk * in * E * 2;
+      f += 2 * tk * in * E;
     }
     return f;
+  }
+  //! From now on every inference forward (CPU backend) adds the thread time and products of its
+  //! layers to `p` by layer kind (null: stop); training forwards add their blocks' layers. `p`
+  //! must outlive its use; set it between forwards. See LayerProfile.
+  void set_profile(LayerProfile* p) {
+    if (p && !std::is_same_v<Backend, cpu>)
+      throw error("UViT::set_profile", "backend",
+                  "layer profiles time host calls: the CPU backend only (GPU work is "
+                  "asynchronous; use the vendor's profiler)");
+    prof_ = p;
   }
 
   //! out[c]: [B, numel_c] per component (config order), with the network's own workspace (one
@@ -820,36 +837,72 @@ class UViT {
     }
   }
 
+  // Runs f, adding its thread time and `flop` (the whole call's products) to the profile as
+  // kind k where one is set.
+  template <class F>
+  void timed(const Context<Backend>& ctx, LayerKind k, double flop, F&& f) const {
+    if constexpr (std::is_same_v<Backend, cpu>) {
+      if (prof_) {
+        const auto t0 = LayerProfile::clock::now();
+        f();
+        prof_->add(k, LayerProfile::clock::now() - t0, flop * ops::work_share(ctx));
+        return;
+      }
+    }
+    f();
+  }
+  // Products of a linear layer x w^T.
+  template <class X, class W>
+  static double linear_flop(const X& x, const W& w) {
+    return 2.0 * static_cast<double>(x.samples * x.rows) * static_cast<double>(w.rows * w.cols);
+  }
+
   // One post-LN block (UVIT.md §4.6). In inference several activations share a buffer: x1 and
   // x2 and y are the output array, t / p / m the temporary, u == h (GELU fused into fc1).
   void block(const Context<Backend>& ctx, const Block& b, const BlockActs& a) const {
     const T* P = params_.data();
     const auto none = ops::Epilogue::none;
     const BatchBlock<const T, Backend> nul{};
+    using K = LayerKind;
     if (b.skip) {
-      ops::linear<T>(ctx, a.in, b.skip0.wv(P), b.skip0.bv(P), a.t, none, &cache_);
-      ops::linear<T>(ctx, a.skip, b.skip1.wv(P), nullptr, a.t, ops::Epilogue::accumulate, &cache_);
+      timed(ctx, K::skip_linear,
+            linear_flop(a.in, b.skip0.wv(P)) + linear_flop(a.skip, b.skip1.wv(P)), [&] {
+              ops::linear<T>(ctx, a.in, b.skip0.wv(P), b.skip0.bv(P), a.t, none, &cache_);
+              ops::linear<T>(ctx, a.skip, b.skip1.wv(P), nullptr, a.t, ops::Epilogue::accumulate,
+                             &cache_);
+            });
       if (trace_) emit(ctx, b.name + ".skip_linear", a.t);
-      ops::layer_norm<T>(ctx, a.t, nul, P + b.norm1.g, P + b.norm1.b, a.x1, a.st1);
+      timed(ctx, K::layer_norm, 0,
+            [&] { ops::layer_norm<T>(ctx, a.t, nul, P + b.norm1.g, P + b.norm1.b, a.x1, a.st1); });
       if (trace_) emit(ctx, b.name + ".norm1", a.x1);
     }
-    ops::linear<T>(ctx, a.x1, b.qkv.wv(P), b.qkv.bv(P), a.qkv, none, &cache_);
+    timed(ctx, K::qkv, linear_flop(a.x1, b.qkv.wv(P)),
+          [&] { ops::linear<T>(ctx, a.x1, b.qkv.wv(P), b.qkv.bv(P), a.qkv, none, &cache_); });
     if (trace_) emit(ctx, b.name + ".attn.qkv", a.qkv);
-    ops::attention<T>(ctx, a.qkv, cfg_.num_heads, a.att);
-    ops::linear<T>(ctx, a.att, b.proj.wv(P), b.proj.bv(P), a.p, none, &cache_);
+    const double lq = static_cast<double>(a.qkv.rows);
+    timed(ctx, K::attention,
+          4.0 * static_cast<double>(a.qkv.samples) * lq * lq * static_cast<double>(cfg_.embed_dim),
+          [&] { ops::attention<T>(ctx, a.qkv, cfg_.num_heads, a.att); });
+    timed(ctx, K::proj, linear_flop(a.att, b.proj.wv(P)),
+          [&] { ops::linear<T>(ctx, a.att, b.proj.wv(P), b.proj.bv(P), a.p, none, &cache_); });
     if (trace_) emit(ctx, b.name + ".attn", a.p);
-    ops::layer_norm<T>(ctx, a.x1, a.p, P + b.norm2.g, P + b.norm2.b, a.x2, a.st2);
+    timed(ctx, K::layer_norm, 0,
+          [&] { ops::layer_norm<T>(ctx, a.x1, a.p, P + b.norm2.g, P + b.norm2.b, a.x2, a.st2); });
     if (trace_) emit(ctx, b.name + ".norm2", a.x2);
-    if (a.u.data == a.h.data && !trace_) {
-      ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.h, ops::Epilogue::gelu, &cache_);
-    } else {  // training (pre-activation kept) or tracing (pre-activation observed)
-      ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.u, none, &cache_);
-      if (trace_) emit(ctx, b.name + ".mlp.fc1", a.u);
-      ops::gelu<T>(ctx, a.u, a.h);
-    }
-    ops::linear<T>(ctx, a.h, b.fc2.wv(P), b.fc2.bv(P), a.m, none, &cache_);
+    timed(ctx, K::fc1_gelu, linear_flop(a.x2, b.fc1.wv(P)), [&] {
+      if (a.u.data == a.h.data && !trace_) {
+        ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.h, ops::Epilogue::gelu, &cache_);
+      } else {  // training (pre-activation kept) or tracing (pre-activation observed)
+        ops::linear<T>(ctx, a.x2, b.fc1.wv(P), b.fc1.bv(P), a.u, none, &cache_);
+        if (trace_) emit(ctx, b.name + ".mlp.fc1", a.u);
+        ops::gelu<T>(ctx, a.u, a.h);
+      }
+    });
+    timed(ctx, K::fc2, linear_flop(a.h, b.fc2.wv(P)),
+          [&] { ops::linear<T>(ctx, a.h, b.fc2.wv(P), b.fc2.bv(P), a.m, none, &cache_); });
     if (trace_) emit(ctx, b.name + ".mlp", a.m);
-    ops::layer_norm<T>(ctx, a.x2, a.m, P + b.norm3.g, P + b.norm3.b, a.y, a.st3);
+    timed(ctx, K::layer_norm, 0,
+          [&] { ops::layer_norm<T>(ctx, a.x2, a.m, P + b.norm3.g, P + b.norm3.b, a.y, a.st3); });
   }
 
   // Inference pass over samples [s0, s1) on the workspace.
@@ -866,7 +919,9 @@ class UViT {
     const auto th = BatchBlock<T, Backend>(w.temb_h.t.data() + s0 * cfg_.groups() * w.temb_h.slot,
                                            n * static_cast<std::int64_t>(cfg_.groups()), 1,
                                            w.temb_h.cols, w.temb_h.cols, w.temb_h.slot);
-    embed(ctx, ps, pe, x, te, th, th, cols, w.kscr, s0, s1);
+    const double io = io_flops(ps.lh, ps.lw) * static_cast<double>(n);
+    timed(ctx, LayerKind::embed, io,
+          [&] { embed(ctx, ps, pe, x, te, th, th, cols, w.kscr, s0, s1); });
     emit(ctx, "x_embedded", x);
     const std::int64_t sides = cfg_.blocks_per_side();
     BatchBlock<T, Backend> cur = x;
@@ -892,10 +947,12 @@ class UViT {
       cur = a.y;
     }
     const T* P = params_.data();
-    ops::layer_norm<T>(ctx, x, BatchBlock<const T, Backend>{}, P + final_norm_.g, P + final_norm_.b,
-                       x, BatchBlock<T, Backend>{});
-    emit(ctx, "norm", x);
-    heads(ctx, ps, x, cols, w.kscr, s0, s1);
+    timed(ctx, LayerKind::heads, io, [&] {
+      ops::layer_norm<T>(ctx, x, BatchBlock<const T, Backend>{}, P + final_norm_.g,
+                         P + final_norm_.b, x, BatchBlock<T, Backend>{});
+      emit(ctx, "norm", x);
+      heads(ctx, ps, x, cols, w.kscr, s0, s1);
+    });
   }
 
  public:
@@ -1257,6 +1314,7 @@ class UViT {
   bool grads_zero_ = false;  // every gradient known to be zero (zero_gradients)
   std::unique_ptr<Workspace> own_ws_;
   Trace trace_;
+  LayerProfile* prof_ = nullptr;
   WeightPacking packing_ = WeightPacking::copies;
 };
 

@@ -121,6 +121,19 @@ void for_items(const Context<cpu>& ctx, std::int64_t n, double work, F&& f) {
   for (std::int64_t i = 0; i < n; ++i) f(i);
 }
 
+//! Whether a primitive's items can be whole samples: the calling thread runs every item anyway
+//! (inside run_samples' per-thread pass, or one thread), or the samples split evenly over the
+//! threads for_items would use. Otherwise (run_samples' shared pass of the batch's remainder, an
+//! uneven batch) finer items keep the threads busy.
+inline bool samples_suffice(const Context<cpu>& ctx, std::int64_t samples) {
+  if (ctx.region) return !ctx.region->shared;
+  const int nt = thread_count(ctx);
+#if defined(_OPENMP)
+  if (omp_in_parallel()) return true;
+#endif
+  return nt <= 1 || samples % nt == 0;
+}
+
 //! Output columns of one work item of a product: about a quarter of the outputs, 64 to 256 wide
 //! (a multiple of 64: oneDNN's packed fp32 and bf16 weight layouts block the outputs by 64, so
 //! such a chunk packs without padding, in place too), so a small layer still splits over threads
@@ -223,6 +236,16 @@ void once(const Context<cpu>& ctx, F&& f) {
   f();
 }
 
+//! The part of a call's work to count for the calling thread: 1 / the team's size inside
+//! run_samples' shared pass (the team runs each call together), else 1. For accounting such as
+//! nn::LayerProfile's.
+inline double work_share([[maybe_unused]] const Context<cpu>& ctx) {
+#if defined(_OPENMP)
+  if (ctx.region && ctx.region->shared) return 1.0 / omp_get_num_threads();
+#endif
+  return 1.0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packed weights (oneDNN): a CPU-backend cache of reordered copies of weight matrices
 
@@ -232,10 +255,13 @@ void once(const Context<cpu>& ctx, F&& f) {
 //! uses) is packed on its own, either as a copy beside the plain weight (`prepare`: the plain
 //! weights stay where they are, read-only) or in the weight's own storage (`pack_in_place`: no
 //! extra memory, and the storage holds the packed layout until `unpack_in_place`). bf16 in place
-//! takes half the storage and hands the other half's whole pages back to the system (Linux), so
-//! the block weights take half the memory; unpacking it restores the bf16-rounded values (an
-//! inference layout: the fp32 values are gone). A network keeps one cache, fills it once per mode
-//! and passes it to `linear`, which uses the entries of its context's math mode.
+//! takes the first half of the storage and hands the other half's whole pages back to the
+//! system (Linux), so the block weights take half the memory; unpacking it restores the
+//! bf16-rounded values (an inference layout: the fp32 values are gone). bf16 chunks lie one
+//! after the other, so they also form the whole weight packed (Entry::whole), which `linear`
+//! uses for one product per sample where the samples alone keep the threads busy. A network keeps
+//! one cache, fills it once per mode and passes it to `linear`, which uses the entries of its
+//! context's math mode.
 template <class T>
 class LinearCache<T, cpu> {
  public:
@@ -276,7 +302,8 @@ class LinearCache<T, cpu> {
           map_.erase(it);
           it = map_.end();
         }
-        if (it == map_.end()) {
+        const bool fresh = it == map_.end();
+        if (fresh) {
           Entry e;
           e.n = n;
           e.k = k;
@@ -297,6 +324,7 @@ class LinearCache<T, cpu> {
           auto* dst = static_cast<float*>(const_cast<void*>(e.chunks[static_cast<std::size_t>(c)]));
           gemm_.pack_copy(w.data + r0 * w.ld, nr, k, w.ld, dst);
         }
+        if (fresh) e.whole = whole_of(w.data, n, k, w.ld, e.chunks, false);
         e.stale = false;
       }
       (b16 ? ready16_ : ready_).store(true);
@@ -330,27 +358,30 @@ class LinearCache<T, cpu> {
           continue;
         }
         if (map_.count(m.w.data)) continue;
-        const std::int64_t k = K / pieces, cw = cpu_detail::col_width(n);
+        const std::int64_t k = K / pieces, cw = cpu_detail::col_width(n),
+                           nch = cpu_detail::col_chunks(n);
         if (!fits(n, k)) continue;
-        std::vector<Entry> e(static_cast<std::size_t>(pieces));
-        std::int64_t done = 0;  // chunks packed (each pack() changes its chunk only on success)
-        try {
-          for (; done < cpu_detail::col_chunks(n); ++done) {
-            const std::int64_t r0 = done * cw, nr = std::min(cw, n - r0);
-            float* base = m.w.data + r0 * K;
-            gemm_.pack(base, nr, k, pieces);
-            for (std::int64_t p = 0; p < pieces; ++p)
-              e[static_cast<std::size_t>(p)].chunks.push_back(base + p * nr * k);
-          }
-        } catch (...) {  // leave the matrix plain, as it was
-          for (std::int64_t c = 0; c < done; ++c) {
-            const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-            gemm_.unpack(m.w.data + r0 * K, nr, k, pieces);
-          }
-          throw;
-        }
+        // every piece's chunks packed one after the other (each takes its plain size), piece
+        // after piece, through a temporary of the matrix's size: the matrix is unchanged until
+        // all are made, and each piece is then also its whole packed weight where the layout
+        // allows (Entry::whole)
+        cpu_kernels::AlignedVector<float> tmp(static_cast<std::size_t>(n * K));
         for (std::int64_t p = 0; p < pieces; ++p)
-          map_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
+          for (std::int64_t c = 0; c < nch; ++c) {
+            const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+            gemm_.pack_copy(m.w.data + r0 * K + p * k, nr, k, K, tmp.data() + p * n * k + r0 * k);
+          }
+        std::vector<const void*> first;
+        for (std::int64_t c = 0; c < nch; ++c) first.push_back(tmp.data() + c * cw * k);
+        const bool whole = whole_of(m.w.data, n, k, K, first, false);
+        std::copy(tmp.begin(), tmp.end(), m.w.data);
+        for (std::int64_t p = 0; p < pieces; ++p) {
+          Entry e;
+          for (std::int64_t c = 0; c < nch; ++c)
+            e.chunks.push_back(m.w.data + p * n * k + c * cw * k);
+          e.whole = whole;
+          map_.emplace(m.w.data + p * k, std::move(e));
+        }
         in_place_.push_back(m);
       }
       (math == MathMode::bf16 ? ready16_ : ready_).store(true);
@@ -370,19 +401,26 @@ class LinearCache<T, cpu> {
       for (const auto& m : in_place_) {
         const std::int64_t n = m.w.rows, K = m.w.cols, k = K / m.pieces;
         const std::int64_t cw = cpu_detail::col_width(n);
-        for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
-          const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-          float* base = m.w.data + r0 * K;
-          if (in_place_math_ == MathMode::bf16) {
-            const std::size_t b = gemm_.packed16_bytes(nr, k);
-            const char* at = reinterpret_cast<const char*>(base);
-            tmp.assign(at, at + b * static_cast<std::size_t>(m.pieces));
-            for (std::int64_t p = 0; p < m.pieces; ++p)
-              gemm_.unpack16(tmp.data() + static_cast<std::size_t>(p) * b, nr, k, base + p * k, K);
-          } else {
-            gemm_.unpack(base, nr, k, m.pieces);
-          }
+        if (in_place_math_ == MathMode::bf16) {  // the packed bytes first: they span many rows
+          const auto at = offsets16(n, k);
+          const char* start = reinterpret_cast<const char*>(m.w.data);
+          tmp.assign(start, start + at.back() * static_cast<std::size_t>(m.pieces));
+          for (std::int64_t p = 0; p < m.pieces; ++p)
+            for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+              const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+              gemm_.unpack16(tmp.data() + static_cast<std::size_t>(p) * at.back() +
+                                 at[static_cast<std::size_t>(c)],
+                             nr, k, m.w.data + r0 * K + p * k, K);
+            }
+          continue;
         }
+        const std::vector<float> packed(m.w.data, m.w.data + n * K);  // pack_in_place's order
+        for (std::int64_t p = 0; p < m.pieces; ++p)
+          for (std::int64_t c = 0; c < cpu_detail::col_chunks(n); ++c) {
+            const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+            gemm_.unpack_copy(packed.data() + p * n * k + r0 * k, nr, k, m.w.data + r0 * K + p * k,
+                              K);
+          }
       }
       in_place_.clear();
       map_.clear();
@@ -452,6 +490,7 @@ class LinearCache<T, cpu> {
     std::vector<const void*> chunks;         // packed column chunk c of the weight
     std::int64_t n = 0, k = 0;               // a copy's weight shape
     bool stale = false;                      // invalidated: the weights changed since packing
+    bool whole = false;  // chunks[0] is also the whole weight packed (all columns): whole_of
   };
   //! The packed weight w for `math`, or null.
   const Entry* find(const T* w, MathMode math = MathMode::fp32) const {
@@ -482,50 +521,85 @@ class LinearCache<T, cpu> {
   // bf16 in place: each column chunk's pieces packed one after the other at the chunk's start
   // (half its bytes); the whole pages of the other half go back to the system. Every layout is
   // created before the first byte changes, so a failure leaves the matrix as it was.
+  // Byte offsets of the column chunks of W [n, k] packed as bf16 one after the other (one more
+  // entry: the total).
+  std::vector<std::size_t> offsets16(std::int64_t n, std::int64_t k) {
+    const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
+    std::vector<std::size_t> at{0};
+    for (std::int64_t c = 0; c < nch; ++c)
+      at.push_back(at.back() + gemm_.packed16_bytes(std::min(cw, n - c * cw), k));
+    return at;
+  }
+  // Whether the packed column chunks of W [n, k] (row stride ld) at `chunks` (fp32, or bf16
+  // with `b16`) lie one after the other and are byte for byte W packed whole -- as when
+  // oneDNN's layout blocks the outputs by 64 and the chunks are multiples of 64 wide -- so that
+  // chunks[0] is also the whole packed weight, and one product over all the columns gives the
+  // chunks' products bit for bit (tested). Checked once per weight, by packing it whole.
+  bool whole_of(const T* w, std::int64_t n, std::int64_t k, std::int64_t ld,
+                const std::vector<const void*>& chunks, bool b16) {
+    const std::int64_t cw = cpu_detail::col_width(n);
+    const char* base = static_cast<const char*>(chunks[0]);
+    std::size_t off = 0;
+    for (std::size_t c = 0; c < chunks.size(); ++c) {
+      if (static_cast<const char*>(chunks[c]) != base + off) return false;
+      const std::int64_t nr = std::min(cw, n - static_cast<std::int64_t>(c) * cw);
+      off += b16 ? gemm_.packed16_bytes(nr, k) : gemm_.packed_bytes(nr, k);
+    }
+    if ((b16 ? gemm_.packed16_bytes(n, k) : gemm_.packed_bytes(n, k)) != off) return false;
+    cpu_kernels::AlignedVector<float> whole((off + 3) / 4);
+    if (b16)
+      gemm_.pack16(w, n, k, ld, whole.data());
+    else
+      gemm_.pack_copy(w, n, k, ld, whole.data());
+    const char* wb = reinterpret_cast<const char*>(whole.data());
+    return std::equal(wb, wb + off, base);
+  }
+  // bf16 in place: all pieces' chunks packed one after the other at the matrix's start (piece
+  // after piece: each piece is then its whole-width packed matrix too), through a temporary of
+  // that size (about half the matrix); the whole pages of the rest go back to the system. The
+  // matrix is unchanged until every layout is made.
   void pack16_in_place(const InPlaceWeight<T, cpu>& m) {
     const std::int64_t n = m.w.rows, K = m.w.cols, pieces = m.pieces, k = K / pieces;
     const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
     if (map16_.count(m.w.data)) return;
-    std::vector<std::size_t> bytes;
-    std::size_t most = 0;
-    for (std::int64_t c = 0; c < nch; ++c) {
-      const std::int64_t nr = std::min(cw, n - c * cw);
-      bytes.push_back(gemm_.packed16_bytes(nr, k));
-      if (bytes.back() * static_cast<std::size_t>(pieces) >
-          static_cast<std::size_t>(nr * K) * sizeof(float)) {
-        // does not fit (a small matrix padded to oneDNN's blocks): bf16 copies instead, so the
-        // products are those of the copies' path
-        for (std::int64_t p = 0; p < pieces; ++p) copy16(m.w.data + p * k, n, k, K);
-        return;
-      }
-      most = std::max(most, bytes.back() * static_cast<std::size_t>(pieces));
+    const auto at = offsets16(n, k);
+    const std::size_t piece = at.back(), total = piece * static_cast<std::size_t>(pieces);
+    if (total > static_cast<std::size_t>(n * K) * sizeof(float)) {
+      // does not fit (a small matrix padded to oneDNN's blocks): bf16 copies instead, so the
+      // products are those of the copies' path
+      for (std::int64_t p = 0; p < pieces; ++p) copy16(m.w.data + p * k, n, k, K);
+      return;
     }
-    std::vector<char> tmp(most);
-    std::vector<Entry> e(static_cast<std::size_t>(pieces));
-    for (std::int64_t c = 0; c < nch; ++c) {
-      const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
-      const std::size_t b = bytes[static_cast<std::size_t>(c)];
-      float* base = m.w.data + r0 * K;
-      for (std::int64_t p = 0; p < pieces; ++p)
-        gemm_.pack16(base + p * k, nr, k, K, tmp.data() + static_cast<std::size_t>(p) * b);
-      char* at = reinterpret_cast<char*>(base);
-      std::copy_n(tmp.data(), b * static_cast<std::size_t>(pieces), at);
-      for (std::int64_t p = 0; p < pieces; ++p)
-        e[static_cast<std::size_t>(p)].chunks.push_back(at + static_cast<std::size_t>(p) * b);
-      release(at + b * static_cast<std::size_t>(pieces),
-              at + static_cast<std::size_t>(nr * K) * sizeof(float));
-    }
+    std::vector<char> tmp(total);
     for (std::int64_t p = 0; p < pieces; ++p)
-      map16_.emplace(m.w.data + p * k, std::move(e[static_cast<std::size_t>(p)]));
+      for (std::int64_t c = 0; c < nch; ++c) {
+        const std::int64_t r0 = c * cw, nr = std::min(cw, n - r0);
+        gemm_.pack16(
+            m.w.data + r0 * K + p * k, nr, k, K,
+            tmp.data() + static_cast<std::size_t>(p) * piece + at[static_cast<std::size_t>(c)]);
+      }
+    std::vector<const void*> first;
+    for (std::int64_t c = 0; c < nch; ++c)
+      first.push_back(tmp.data() + at[static_cast<std::size_t>(c)]);
+    const bool whole = whole_of(m.w.data, n, k, K, first, true);
+    char* start = reinterpret_cast<char*>(m.w.data);
+    std::copy_n(tmp.data(), total, start);
+    release(start + total, start + static_cast<std::size_t>(n * K) * sizeof(float));
+    for (std::int64_t p = 0; p < pieces; ++p) {
+      Entry e;
+      for (std::int64_t c = 0; c < nch; ++c)
+        e.chunks.push_back(start + static_cast<std::size_t>(p) * piece +
+                           at[static_cast<std::size_t>(c)]);
+      e.whole = whole;
+      map16_.emplace(m.w.data + p * k, std::move(e));
+    }
     in_place_.push_back(m);
   }
-  // A packed bf16 copy of W [n, k] (row stride ld), one packed block per column chunk.
+  // A packed bf16 copy of W [n, k] (row stride ld), its column chunks one after the other.
   void copy16(const T* w, std::int64_t n, std::int64_t k, std::int64_t ld) {
     if (map16_.count(w)) return;
     const std::int64_t cw = cpu_detail::col_width(n), nch = cpu_detail::col_chunks(n);
-    std::vector<std::size_t> at{0};  // byte offset of each chunk
-    for (std::int64_t c = 0; c < nch; ++c)
-      at.push_back(at.back() + gemm_.packed16_bytes(std::min(cw, n - c * cw), k));
+    const auto at = offsets16(n, k);
     Entry e;
     e.data.assign((at.back() + 3) / 4, 0.f);
     char* base = reinterpret_cast<char*>(e.data.data());
@@ -534,6 +608,7 @@ class LinearCache<T, cpu> {
       gemm_.pack16(w + r0 * ld, nr, k, ld, base + at[static_cast<std::size_t>(c)]);
       e.chunks.push_back(base + at[static_cast<std::size_t>(c)]);
     }
+    e.whole = whole_of(w, n, k, ld, e.chunks, true);
     map16_.emplace(w, std::move(e));
   }
   // Hands the whole pages inside [a, b) back to the system (their contents become zeros on the
@@ -622,10 +697,22 @@ void linear(const Context<cpu>& ctx, BatchBlock<const T, cpu> x, RowBlock<const 
   };
   thread_local Rounded last;
 #endif
+  // a weight packed whole (see LinearCache): one product per sample over all the columns -- one
+  // call instead of one per chunk (bf16: a contiguous output, no staging) -- where the samples
+  // alone share out the threads' work (bf16's accumulation is staged either way: chunks)
+  [[maybe_unused]] const bool whole = packed && packed->whole &&
+                                      !(b16 && ep == Epilogue::accumulate) &&
+                                      cpu_detail::samples_suffice(ctx, x.samples);
+  const std::int64_t items = whole ? x.samples : x.samples * nch;
   cpu_detail::for_items(
-      ctx, x.samples * nch, 2.0 * static_cast<double>(x.samples * m * n * k), [&](std::int64_t it) {
-        const std::int64_t s = b16 ? it / nch : it % x.samples, c = b16 ? it % nch : it / x.samples;
-        const std::int64_t c0 = c * cw, nc = std::min(cw, n - c0);
+      ctx, items, 2.0 * static_cast<double>(x.samples * m * n * k), [&](std::int64_t it) {
+        const std::int64_t s = whole ? it
+                               : b16 ? it / nch
+                                     : it % x.samples,
+                           c = whole ? 0
+                               : b16 ? it % nch
+                                     : it / x.samples;
+        const std::int64_t c0 = c * cw, nc = whole ? n : std::min(cw, n - c0);
         const T* bc = b ? b + c0 : nullptr;
         T* yc = y.data + s * y.stride + c0;
         const T* xs = x.data + s * x.stride;

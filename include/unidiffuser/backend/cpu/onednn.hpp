@@ -109,6 +109,11 @@ class Gemm {
   void pack_copy(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw, float* dst) {
     reorder(Copy::pack, n, k, ldw, w, dst);
   }
+  //! Inverse of pack_copy: W [n, k] (row stride ldw) from its packed fp32 layout at `packed`.
+  void unpack_copy(const float* packed, std::int64_t n, std::int64_t k, float* w,
+                   std::int64_t ldw) {
+    reorder(Copy::unpack, n, k, ldw, packed, w);
+  }
   //! Inverse of a successful pack(w, n, k, pieces): the plain row-major matrix again.
   void unpack(float* w, std::int64_t n, std::int64_t k, std::int64_t pieces = 1) {
     std::vector<float> tmp(w, w + n * k * pieces);
