@@ -257,9 +257,10 @@ inline double work_share([[maybe_unused]] const Context<cpu>& ctx) {
 //! extra memory, and the storage holds the packed layout until `unpack_in_place`). bf16 in place
 //! takes the first half of the storage and hands the other half's whole pages back to the
 //! system (Linux), so the block weights take half the memory; unpacking it restores the
-//! bf16-rounded values (an inference layout: the fp32 values are gone). bf16 chunks lie one
-//! after the other, so they also form the whole weight packed (Entry::whole), which `linear`
-//! uses for one product per sample where the samples alone keep the threads busy. A network keeps
+//! bf16-rounded values (an inference layout: the fp32 values are gone). A weight's chunks lie
+//! one after the other (in place: piece after piece), so they also form the whole weight packed
+//! (Entry::whole, checked), which `linear` uses for one product per sample where the samples
+//! alone keep the threads busy. A network keeps
 //! one cache, fills it once per mode and passes it to `linear`, which uses the entries of its
 //! context's math mode.
 template <class T>
@@ -518,9 +519,6 @@ class LinearCache<T, cpu> {
 #endif
   }
 #if defined(UNIDIFFUSER_WITH_ONEDNN) && !defined(__CUDACC__)
-  // bf16 in place: each column chunk's pieces packed one after the other at the chunk's start
-  // (half its bytes); the whole pages of the other half go back to the system. Every layout is
-  // created before the first byte changes, so a failure leaves the matrix as it was.
   // Byte offsets of the column chunks of W [n, k] packed as bf16 one after the other (one more
   // entry: the total).
   std::vector<std::size_t> offsets16(std::int64_t n, std::int64_t k) {
