@@ -2,8 +2,12 @@
 // Helpers shared by the test executables.
 #pragma once
 
-#include <string>
+#include <doctest/doctest.h>
 
+#include <string>
+#include <vector>
+
+#include "unidiffuser/backend/ops.hpp"
 #include "unidiffuser/core/error.hpp"
 
 namespace unidiffuser::testing {
@@ -16,5 +20,15 @@ std::string message_of(F&& f) {
     return e.what();
   }
   return "<no error>";
+}
+//! The CPU math modes to check: fp32, and bf16 where this build and CPU have it (a test message
+//! says when not).
+inline std::vector<MathMode> cpu_math_modes() {
+  std::vector<MathMode> maths{MathMode::fp32};
+  if (ops::math_supported(Context<cpu>{}, MathMode::bf16))
+    maths.push_back(MathMode::bf16);
+  else
+    MESSAGE("bf16 not checked: this build or CPU has no bf16 products");
+  return maths;
 }
 }  // namespace unidiffuser::testing

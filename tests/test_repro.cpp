@@ -20,6 +20,8 @@
 #include "unidiffuser/nn/uvit_predictor.hpp"
 #include "unidiffuser/sampler/dpm_solver.hpp"
 
+#include "support.hpp"
+
 namespace ud = unidiffuser;
 
 namespace {
@@ -147,12 +149,7 @@ TEST_CASE("the reference calls batched with the main call give the separate call
 
 TEST_CASE("a forward output does not depend on the sample's position, neighbours or threads") {
   // fp32, and bf16 where this build and CPU have it (MathMode::bf16)
-  std::vector<ud::MathMode> maths{ud::MathMode::fp32};
-  if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
-    maths.push_back(ud::MathMode::bf16);
-  else
-    MESSAGE("bf16 not checked: this build or CPU has no bf16 products");
-  for (const auto math : maths)
+  for (const auto math : ud::testing::cpu_math_modes())
     for (const auto& cfg : {small_config(), odd_head_config()}) {
       CAPTURE(cfg.embed_dim);
       CAPTURE(static_cast<int>(math));

@@ -822,11 +822,6 @@ TEST_CASE("packed linear: one whole-width product per sample equals the column c
   // n = 320: chunks of 128, 128 and 64 columns. 3 samples on 2 threads run per chunk (the
   // samples alone would leave a thread idle), on one thread per whole sample; a two-piece
   // matrix (skip_linear's shape), packed as copies and in place; fp32 and bf16
-  std::vector<ud::MathMode> maths{ud::MathMode::fp32};
-  if (ud::ops::math_supported(ud::Context<ud::cpu>{}, ud::MathMode::bf16))
-    maths.push_back(ud::MathMode::bf16);
-  else
-    MESSAGE("bf16 not checked: this build or CPU has no bf16 products");
   constexpr std::int64_t S = 3, m = 37, k = 96, n = 320;
   const auto wd = random_vec(static_cast<std::size_t>(n * 2 * k), 31),
              xd = random_vec(static_cast<std::size_t>(S * m * k), 32),
@@ -834,7 +829,7 @@ TEST_CASE("packed linear: one whole-width product per sample equals the column c
   const std::vector<float> w0(wd.begin(), wd.end()), x(xd.begin(), xd.end()),
       b(bd.begin(), bd.end());
   const ud::BatchBlock<const float> xb(x.data(), S, m, k, k, m * k);
-  for (const auto math : maths)
+  for (const auto math : ud::testing::cpu_math_modes())
     for (bool in_place : {false, true}) {
       CAPTURE(static_cast<int>(math));
       CAPTURE(in_place);
