@@ -332,19 +332,18 @@ inline void pv_tile(const T* p, std::int64_t ldp, const T* inv, const T* v, std:
   }
 }
 
-// Horizontal max / sum of a packet: Eigen's tree reductions for float, lane by lane for double
-// (Eigen's predux for AVX-512 doubles trips GCC 12's -Wuninitialized in the intrinsics headers).
+// Horizontal max / sum of a packet. The max from the stored lanes, pairwise (exact in any order;
+// Eigen's predux_max for AVX-512 trips GCC 12's -Wuninitialized in the intrinsics headers once
+// inlined into the softmax). The sum: Eigen's tree for float, lane by lane for double (whose
+// predux trips the same warning).
 template <class T>
 inline T lane_max(const Packet<T>& p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Eigen::internal::predux_max(p);
-  } else {
-    T b[lanes<T>];
-    Eigen::internal::pstoreu(b, p);
-    T m = b[0];
-    for (int i = 1; i < lanes<T>; ++i) m = std::max(m, b[i]);
-    return m;
-  }
+  constexpr int W = lanes<T>;
+  T b[W];
+  Eigen::internal::pstoreu(b, p);
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) b[i] = std::max(b[i], b[i + w]);
+  return b[0];
 }
 template <class T>
 inline T lane_sum(const Packet<T>& p) {
@@ -359,25 +358,36 @@ inline T lane_sum(const Packet<T>& p) {
   }
 }
 
-// Softmax numerators in place over s[0, l) of a row padded to lp (a multiple of the packet):
-// s_j = exp(s_j - max); returns 1 / sum_j s_j. Padding lanes hold -inf, whose exp (Eigen clamps
-// the argument) is below 1e-38 and cannot change a sum that is at least 1; they are never read.
-template <class T>
-inline T softmax_row(T* s, std::int64_t l, std::int64_t lp) {
+// Softmax numerators in place over s[0, l) of R rows (rows lp apart, lp a multiple of the packet):
+// s_j = exp(s_j - max) per row; inv[r] = 1 / sum_j s_j. The rows go through each pass side by side
+// (R independent max and sum chains for the out-of-order core; a row at a time the pass waited on
+// one chain's latency), and each row's arithmetic is that of a row alone: the same maximum, the
+// same exponentials, the sum taken over the row's packets in order. Padding lanes hold -inf, whose
+// exp is 0 or below 1e-38 (Eigen clamps the argument) and cannot change a sum that is at least 1;
+// they are never read.
+template <class T, int R>
+inline void softmax_rows_tile(T* s, std::int64_t l, std::int64_t lp, T* inv) {
   using namespace Eigen::internal;
   using P = Packet<T>;
   constexpr int W = lanes<T>;
-  for (std::int64_t j = l; j < lp; ++j) s[j] = -std::numeric_limits<T>::infinity();
-  P m = ploadu<P>(s);
-  for (std::int64_t j = W; j < lp; j += W) m = pmax(m, ploadu<P>(s + j));
-  const P mx = pset1<P>(lane_max<T>(m));
-  P sum = pset1<P>(T(0));
-  for (std::int64_t j = 0; j < lp; j += W) {
-    const P e = pexp(psub(ploadu<P>(s + j), mx));
-    pstoreu(s + j, e);
-    sum = padd(sum, e);
+  for (int r = 0; r < R; ++r)
+    for (std::int64_t j = l; j < lp; ++j) s[r * lp + j] = -std::numeric_limits<T>::infinity();
+  P m[R];
+  for (int r = 0; r < R; ++r) m[r] = ploadu<P>(s + r * lp);
+  for (std::int64_t j = W; j < lp; j += W)
+    for (int r = 0; r < R; ++r) m[r] = pmax(m[r], ploadu<P>(s + r * lp + j));
+  P mx[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    mx[r] = pset1<P>(lane_max<T>(m[r]));
+    sum[r] = pset1<P>(T(0));
   }
-  return T(1) / lane_sum<T>(sum);
+  for (std::int64_t j = 0; j < lp; j += W)
+    for (int r = 0; r < R; ++r) {
+      const P e = pexp(psub(ploadu<P>(s + r * lp + j), mx[r]));
+      pstoreu(s + r * lp + j, e);
+      sum[r] = padd(sum[r], e);
+    }
+  for (int r = 0; r < R; ++r) inv[r] = T(1) / lane_sum<T>(sum[r]);
 }
 
 #if defined(__GNUC__)
@@ -430,7 +440,7 @@ void attention_rows(const T* const* q, const T* kt, std::int64_t l, std::int64_t
     if (rest == 1) qk_tile<T, QR, 1>(q + r0, kt + j, lp, dh, scale, s + r0 * lp + j, lp);
   }
   T inv[R];
-  for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + r * lp, l, lp);
+  softmax_rows_tile<T, R>(s, l, lp, inv);
   const std::int64_t nv = dh / W;
   for (std::int64_t c = 0; c < nv; c += 2) {
     T* oc[R];
