@@ -376,9 +376,10 @@ TEST_CASE("training on Gaussian data brings the network close to the exact noise
 
 TEST_CASE("the fused optimiser pass: AdamW, EMA and zeroed gradients as the separate passes") {
   // 10,000 values over two ranges (one decayed), three steps: the fused CPU pass against
-  // AdamW::step, Ema::update and a fill, and the reference backend (no fused op: the fallback)
+  // AdamW::step, Ema::update and a fill, and the reference backend (no fused op: the fallback).
+  // The ranges are no multiple of a packet or of the passes' chunks, so the padded tails count.
   const std::int64_t n = 10000;
-  const std::vector<tr::ParamRange> ranges = {{"w", 0, 6000}, {"x.bias", 6000, 4000}};
+  const std::vector<tr::ParamRange> ranges = {{"w", 0, 6007}, {"x.bias", 6007, 3993}};
   auto fill = [&](auto& t, double a, double b) {
     for (std::int64_t i = 0; i < n; ++i) t[i] = static_cast<float>(a * std::sin(b * double(i)));
   };
@@ -411,9 +412,45 @@ TEST_CASE("the fused optimiser pass: AdamW, EMA and zeroed gradients as the sepa
   CHECK(worst_e < 1e-6);  // the EMA's products may round differently (contraction)
   CHECK(worst_r < 1e-6);  // the reference computes in double
   CHECK(fused.steps() == 3);
+  // the sum of squares behind clipping (chunks of 4096 and eight running sums each) against a
+  // plain sum in long double, over a length that leaves a partial chunk and a partial group
+  for (std::int64_t len : {n, n - 3, std::int64_t{5}}) {
+    long double w = 0;
+    for (std::int64_t i = 0; i < len; ++i) w += static_cast<long double>(P1[i]) * P1[i];
+    CHECK(ud::ops::sum_squares<float>(ctx, P1.data(), len) ==
+          doctest::Approx(static_cast<double>(w)).epsilon(1e-13));
+    CHECK(ud::ops::sum_squares<float>(ud::Context<ud::cpu>{1}, P1.data(), len) ==
+          ud::ops::sum_squares<float>(ctx, P1.data(), len));  // whatever the threads
+  }
   // wrong sizes are named
   ud::Tensor<float> small(ud::Shape{5});
   CHECK_THROWS_AS(fused.step(ctx, small.view(), G1.view(), 1e-3, &e1, true), ud::error);
+}
+
+TEST_CASE("the optimiser's packet square root is correctly rounded (std::sqrt's bits)") {
+  // Eigen's own psqrt is an estimate plus Newton steps under EIGEN_FAST_MATH on AVX and AVX-512
+  namespace od = ud::cpu_kernels::optim_detail;
+  auto check = [](auto zero) {
+    using T = decltype(zero);
+    using P = od::Packet<T>;
+    constexpr int W = od::lanes<T>;
+    std::uint64_t state = 12345;
+    int bad = 0;
+    for (int i = 0; i < 20000; ++i) {
+      T in[W], out[W];
+      for (int w = 0; w < W; ++w) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        // magnitudes from 1e-30 to 1e30, as the second moments of a training run span
+        const double e = static_cast<double>(state >> 11) / 9007199254740992.0 * 60.0 - 30.0;
+        in[w] = static_cast<T>(std::pow(10.0, e) * (1.0 + static_cast<double>(w) / 64));
+      }
+      Eigen::internal::pstoreu(out, od::psqrt_exact(Eigen::internal::ploadu<P>(in)));
+      for (int w = 0; w < W; ++w) bad += out[w] != std::sqrt(in[w]);
+    }
+    CHECK(bad == 0);
+  };
+  check(0.0f);
+  check(0.0);
 }
 
 TEST_CASE("a trainer's step zeroes the gradients it used unless asked to keep them") {

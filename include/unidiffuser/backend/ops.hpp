@@ -9,6 +9,7 @@
 #include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/backend/cpu/nn.hpp"
 #include "unidiffuser/backend/cpu/ops.hpp"
+#include "unidiffuser/backend/cpu/optim.hpp"
 #include "unidiffuser/backend/reference/nn.hpp"
 #include "unidiffuser/backend/reference/ops.hpp"
 #include "unidiffuser/backend/tags.hpp"
