@@ -4,7 +4,9 @@
 # prebuilt binaries in $BIN (default .devbin) when they run here, else builds them with nvcc from
 # the checkout (header-only dependencies from .deps/include when the system has none); then runs
 # the CUDA tests, the golden checker on the CUDA backend, the CUDA benchmarks and the PyTorch
-# comparison on the same GPU. Logs under $OUT (default ./device-out).
+# comparison on the same GPU. Logs under $OUT (default ./device-out). Options by environment:
+# BENCH_ARGS (unidiffuser-bench-cuda), TORCH=0 (no PyTorch), TORCH_ARGS (cuda_torch.py, e.g.
+# --compile), TORCH_TIMEOUT (seconds, default 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -46,7 +48,8 @@ timeout 240 "$BIN/unidiffuser-bench-cuda" ${BENCH_ARGS:-} > "$OUT/bench_cuda.log
 echo "bench exit $?"; sed -n '/^benchmark/,$p' "$OUT/bench_cuda.log"; grep -E "error" "$OUT/bench_cuda.log"
 if [ "${TORCH:-1}" = 1 ]; then
   echo "== PyTorch on the same GPU"
-  PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/compare/cuda_torch.py ${TORCH_ARGS:-} \
+  PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-300}" python3 benchmarks/compare/cuda_torch.py \
+    ${TORCH_ARGS:-} \
     > "$OUT/torch.log" 2>&1
   echo "torch exit $?"; sed -n '/^benchmark/,$p' "$OUT/torch.log"; tail -n 3 "$OUT/torch.log"
 fi

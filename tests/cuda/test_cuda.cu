@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <filesystem>
@@ -154,33 +156,37 @@ TEST_CASE_TEMPLATE("cuda linear: forward epilogues and backward, packed and stri
 
 TEST_CASE_TEMPLATE("cuda layer norm with residual and statistics, forward and backward", T, float,
                    double) {
-  for (bool pad : {false, true})
-    for (bool res : {false, true}) {
-      CAPTURE(pad);
-      CAPTURE(res);
-      const std::int64_t S = 2, m = 19, n = 70;
-      const Geo g(S, m, n, pad), gs(S, m, 2, false);
-      Buf<T> x(g.size(), 1), r(g.size(), 2), gain(n, 3, 0.5), bias(n, 4), y(g.size(), 5),
-          st(gs.size(), 6);
-      auto rr = res ? g.at<const T, reference>(r.hp()) : RB<const T>{};
-      auto rd = res ? g.at<const T, Dev>(r.dp()) : CB<const T>{};
-      ud::ops::layer_norm<T>(rctx, g.at<const T, reference>(x.hp()), rr, gain.hp(), bias.hp(),
-                             g.at<T, reference>(y.hp()), gs.at<T, reference>(st.hp()));
-      ud::ops::layer_norm<T>(dctx, g.at<const T, Dev>(x.dp()), rd, gain.dp(), bias.dp(),
-                             g.at<T, Dev>(y.dp()), gs.at<T, Dev>(st.dp()));
-      expect_close(y.down(), y.h, tol<T>(), "layer_norm y");
-      expect_close(st.down(), st.h, tol<T>(), "layer_norm stats");
-      Buf<T> dy(g.size(), 7), dz(g.size(), 8), dg(n, 9), db(n, 10);
-      ud::ops::layer_norm_backward<T>(
-          rctx, g.at<const T, reference>(x.hp()), rr, gain.hp(), gs.at<const T, reference>(st.hp()),
-          g.at<const T, reference>(dy.hp()), g.at<T, reference>(dz.hp()), dg.hp(), db.hp());
-      ud::ops::layer_norm_backward<T>(dctx, g.at<const T, Dev>(x.dp()), rd, gain.dp(),
-                                      gs.at<const T, Dev>(st.dp()), g.at<const T, Dev>(dy.dp()),
-                                      g.at<T, Dev>(dz.dp()), dg.dp(), db.dp());
-      expect_close(dz.down(), dz.h, tol<T>(), "layer_norm dz");
-      expect_close(dg.down(), dg.h, tol<T>(), "layer_norm dg");
-      expect_close(db.down(), db.h, tol<T>(), "layer_norm db");
-    }
+  // n 72 and 600 unpadded: the 4-column register kernels (one per row size class)
+  for (std::int64_t n : {70, 72, 600})
+    for (bool pad : {false, true})
+      for (bool res : {false, true}) {
+        CAPTURE(n);
+        CAPTURE(pad);
+        CAPTURE(res);
+        const std::int64_t S = 2, m = 19;
+        const Geo g(S, m, n, pad), gs(S, m, 2, false);
+        Buf<T> x(g.size(), 1), r(g.size(), 2), gain(n, 3, 0.5), bias(n, 4), y(g.size(), 5),
+            st(gs.size(), 6);
+        auto rr = res ? g.at<const T, reference>(r.hp()) : RB<const T>{};
+        auto rd = res ? g.at<const T, Dev>(r.dp()) : CB<const T>{};
+        ud::ops::layer_norm<T>(rctx, g.at<const T, reference>(x.hp()), rr, gain.hp(), bias.hp(),
+                               g.at<T, reference>(y.hp()), gs.at<T, reference>(st.hp()));
+        ud::ops::layer_norm<T>(dctx, g.at<const T, Dev>(x.dp()), rd, gain.dp(), bias.dp(),
+                               g.at<T, Dev>(y.dp()), gs.at<T, Dev>(st.dp()));
+        expect_close(y.down(), y.h, tol<T>(), "layer_norm y");
+        expect_close(st.down(), st.h, tol<T>(), "layer_norm stats");
+        Buf<T> dy(g.size(), 7), dz(g.size(), 8), dg(n, 9), db(n, 10);
+        ud::ops::layer_norm_backward<T>(rctx, g.at<const T, reference>(x.hp()), rr, gain.hp(),
+                                        gs.at<const T, reference>(st.hp()),
+                                        g.at<const T, reference>(dy.hp()),
+                                        g.at<T, reference>(dz.hp()), dg.hp(), db.hp());
+        ud::ops::layer_norm_backward<T>(dctx, g.at<const T, Dev>(x.dp()), rd, gain.dp(),
+                                        gs.at<const T, Dev>(st.dp()), g.at<const T, Dev>(dy.dp()),
+                                        g.at<T, Dev>(dz.dp()), dg.dp(), db.dp());
+        expect_close(dz.down(), dz.h, tol<T>(), "layer_norm dz");
+        expect_close(dg.down(), dg.h, tol<T>(), "layer_norm dg");
+        expect_close(db.down(), db.h, tol<T>(), "layer_norm db");
+      }
 }
 
 TEST_CASE_TEMPLATE("cuda fused attention, forward and backward, head dims 3..128", T, float,
@@ -221,8 +227,9 @@ TEST_CASE_TEMPLATE("cuda fused attention, forward and backward, head dims 3..128
 
 TEST_CASE_TEMPLATE("cuda activations, patches, positions, embeddings, sums", T, float, double) {
   const std::int64_t S = 3;
-  {  // gelu / silu and their backward
-    const Geo g(S, 9, 33, true);
+  for (std::int64_t cols : {33, 36}) {  // gelu / silu and their backward (36 packed: 4 per thread)
+    CAPTURE(cols);
+    const Geo g(S, 9, cols, cols == 33);
     Buf<T> u(g.size(), 1, 2.0), y(g.size(), 2), dy(g.size(), 3), du(g.size(), 4);
     ud::ops::gelu<T>(rctx, g.at<const T, reference>(u.hp()), g.at<T, reference>(y.hp()));
     ud::ops::gelu<T>(dctx, g.at<const T, Dev>(u.dp()), g.at<T, Dev>(y.dp()));
@@ -240,15 +247,16 @@ TEST_CASE_TEMPLATE("cuda activations, patches, positions, embeddings, sums", T, 
     ud::ops::silu_backward<T>(dctx, g.at<const T, Dev>(u.dp()), g.at<const T, Dev>(dy.dp()),
                               g.at<T, Dev>(du.dp()));
     expect_close(du.down(), du.h, tol<T>(), "silu_backward");
-    Buf<T> a(9 * 33, 5);
-    ud::ops::add_rows<T>(rctx, ud::RowBlock<const T, reference>(a.hp(), 9, 33, 33),
+    Buf<T> a(9 * cols, 5);
+    ud::ops::add_rows<T>(rctx, ud::RowBlock<const T, reference>(a.hp(), 9, cols, cols),
                          g.at<T, reference>(y.hp()));
-    ud::ops::add_rows<T>(dctx, ud::RowBlock<const T, Dev>(a.dp(), 9, 33, 33), g.at<T, Dev>(y.dp()));
+    ud::ops::add_rows<T>(dctx, ud::RowBlock<const T, Dev>(a.dp(), 9, cols, cols),
+                         g.at<T, Dev>(y.dp()));
     expect_close(y.down(), y.h, tol<T>(), "add_rows");
     ud::ops::sum_samples<T>(rctx, g.at<const T, reference>(dy.hp()),
-                            ud::RowBlock<T, reference>(a.hp(), 9, 33, 33));
+                            ud::RowBlock<T, reference>(a.hp(), 9, cols, cols));
     ud::ops::sum_samples<T>(dctx, g.at<const T, Dev>(dy.dp()),
-                            ud::RowBlock<T, Dev>(a.dp(), 9, 33, 33));
+                            ud::RowBlock<T, Dev>(a.dp(), 9, cols, cols));
     expect_close(a.down(), a.h, tol<T>(), "sum_samples");
     ud::ops::add<T>(rctx, g.at<const T, reference>(dy.hp()), g.at<T, reference>(y.hp()));
     ud::ops::add<T>(dctx, g.at<const T, Dev>(dy.dp()), g.at<T, Dev>(y.dp()));
@@ -592,14 +600,21 @@ double rel_l2(const A& got, const B& ref) {
   return std::sqrt(num / den);
 }
 const ud::MathMode kMixed[] = {ud::MathMode::bf16, ud::MathMode::fp16};
-const char* mode_name(ud::MathMode m) {
+// dst[i] = src[i] on the device (float -> double)
+template <class T>
+void widen(const T* src, double* dst, std::int64_t n) {
+  ud::cuda_detail::for_each(
+      dctx, n, [=] __device__(std::int64_t i) { dst[i] = static_cast<double>(src[i]); }, "widen");
+}
+std::string mode_name(ud::MathMode m) {
   return m == ud::MathMode::bf16 ? "bf16" : "fp16";
 }
 }  // namespace
 
 TEST_CASE("cuda mixed precision: linear (+ backward) and tensor-core attention within 1e-2") {
   for (ud::MathMode mode : kMixed) {
-    CAPTURE(mode_name(mode));
+    const std::string mname = mode_name(mode);
+    CAPTURE(mname);
     ud::Context<Dev> ctx;
     ctx.math = mode;
     {  // linear with bias and accumulate, packed and strided; the backward products
@@ -646,7 +661,7 @@ TEST_CASE("cuda mixed precision: linear (+ backward) and tensor-core attention w
         CHECK(rel_l2(db.down(), dbd) < 1e-6);  // bias sums stay fp32
       }
     }
-    for (std::int64_t dh : {16, 32, 64, 128})
+    for (std::int64_t dh : {12, 16, 20, 24, 32, 40, 64, 100, 128})
       for (std::int64_t l : {7, 70, 300}) {
         CAPTURE(dh);
         CAPTURE(l);
@@ -661,6 +676,72 @@ TEST_CASE("cuda mixed precision: linear (+ backward) and tensor-core attention w
         const double e = rel_l2(out.down(), od);
         if (l == 300) MESSAGE(mode_name(mode), " attention dh ", dh, " rel L2 ", e);
         CHECK(e < 1e-2);
+      }
+    // The backward: tensor cores for head dims up to 64 (attention_tc_backward.cuh), the exact
+    // kernels above; dq, dk and dv each within 1e-2 of float64.
+    for (std::int64_t dh : {12, 16, 20, 24, 32, 40, 64, 128})
+      for (std::int64_t l : {7, 70, 300}) {
+        CAPTURE(dh);
+        CAPTURE(l);
+        const std::int64_t S = 2, H = 2, E = H * dh;
+        const Geo gq(S, l, 3 * E, true), go(S, l, E, true);
+        Buf<float> qkv(gq.size(), 11, 1.5), dout(go.size(), 12), dqkv(gq.size(), 13);
+        std::vector<double> qd(qkv.h.begin(), qkv.h.end()), dd(dout.h.begin(), dout.h.end()),
+            gd(dqkv.h.begin(), dqkv.h.end());
+        ud::ops::attention_backward<double>(rctx, gq.at<const double, reference>(qd.data()), H,
+                                            go.at<const double, reference>(dd.data()),
+                                            gq.at<double, reference>(gd.data()));
+        ud::ops::attention_backward<float>(ctx, gq.at<const float, Dev>(qkv.dp()), H,
+                                           go.at<const float, Dev>(dout.dp()),
+                                           gq.at<float, Dev>(dqkv.dp()));
+        const auto got = dqkv.down();
+        for (int part = 0; part < 3; ++part) {
+          std::vector<float> a;
+          std::vector<double> b;
+          for (std::int64_t sm = 0; sm < S; ++sm)
+            for (std::int64_t r = 0; r < l; ++r)
+              for (std::int64_t j = part * E; j < (part + 1) * E; ++j) {
+                const std::size_t i = static_cast<std::size_t>(sm * gq.stride + r * gq.ld + j);
+                a.push_back(got[i]);
+                b.push_back(gd[i]);
+              }
+          const double e = rel_l2(a, b);
+          if (l == 300)
+            MESSAGE(mode_name(mode), " attention backward dh ", dh, " d",
+                    std::string(1, "qkv"[part]), " rel L2 ", e);
+          CHECK(e < 1e-2);
+        }
+      }
+    // The kernel's variants: 32 and 16 query rows per warp do each row's arithmetic in the same
+    // order (the same outputs bit for bit); key tiles of 32 instead of 64 rescale the running
+    // sums at other points (within 1e-2 of float64 like the default).
+    for (std::int64_t dh : {12, 24, 40, 64})
+      for (std::int64_t l : {7, 64, 65, 300}) {
+        CAPTURE(dh);
+        CAPTURE(l);
+        const std::int64_t S = 3, H = 2, E = H * dh;
+        const Geo gq(S, l, 3 * E, true), go(S, l, E, false);
+        Buf<float> qkv(gq.size(), 9, 1.5), o1(go.size(), 2), o2(go.size(), 2), o3(go.size(), 2);
+        std::vector<double> qd(qkv.h.begin(), qkv.h.end()), od(o1.h.begin(), o1.h.end());
+        ud::ops::attention<double>(rctx, gq.at<const double, reference>(qd.data()), H,
+                                   go.at<double, reference>(od.data()));
+        const ud::cuda_detail::AttnGeom g{l, E, H, dh, gq.ld, gq.stride, go.ld, go.stride};
+        const float sc = ud::cuda_detail::attn_scale<float>(dh);
+        const auto run = [&](auto v, Buf<float>& o) {
+          if (mode == ud::MathMode::bf16)
+            ud::cuda_detail::attention_tc<ud::bfloat16_t, decltype(v)::value>(ctx, qkv.dp(), g, sc,
+                                                                              o.dp(), S, "test");
+          else
+            ud::cuda_detail::attention_tc<ud::half_t, decltype(v)::value>(ctx, qkv.dp(), g, sc,
+                                                                          o.dp(), S, "test");
+          return o.down();
+        };
+        const auto r1 = run(std::integral_constant<int, 1>{}, o1);
+        const auto r2 = run(std::integral_constant<int, 2>{}, o2);
+        const auto r3 = run(std::integral_constant<int, 3>{}, o3);
+        CHECK(std::memcmp(r1.data(), r2.data(), r1.size() * sizeof(float)) == 0);
+        CHECK(rel_l2(r1, od) < 1e-2);
+        CHECK(rel_l2(r3, od) < 1e-2);
       }
   }
 }
@@ -728,9 +809,10 @@ TEST_CASE("cuda mixed precision: golden U-ViT forwards within relative L2 1e-2 o
           MESSAGE(fname, " ", set, " ", cfg.components[k].name, " ", mode_name(mode), " rel L2 ",
                   e);
           // The issue asks 1e-2 for both. bf16 operands (8 significant bits) in every block GEMM
-          // put these random-weight goldens at up to 1.1e-2, and PyTorch's own bf16 autocast
-          // reaches 1.33e-2 on the same files (benchmarks/compare/torch_uvit.py --mixed): bf16 is
-          // held to 1.5e-2 (the discrepancy is reported on the issue), fp16 to 1e-2.
+          // put these unit-scale random-weight goldens at up to 1.1e-2 (9.2e-3 with the attention
+          // exact on the CPU: docs/CUDA.md), and PyTorch's own bf16 autocast reaches 1.33e-2 on
+          // the same files (benchmarks/compare/torch_uvit.py --mixed): bf16 is held to 1.5e-2
+          // here and to 1e-2 on the official v1 network below; fp16 to 1e-2.
           CHECK(e < (mode == ud::MathMode::bf16 ? 1.5e-2 : 1e-2));
           ++checked;
         }
@@ -738,6 +820,58 @@ TEST_CASE("cuda mixed precision: golden U-ViT forwards within relative L2 1e-2 o
     }
   }
   CHECK(checked > 0);
+}
+
+TEST_CASE("cuda mixed precision: the official v1 network (1,105 tokens) within 1e-2 of fp64") {
+  // The network the benchmarks time (4x64x64 latent, 1,536 wide, 30 blocks + mid, 24 heads of
+  // 64: the tensor-core attention kernels) at the init scale of the official code (std 0.02, norm
+  // gains near 1), batch 2; the float64 forward on the device is the reference, with the same
+  // (float) weights and inputs.
+  const auto cfg =
+      nn::UViTConfig::official("v1", 64, 4, 2, 1536, 30, 24, 4.0, false, false, 64, 77, 512);
+  const std::int64_t B = 2;
+  nn::UViT<float, Dev> net(cfg);
+  net.init_random(5, 0.02);
+  nn::UViT<double, Dev> ref(cfg);
+  widen(net.parameters().data(), ref.parameters().data(), net.parameters().size());
+  ref.parameters_changed();
+  std::vector<ud::Tensor<float, Dev>> xs, ys;
+  std::vector<ud::Tensor<double, Dev>> xd, yd;
+  nn::UViTInputs<float, Dev> in;
+  nn::UViTInputs<double, Dev> ind;
+  std::vector<ud::RowBlock<float, Dev>> ob;
+  std::vector<ud::RowBlock<double, Dev>> obd;
+  for (const auto& c : cfg.components) {
+    xs.emplace_back(ud::Shape{B, c.numel()});
+    ys.emplace_back(ud::Shape{B, c.numel()});
+    xd.emplace_back(ud::Shape{B, c.numel()});
+    yd.emplace_back(ud::Shape{B, c.numel()});
+    ud::ops::random_normal(dctx, ud::as_rows(xs.back().view()), ud::NoiseKey{6, xs.size()}, 0);
+    widen(xs.back().data(), xd.back().data(), B * c.numel());
+    in.x.push_back(ud::as_rows(ud::TensorView<const float, Dev>(xs.back().view())));
+    ind.x.push_back(ud::as_rows(ud::TensorView<const double, Dev>(xd.back().view())));
+    ob.push_back(ud::as_rows(ys.back().view()));
+    obd.push_back(ud::as_rows(yd.back().view()));
+  }
+  const std::vector<double> t_img{500.0, 0.0}, t_text{0.0, 1000.0};
+  const std::vector<std::int64_t> data_type{1, 0};
+  in.t = ind.t = {t_img, t_text};
+  in.data_type = ind.data_type = data_type;
+  ref.forward(dctx, ind, obd);
+  for (ud::MathMode mode : {ud::MathMode::fp32, ud::MathMode::bf16, ud::MathMode::fp16}) {
+    ud::Context<Dev> ctx;
+    ctx.math = mode;
+    net.forward(ctx, in, ob);
+    for (std::size_t k = 0; k < cfg.components.size(); ++k) {
+      const auto got = ud::ops::to_host<float>(dctx, ys[k].view());
+      const auto want = ud::ops::to_host<double>(dctx, yd[k].view());
+      const double e = rel_l2(std::vector<float>(got.begin(), got.end()),
+                              std::vector<double>(want.begin(), want.end()));
+      MESSAGE("official v1 ", cfg.components[k].name, " ",
+              mode == ud::MathMode::fp32 ? std::string("fp32") : mode_name(mode), " rel L2 ", e);
+      CHECK(e < (mode == ud::MathMode::fp32 ? 1e-4 : 1e-2));
+    }
+  }
 }
 
 TEST_CASE("cuda bf16 training: losses within 2 % of fp32 over a short run") {

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! \file layer_profile.hpp
 //! Where a U-ViT forward spends its time, by layer kind: UViT::set_profile(&p) makes every later
-//! forward (CPU backend) add, per kind, the thread time of its layer calls and their products'
-//! floating-point operations. Diagnostics for performance work (`unidiffuser-bench uvit
-//! --profile` prints it next to the FMA peak); two clock reads per layer call, nothing when no
-//! profile is set.
+//! forward add, per kind, the thread time of its layer calls and their products' floating-point
+//! operations. Diagnostics for performance work (`unidiffuser-bench uvit --profile` prints it
+//! next to the FMA peak, `unidiffuser-bench-cuda` next to the bf16 matrix peak); two clock reads
+//! per layer call (on the CUDA backend also two waits for the device), nothing when no profile
+//! is set.
 #pragma once
 
 #include <array>

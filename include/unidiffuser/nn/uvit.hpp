@@ -240,16 +240,13 @@ class UViT {
     }
     return f;
   }
-  //! From now on every inference forward (CPU backend) adds the thread time and products of its
-  //! layers to `p` by layer kind (null: stop); training forwards add their blocks' layers. `p`
-  //! must outlive its use; set it between forwards. See LayerProfile.
-  void set_profile(LayerProfile* p) {
-    if (p && !std::is_same_v<Backend, cpu>)
-      throw error("UViT::set_profile", "backend",
-                  "layer profiles time host calls: the CPU backend only (GPU work is "
-                  "asynchronous; use the vendor's profiler)");
-    prof_ = p;
-  }
+  //! From now on every inference forward adds the thread time and products of its layers to `p`
+  //! by layer kind (null: stop); training forwards add their blocks' layers. `p` must outlive
+  //! its use; set it between forwards. See LayerProfile. On a device backend (CUDA) each
+  //! profiled layer call waits for the device before and after it (ops::synchronize), so its
+  //! time is the layer's kernels plus one launch and one wait: diagnostics, slower than an
+  //! unprofiled forward.
+  void set_profile(LayerProfile* p) { prof_ = p; }
 
   //! out[c]: [B, numel_c] per component (config order), with the network's own workspace (one
   //! forward at a time).
@@ -841,13 +838,19 @@ class UViT {
   // kind k where one is set.
   template <class F>
   void timed(const Context<Backend>& ctx, LayerKind k, double flop, F&& f) const {
-    if constexpr (std::is_same_v<Backend, cpu>) {
-      if (prof_) {
+    if (prof_) {
+      if constexpr (std::is_same_v<Backend, cpu>) {
         const auto t0 = LayerProfile::clock::now();
         f();
         prof_->add(k, LayerProfile::clock::now() - t0, flop * ops::work_share(ctx));
-        return;
+      } else {  // asynchronous backends: the layer's kernels between two waits
+        ops::synchronize(ctx);
+        const auto t0 = LayerProfile::clock::now();
+        f();
+        ops::synchronize(ctx);
+        prof_->add(k, LayerProfile::clock::now() - t0, flop);
       }
+      return;
     }
     f();
   }

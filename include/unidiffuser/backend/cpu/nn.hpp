@@ -236,6 +236,10 @@ void once(const Context<cpu>& ctx, F&& f) {
   f();
 }
 
+//! Waits for the work queued on ctx: CPU calls return when their work is done, so there is
+//! nothing to wait for (generic code can call it on any backend).
+inline void synchronize(const Context<cpu>&) {}
+
 //! The part of a call's work to count for the calling thread: 1 / the team's size inside
 //! run_samples' shared pass (the team runs each call together), else 1. For accounting such as
 //! nn::LayerProfile's.

@@ -21,6 +21,7 @@
 #include "unidiffuser/backend/common.hpp"
 #include "unidiffuser/backend/cuda/attention.cuh"
 #include "unidiffuser/backend/cuda/attention_tc.cuh"
+#include "unidiffuser/backend/cuda/attention_tc_backward.cuh"
 #include "unidiffuser/backend/cuda/gemm.cuh"
 #include "unidiffuser/backend/cuda/ops.cuh"
 #include "unidiffuser/backend/cuda/runtime.cuh"
@@ -31,10 +32,19 @@ namespace cuda_detail {
 template <class T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-//! Element i of a batch block in (sample, row, column) order.
+//! Element i of a batch block in (sample, row, column) order (32-bit divisions where the
+//! numbers fit: several times cheaper than 64-bit ones, which element-wise kernels would
+//! otherwise be bound by).
 template <class P>
 __device__ inline std::int64_t batch_offset(const P& b, std::int64_t i) {
-  const std::int64_t per = b.rows * b.cols, s = i / per, rem = i % per;
+  const std::int64_t per = b.rows * b.cols;
+  if (((per | i) >> 32) == 0) {
+    const std::uint32_t ui = static_cast<std::uint32_t>(i), up = static_cast<std::uint32_t>(per),
+                        uc = static_cast<std::uint32_t>(b.cols);
+    const std::uint32_t s = ui / up, rem = ui - s * up, r = rem / uc;
+    return s * b.stride + r * b.ld + (rem - r * uc);
+  }
+  const std::int64_t s = i / per, rem = i % per;
   return s * b.stride + (rem / b.cols) * b.ld + rem % b.cols;
 }
 
@@ -118,6 +128,68 @@ __global__ void layer_norm_kernel(BatchBlock<const T, cuda> x, BatchBlock<const 
     st[1] = static_cast<T>(inv);
   }
 }
+// The same for float rows of at most 128 C columns whose blocks (and g, b) allow 16-byte
+// accesses: the row (x + r) read once into registers, 4 columns per lane and chunk, then
+// the mean, the variance about it and the output from the registers (one read, one write).
+template <int C>
+__global__ void layer_norm_rows4_kernel(BatchBlock<const float, cuda> x,
+                                        BatchBlock<const float, cuda> r, const float* g,
+                                        const float* b, BatchBlock<float, cuda> y,
+                                        BatchBlock<float, cuda> stats, float eps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * 8 + warp;
+  if (row >= x.samples * x.rows) return;
+  const std::int64_t s = row / x.rows, i = row % x.rows;
+  const int n4 = static_cast<int>(x.cols / 4);
+  const float* xr = x.data + s * x.stride + i * x.ld;
+  const float* rr = r.data ? r.data + s * r.stride + i * r.ld : nullptr;
+  float* yr = y.data + s * y.stride + i * y.ld;
+  float4 v[C];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int j4 = lane + 32 * k;
+    v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (j4 < n4) {
+      v[k] = reinterpret_cast<const float4*>(xr)[j4];
+      if (rr) {
+        const float4 a = reinterpret_cast<const float4*>(rr)[j4];
+        v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
+      }
+      sum += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float mean = sum / static_cast<float>(x.cols);
+  float sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < C; ++k)
+    if (lane + 32 * k < n4) {
+      const float dx = v[k].x - mean, dy = v[k].y - mean, dz = v[k].z - mean, dw = v[k].w - mean;
+      sq += (dx * dx + dy * dy) + (dz * dz + dw * dw);
+    }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+  const float var = sq / static_cast<float>(x.cols);
+  const float inv = 1.f / sqrtf(var + eps);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int j4 = lane + 32 * k;
+    if (j4 < n4) {
+      const float4 gg = reinterpret_cast<const float4*>(g)[j4];
+      const float4 bb = reinterpret_cast<const float4*>(b)[j4];
+      reinterpret_cast<float4*>(yr)[j4] =
+          make_float4((v[k].x - mean) * inv * gg.x + bb.x, (v[k].y - mean) * inv * gg.y + bb.y,
+                      (v[k].z - mean) * inv * gg.z + bb.z, (v[k].w - mean) * inv * gg.w + bb.w);
+    }
+  }
+  if (stats.data && lane == 0) {
+    float* st = stats.data + s * stats.stride + i * 2;
+    st[0] = mean;
+    st[1] = inv;
+  }
+}
 // dz = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)); dz may be dy.
 template <class T>
 __global__ void layer_norm_backward_kernel(BatchBlock<const T, cuda> x, BatchBlock<const T, cuda> r,
@@ -164,9 +236,7 @@ __device__ inline T gelu_exact(T u) {
 template <class H>
 void round_rows(const Context<cuda>& ctx, BatchBlock<const float, cuda> src, std::uint16_t* dst,
                 const char* op) {
-  cuda_detail::for_each(
-      ctx, src.samples * src.rows * src.cols,
-      [=] __device__(std::int64_t i) { dst[i] = round16<H>(src.data[batch_offset(src, i)]); }, op);
+  round_rows_into<H>(ctx, src.data, src.samples, src.rows, src.cols, src.ld, src.stride, dst, op);
 }
 inline bool mixed(const Context<cuda>& ctx) {
   return ctx.math == MathMode::bf16 || ctx.math == MathMode::fp16;
@@ -342,6 +412,44 @@ void mixed_linear_backward(const Context<cuda>& ctx, BatchBlock<const float, cud
 }
 }  // namespace cuda_nn_detail
 
+namespace cuda_nn_detail {
+// out = f(u) (dy null) or out = dy * f(u), element by element over [S; rows, cols] (out may
+// alias u or dy: one element per thread).
+template <class T, class F>
+void activation(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<const T, cuda> dy,
+                BatchBlock<T, cuda> out, F f, const char* op) {
+  if (dy.data) check_batch(op, "dy", dy, u.samples, u.rows, u.cols);
+  check_batch(op, dy.data ? "du" : "y", out, u.samples, u.rows, u.cols);
+  if constexpr (std::is_same_v<T, float>) {  // 4 columns per thread where the layouts allow
+    if (cuda_detail::chunks4(u) && cuda_detail::chunks4(out) &&
+        (!dy.data || cuda_detail::chunks4(dy))) {
+      cuda_detail::for_each_chunk4(
+          ctx, u.samples, u.rows, u.cols,
+          [=] __device__(std::uint32_t, std::uint32_t s, std::uint32_t r, std::uint32_t j) {
+            float4 a = *reinterpret_cast<const float4*>(u.data + s * u.stride + r * u.ld + j);
+            a = make_float4(f(a.x), f(a.y), f(a.z), f(a.w));
+            if (dy.data) {
+              const float4 d =
+                  *reinterpret_cast<const float4*>(dy.data + s * dy.stride + r * dy.ld + j);
+              a = make_float4(d.x * a.x, d.y * a.y, d.z * a.z, d.w * a.w);
+            }
+            *reinterpret_cast<float4*>(out.data + s * out.stride + r * out.ld + j) = a;
+          },
+          op);
+      return;
+    }
+  }
+  cuda_detail::for_each(
+      ctx, u.samples * u.rows * u.cols,
+      [=] __device__(std::int64_t i) {
+        const T v = f(u.data[cuda_detail::batch_offset(u, i)]);
+        out.data[cuda_detail::batch_offset(out, i)] =
+            dy.data ? dy.data[cuda_detail::batch_offset(dy, i)] * v : v;
+      },
+      op);
+}
+}  // namespace cuda_nn_detail
+
 //! y_s = x_s w^T + b (none), GELU of it (gelu, exact erf), or y_s += x_s w^T + b (accumulate):
 //! one cuBLASLt product over the batch (bias in its epilogue; the erf GELU as a kernel).
 template <class T>
@@ -394,16 +502,10 @@ void linear(const Context<cuda>& ctx, BatchBlock<const T, cuda> x, RowBlock<cons
   } else {
     cuda_detail::gemm(ctx, g, op);
   }
-  if (ep == Epilogue::gelu) {
-    const BatchBlock<T, cuda> yb = y;
-    cuda_detail::for_each(
-        ctx, S * m * n,
-        [=] __device__(std::int64_t i) {
-          T& v = yb.data[cuda_detail::batch_offset(yb, i)];
-          v = cuda_detail::gelu_exact(v);
-        },
-        op);
-  }
+  if (ep == Epilogue::gelu)
+    cuda_nn_detail::activation<T>(
+        ctx, BatchBlock<const T, cuda>(y), {}, y,
+        [] __device__(T v) { return cuda_detail::gelu_exact(v); }, op);
 }
 
 //! Backward of linear: dx_s (+)= dy_s w; dw += sum_s dy_s^T x_s; db += column sums of dy (each
@@ -485,25 +587,6 @@ void linear_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> x,
 // ---------------------------------------------------------------------------------------------
 // Element-wise activations
 
-namespace cuda_nn_detail {
-// out = f(u) (dy null) or out = dy * f(u), element by element over [S; rows, cols] (out may
-// alias u or dy: one element per thread).
-template <class T, class F>
-void activation(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<const T, cuda> dy,
-                BatchBlock<T, cuda> out, F f, const char* op) {
-  if (dy.data) check_batch(op, "dy", dy, u.samples, u.rows, u.cols);
-  check_batch(op, dy.data ? "du" : "y", out, u.samples, u.rows, u.cols);
-  cuda_detail::for_each(
-      ctx, u.samples * u.rows * u.cols,
-      [=] __device__(std::int64_t i) {
-        const T v = f(u.data[cuda_detail::batch_offset(u, i)]);
-        out.data[cuda_detail::batch_offset(out, i)] =
-            dy.data ? dy.data[cuda_detail::batch_offset(dy, i)] * v : v;
-      },
-      op);
-}
-}  // namespace cuda_nn_detail
-
 //! y = GELU(u) (exact erf); y may be u.
 template <class T>
 void gelu(const Context<cuda>& ctx, BatchBlock<const T, cuda> u, BatchBlock<T, cuda> y) {
@@ -554,8 +637,22 @@ void layer_norm(const Context<cuda>& ctx, BatchBlock<const T, cuda> x, BatchBloc
   checks::layer_norm(op, x, r, y, stats);
   const std::int64_t rows = x.samples * x.rows;
   if (rows == 0) return;
-  cuda_detail::layer_norm_kernel<T>
-      <<<static_cast<unsigned>((rows + 7) / 8), 256, 0, ctx.stream>>>(x, r, g, b, y, stats, eps);
+  const auto grid = static_cast<unsigned>((rows + 7) / 8);
+  if constexpr (std::is_same_v<T, float>) {
+    const auto al16 = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+    if (x.cols <= 2048 && cuda_detail::chunks4(x) && cuda_detail::chunks4(y) &&
+        (!r.data || cuda_detail::chunks4(r)) && al16(g) && al16(b)) {
+      if (x.cols <= 512)
+        cuda_detail::layer_norm_rows4_kernel<4>
+            <<<grid, 256, 0, ctx.stream>>>(x, r, g, b, y, stats, static_cast<float>(eps));
+      else
+        cuda_detail::layer_norm_rows4_kernel<16>
+            <<<grid, 256, 0, ctx.stream>>>(x, r, g, b, y, stats, static_cast<float>(eps));
+      cuda_detail::check_launch(op);
+      return;
+    }
+  }
+  cuda_detail::layer_norm_kernel<T><<<grid, 256, 0, ctx.stream>>>(x, r, g, b, y, stats, eps);
   cuda_detail::check_launch(op);
 }
 //! Backward of layer_norm: dz written (may be dy); dg += sum dy xhat, db += sum dy (optional).
@@ -623,12 +720,11 @@ void attention(const Context<cuda>& ctx, BatchBlock<const T, cuda> qkv, std::int
   const dim3 grid = cuda_nn_detail::attn_grid(S, heads, l, op);
   if constexpr (std::is_same_v<T, float>) {
     if (cuda_detail::mixed(ctx) && cuda_detail::has_mma16()) {
+      const float sc = cuda_detail::attn_scale<float>(dh);
       if (ctx.math == MathMode::bf16)
-        cuda_detail::attention_tc<bfloat16_t>(ctx, qkv.data, g, cuda_detail::attn_scale<float>(dh),
-                                              out.data, grid, op);
+        cuda_detail::attention_tc<bfloat16_t>(ctx, qkv.data, g, sc, out.data, S, op);
       else
-        cuda_detail::attention_tc<half_t>(ctx, qkv.data, g, cuda_detail::attn_scale<float>(dh),
-                                          out.data, grid, op);
+        cuda_detail::attention_tc<half_t>(ctx, qkv.data, g, sc, out.data, S, op);
       return;
     }
   }
@@ -650,6 +746,19 @@ void attention_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> qkv,
   check_batch(op, "dout", dout, S, l, e);
   check_batch(op, "dqkv", dqkv, S, l, 3 * e);
   if (S * l == 0 || e == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (cuda_detail::mixed(ctx) && cuda_detail::has_mma16()) {  // attention_tc_backward.cuh
+      const cuda_detail::AttnGeom g{l, e, heads, dh, qkv.ld, qkv.stride, dqkv.ld, dqkv.stride};
+      const float sc = cuda_detail::attn_scale<float>(dh);
+      const bool done =
+          ctx.math == MathMode::bf16
+              ? cuda_detail::attention_tc_backward<bfloat16_t>(
+                    ctx, qkv.data, g, S, dout.data, dout.ld, dout.stride, dqkv.data, sc, op)
+              : cuda_detail::attention_tc_backward<half_t>(ctx, qkv.data, g, S, dout.data, dout.ld,
+                                                           dout.stride, dqkv.data, sc, op);
+      if (done) return;
+    }
+  }
   using Acc = cuda_detail::acc_t<T>;
   const std::size_t nrows = static_cast<std::size_t>(S * heads * l);
   cuda_detail::Scratch stats(ctx, 2 * nrows * sizeof(Acc), op);

@@ -255,6 +255,38 @@ void for_each(const Context<cuda>& ctx, std::int64_t n, F f, const char* op) {
   check_launch(op);
 }
 
+//! Whether a block of 4-byte elements (data, samples, rows, cols, ld, stride) can be walked in
+//! chunks of 4 consecutive columns with 16-byte accesses and 32-bit chunk numbers.
+template <class P>
+inline bool chunks4(const P& b) {
+  using E = std::remove_cv_t<std::remove_pointer_t<decltype(b.data)>>;
+  return sizeof(E) == 4 && b.cols % 4 == 0 && b.ld % 4 == 0 &&
+         (b.samples <= 1 || b.stride % 4 == 0) &&
+         reinterpret_cast<std::uintptr_t>(b.data) % 16 == 0 &&
+         b.samples * b.rows * (b.cols / 4) < (std::int64_t{1} << 31);
+}
+template <class F>
+__global__ void chunks4_kernel(std::uint32_t n, std::uint32_t per_row, std::uint32_t rows, F f) {
+  for (std::uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < n;
+       c += gridDim.x * blockDim.x) {
+    const std::uint32_t row = c / per_row, s = row / rows;
+    f(c, s, row - s * rows, (c - row * per_row) * 4);
+  }
+}
+//! f(c, s, r, j) for every chunk c of the 4 columns [j, j + 4) of row r of sample s of an
+//! [S; rows, cols] geometry (cols a multiple of 4, S rows cols / 4 < 2^31; chunks numbered in
+//! (sample, row, column) order): 32-bit index arithmetic, one division pair per 4 elements.
+template <class F>
+void for_each_chunk4(const Context<cuda>& ctx, std::int64_t S, std::int64_t rows, std::int64_t cols,
+                     F f, const char* op) {
+  const std::int64_t n = S * rows * (cols / 4);
+  if (n <= 0) return;
+  chunks4_kernel<<<grid_for(n, 256), 256, 0, ctx.stream>>>(static_cast<std::uint32_t>(n),
+                                                           static_cast<std::uint32_t>(cols / 4),
+                                                           static_cast<std::uint32_t>(rows), f);
+  check_launch(op);
+}
+
 }  // namespace cuda_detail
 
 namespace detail {

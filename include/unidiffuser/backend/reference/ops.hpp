@@ -33,6 +33,10 @@ void check_same_block(const char* op, const A& a, const B& b) {
 }
 }  // namespace reference_detail
 
+//! Waits for the work queued on ctx: the reference backend runs each call to its end, so there
+//! is nothing to wait for (generic code can call it on any backend).
+inline void synchronize(const Context<reference>&) {}
+
 //! dst = value.
 template <class T>
 void fill(const Context<reference>& ctx, RowBlock<T, reference> dst, T value) {
