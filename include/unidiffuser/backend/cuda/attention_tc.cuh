@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(128)
   const int hd = static_cast<int>(cp.hd);
   const int D = static_cast<int>(g.D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, c = (lane % 4) * 2;
-  auto* qs = reinterpret_cast<std::uint16_t(*)[LD]>(&sm[kWide ? 0 : 2][0][0]);
+  // (rows counted from the start of the whole array: the staging spans several buffers)
+  auto* qs = reinterpret_cast<std::uint16_t(*)[LD]>(&sm[0][0][0] + (kWide ? 0 : 2 * BK * LD));
   tc_load<QR, LD>(qs, base, q0, g.L, hd, cp.ld);
   if constexpr (!kWide) {
     tc_load<BK, LD>(sm[0], base + cp.ce, 0, g.L, hd, cp.ld);

@@ -746,6 +746,7 @@ void attention_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> qkv,
   check_batch(op, "dout", dout, S, l, e);
   check_batch(op, "dqkv", dqkv, S, l, 3 * e);
   if (S * l == 0 || e == 0) return;
+  const dim3 grid = cuda_nn_detail::attn_grid(S, heads, l, op);  // checks the launch limits
   if constexpr (std::is_same_v<T, float>) {
     if (cuda_detail::mixed(ctx) && cuda_detail::has_mma16()) {  // attention_tc_backward.cuh
       const cuda_detail::AttnGeom g{l, e, heads, dh, qkv.ld, qkv.stride, dqkv.ld, dqkv.stride};
@@ -765,7 +766,6 @@ void attention_backward(const Context<cuda>& ctx, BatchBlock<const T, cuda> qkv,
   Acc* lse = stats.template as<Acc>();
   Acc* delta = lse + nrows;
   const Acc scale = cuda_detail::attn_scale<Acc>(dh);
-  const dim3 grid = cuda_nn_detail::attn_grid(S, heads, l, op);
   cuda_detail::AttnGeom gs{l, e, heads, dh, qkv.ld, qkv.stride, dout.ld, dout.stride};
   cuda_detail::AttnGeom gd{l, e, heads, dh, qkv.ld, qkv.stride, dqkv.ld, dqkv.stride};
   cuda_detail::with_head_dim(dh, op, [&](auto dm) {
