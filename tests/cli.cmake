@@ -329,6 +329,8 @@ if(TARGET unidiffuser-shapes)
   cli_expect(cli_shapes_steps_range RC 1 STDERR "${_serr}command line: --steps"
              COMMAND ${_shapes} --steps 0)
   cli_expect(cli_shapes_help RC 0 STDOUT "usage: unidiffuser-shapes" COMMAND ${_shapes} --help)
+  cli_expect(cli_shapes_world_range RC 1 STDERR "${_serr}command line: --world"
+             COMMAND ${_shapes} --retrain --world 3 --out ${_cli}/shapes-world)
 endif()
 if(TARGET unidiffuser-shapes3)
   set(_shapes3 $<TARGET_FILE:unidiffuser-shapes3>)

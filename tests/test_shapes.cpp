@@ -27,36 +27,59 @@ namespace ud = unidiffuser;
 
 TEST_CASE("shapes: the readers recover the attributes of every scene and caption") {
   int scenes = 0;
-  for (int size = 0; size < 2; ++size)
-    for (int colour = 0; colour < 4; ++colour)
-      for (int shape = 0; shape < 3; ++shape)
-        for (int pos = 0; pos < 4; ++pos) {
-          const int d = shapes::kBox[static_cast<std::size_t>(size)], room = 8 - d + 1;
-          for (int dy = 0; dy < room; ++dy)
-            for (int dx = 0; dx < room; ++dx) {
-              shapes::Scene s;
-              s.attr.v = {size, colour, shape, pos};
-              s.x0 = (pos % 2) * 8 + dx;
-              s.y0 = (pos / 2) * 8 + dy;
-              std::vector<float> img(shapes::kPixels);
-              shapes::render(s, img);
-              const auto got = shapes::read_image(img);
-              CAPTURE(shapes::describe(s.attr));
-              CAPTURE(dx);
-              CAPTURE(dy);
-              CHECK(got == s.attr);
-              ++scenes;
-            }
-          shapes::Attributes a;
-          a.v = {size, colour, shape, pos};
-          std::vector<float> text(shapes::kTextSize);
-          shapes::encode_caption(shapes::caption_words(a), text);
-          CHECK(shapes::read_caption(text) == a);
-          // a token perturbed by a little noise still decodes to its word
-          for (float& x : text) x += 0.1f * std::sin(7.f * x);
-          CHECK(shapes::read_caption(text) == a);
-        }
-  CHECK(scenes == 96 / 2 * (16 + 4));
+  for (int version = 1; version <= shapes::kWorldVersions; ++version)
+    for (int size = 0; size < 2; ++size)
+      for (int colour = 0; colour < 4; ++colour)
+        for (int shape = 0; shape < 3; ++shape)
+          for (int pos = 0; pos < 4; ++pos) {
+            const int d = shapes::kBox[static_cast<std::size_t>(size)], room = 8 - d + 1;
+            for (int dy = 0; dy < room; ++dy)
+              for (int dx = 0; dx < room; ++dx) {
+                shapes::Scene s;
+                s.attr.v = {size, colour, shape, pos};
+                s.x0 = (pos % 2) * 8 + dx;
+                s.y0 = (pos / 2) * 8 + dy;
+                std::vector<float> img(shapes::kPixels);
+                shapes::render(s, img, version);
+                const auto got = shapes::read_image(img);
+                CAPTURE(version);
+                CAPTURE(shapes::describe(s.attr));
+                CAPTURE(dx);
+                CAPTURE(dy);
+                CHECK(got == s.attr);
+                ++scenes;
+              }
+            shapes::Attributes a;
+            a.v = {size, colour, shape, pos};
+            std::vector<float> text(shapes::kTextSize);
+            shapes::encode_caption(shapes::caption_words(a), text);
+            CHECK(shapes::read_caption(text) == a);
+            // a token perturbed by a little noise still decodes to its word
+            for (float& x : text) x += 0.1f * std::sin(7.f * x);
+            CHECK(shapes::read_caption(text) == a);
+          }
+  CHECK(scenes == shapes::kWorldVersions * 96 / 2 * (16 + 4));
+}
+
+TEST_CASE("shapes: world v2 cuts a small circle's corners by three pixels, v1 by one") {
+  // The pixel counts of each shape's box in both versions: v2 changes the small circle only.
+  auto count = [](int shape, int d, int version) {
+    int n = 0;
+    for (int v = 0; v < d; ++v)
+      for (int u = 0; u < d; ++u) n += shapes::inside(shape, d, u, v, version) ? 1 : 0;
+    return n;
+  };
+  CHECK(count(0, 5, 1) == 21);  // rows 3 5 5 5 3
+  CHECK(count(0, 5, 2) == 13);  // rows 1 3 5 3 1
+  CHECK(count(0, 7, 1) == 37);  // rows 3 5 7 7 7 5 3
+  CHECK(count(0, 7, 2) == 37);
+  for (int version = 1; version <= 2; ++version) {
+    CHECK(count(1, 5, version) == 25);
+    CHECK(count(2, 5, version) == 13);
+    CHECK(count(1, 7, version) == 49);
+  }
+  CHECK(shapes::world_name() == "shapes-16x16-v" + std::to_string(shapes::kWorldVersion));
+  CHECK(shapes::world_name(1) == "shapes-16x16-v1");
 }
 
 TEST_CASE("shapes: the sampled world follows its frequencies and stays inside its quadrant") {
@@ -252,7 +275,23 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
     CHECK_THROWS_WITH_AS(shapes::checkpoint_image_code(bad),
                          doctest::Contains("expected pixels or standardised, got 'jpeg'"),
                          ud::error);
+    // the world version too: the current one when absent, named ones as named, others refused
+    CHECK(shapes::checkpoint_world_version(ud::safetensors::File::read(
+              (dir / "plain.safetensors").string())) == shapes::kWorldVersion);
+    ud::safetensors::Writer v;
+    v.add<float>("x", one);
+    v.metadata("world", "shapes-16x16-v2");
+    v.write((dir / "v2.safetensors").string());
+    CHECK(shapes::checkpoint_world_version(
+              ud::safetensors::File::read((dir / "v2.safetensors").string())) == 2);
+    v.metadata("world", "shapes-16x16-wave64-v1");
+    v.write((dir / "v3.safetensors").string());
+    CHECK_THROWS_WITH_AS(shapes::checkpoint_world_version(
+                             ud::safetensors::File::read((dir / "v3.safetensors").string())),
+                         doctest::Contains("got 'shapes-16x16-wave64-v1'"), ud::error);
   }
+  CHECK(f.metadata("world") == shapes::world_name());
+  CHECK(shapes::checkpoint_world_version(f) == shapes::kWorldVersion);
   // the trainer's state resumes to the same step
   shapes::Trainer tr(net, shapes::trainer_options(ts, net.config()), shapes::data_source());
   tr.load((dir / "state.safetensors").string());

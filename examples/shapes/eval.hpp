@@ -37,7 +37,8 @@ struct EvalSettings {
   std::int64_t samples = 256, marginal_samples = 2048;
   int steps = 12;
   std::uint64_t seed = 2024;
-  ImageCode code{};  //!< the network's image latent code (the checkpoint's; world.hpp)
+  ImageCode code{};           //!< the network's image latent code (the checkpoint's; world.hpp)
+  int world = kWorldVersion;  //!< the world version the network was trained on (the checkpoint's)
 };
 
 //! One line of the report.
@@ -76,14 +77,14 @@ struct Progress {
 // The world's samples first..first+n of `seed`: their scenes, images and caption latents.
 inline void world_batch(std::uint64_t seed, std::int64_t first, std::int64_t n,
                         std::vector<Attributes>& attr, std::vector<float>& img,
-                        std::vector<float>& text) {
+                        std::vector<float>& text, int version) {
   attr.resize(static_cast<std::size_t>(n));
   img.assign(static_cast<std::size_t>(n * kPixels), 0.f);
   text.assign(static_cast<std::size_t>(n * kTextSize), 0.f);
   for (std::int64_t r = 0; r < n; ++r) {
     const Scene s = sample_scene(seed, static_cast<std::uint64_t>(first + r));
     attr[static_cast<std::size_t>(r)] = s.attr;
-    render(s, std::span<float>(img.data() + r * kPixels, kPixels));
+    render(s, std::span<float>(img.data() + r * kPixels, kPixels), version);
     encode_caption(caption_words(s.attr), std::span<float>(text.data() + r * kTextSize, kTextSize));
   }
 }
@@ -99,7 +100,7 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
   ModeSamples out;
   out.n = n;
   std::vector<Attributes> attr;
-  detail::world_batch(ev.seed, 0, n, attr, out.cond_img, out.cond_text);
+  detail::world_batch(ev.seed, 0, n, attr, out.cond_img, out.cond_text, ev.world);
   const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
   const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
   ud::DpmSolverOptions o;
@@ -347,7 +348,7 @@ inline std::vector<Row> evaluate(ud::nn::UViT<float>& net, const EvalSettings& e
   {
     std::vector<Attributes> attr;
     std::vector<float> img, text;
-    detail::world_batch(ev.seed ^ 0xf100ull, 0, m, attr, img, text);
+    detail::world_batch(ev.seed ^ 0xf100ull, 0, m, attr, img, text, ev.world);
     const auto fi = marginal_tv(read_images(img, m)), ft = marginal_tv(read_captions(text, m));
     for (int k = 0; k < kAttributes; ++k) {
       add("data (image reader)", 0, std::string("tv/") + names[k], fi[static_cast<std::size_t>(k)],
@@ -391,7 +392,7 @@ inline std::vector<Row> evaluate(ud::nn::UViT<float>& net, const EvalSettings& e
   {
     std::vector<Attributes> attr;
     std::vector<float> img, text;
-    detail::world_batch(ev.seed ^ 0xc0ull, 0, n, attr, img, text);
+    detail::world_batch(ev.seed ^ 0xc0ull, 0, n, attr, img, text, ev.world);
     // each image with the caption of the next sample (independent draws)
     std::vector<float> shuffled(text.size());
     for (std::int64_t i = 0; i < n; ++i)
@@ -430,8 +431,8 @@ inline int write_reports(const std::vector<Row>& rows, const EvalSettings& ev,
                  {"bar", r.bar},
                  {"pass", r.pass}});
   std::string md =
-      "# " + program + " report\n\ncheckpoint `" + checkpoint + "`, seed " +
-      std::to_string(ev.seed) + ", DPM-Solver++ (2M) " + std::to_string(ev.steps) +
+      "# " + program + " report\n\ncheckpoint `" + checkpoint + "` (world " + world_name(ev.world) +
+      "), seed " + std::to_string(ev.seed) + ", DPM-Solver++ (2M) " + std::to_string(ev.steps) +
       " steps\n\n| mode | scale | metric | value | samples | bar |\n|---|---|---|---|---|---|\n";
   std::string table;
   int failed = 0;

@@ -67,6 +67,9 @@ training (with --retrain):
   --marginal-p P      per group, the probability that a training sample sees that group as
                       sampling marginalises it: N(0, I) noise at level N (default 0)
   --min-snr G         min-SNR-gamma weighting of the loss over levels (0: off; default 0)
+  --world V           world version to train on: 1 (default) | 2 (small circles cut by three
+                      pixels per corner, an experiment); recorded in the checkpoint, which
+                      evaluation follows (world.hpp)
   --resume            continue OUT/train_state.safetensors
 
 Prints the quality table. Exit codes: 0 done; 1 error (one line on stderr); 3 (with --check) a
@@ -81,7 +84,7 @@ int main_impl(int argc, char** argv) {
        {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
        {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
        {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"},
-       {"min-snr"},      {"image-code"}},
+       {"min-snr"},      {"image-code"},    {"world"}},
       argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
@@ -89,7 +92,7 @@ int main_impl(int argc, char** argv) {
   }
   const bool retrain = a.has("retrain"), quiet = a.has("quiet");
   for (const char* k : {"train-steps", "batch", "lr", "pos-std", "train-seed", "embed", "depth",
-                        "heads", "resume", "loss", "marginal-p", "min-snr"})
+                        "heads", "resume", "loss", "marginal-p", "min-snr", "world"})
     if (a.has(k) && !retrain)
       throw ud::error(ud::cli::op, std::string("--") + k, "applies with --retrain only");
   if (retrain && a.has("checkpoint"))
@@ -126,6 +129,7 @@ int main_impl(int argc, char** argv) {
     ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
     ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised"});
+    ts.world = a.integer("world", ts.world, 1, shapes::kWorldVersions);
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
     ms.depth = a.integer<std::int64_t>("depth", ms.depth, 1, 64);
@@ -145,8 +149,10 @@ int main_impl(int argc, char** argv) {
   ud::check_checkpoint(cfg, f, prefix);
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, prefix);
+  ev.world = shapes::checkpoint_world_version(f);
   ev.code = a.has("image-code")
-                ? shapes::image_code(a.choice("image-code", "pixels", {"pixels", "standardised"}))
+                ? shapes::image_code(a.choice("image-code", "pixels", {"pixels", "standardised"}),
+                                     ev.world)
                 : shapes::checkpoint_image_code(f);
   const auto rows = shapes::evaluate(net, ev, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out);

@@ -67,13 +67,13 @@ inline ud::nn::UViTConfig config(const ModelSize& m = {}) {
 }
 
 //! The world as the Trainer's data source: sample `first + r` of the run's seed fills row r
-//! (the image in the latent code `code`).
+//! (the image of world `version` in the latent code `code`).
 inline void fill_batch(std::uint64_t seed, std::int64_t first, std::int64_t rows, float* img,
                        std::int64_t img_ld, float* text, std::int64_t text_ld,
-                       const ImageCode& code = {}) {
+                       const ImageCode& code = {}, int version = kWorldVersion) {
   for (std::int64_t r = 0; r < rows; ++r) {
     const Scene s = sample_scene(seed, static_cast<std::uint64_t>(first + r));
-    render(s, std::span<float>(img + r * img_ld, kPixels));
+    render(s, std::span<float>(img + r * img_ld, kPixels), version);
     if (!code.identity()) code.encode(std::span<float>(img + r * img_ld, kPixels));
     const auto w = caption_words(s.attr);
     encode_caption(w, std::span<float>(text + r * text_ld, kTextSize));
@@ -82,10 +82,10 @@ inline void fill_batch(std::uint64_t seed, std::int64_t first, std::int64_t rows
 
 using Trainer = ud::train::Trainer<float, 2>;
 
-inline Trainer::DataSource data_source(ImageCode code = {}) {
-  return [code](std::uint64_t seed, std::int64_t, std::int64_t first, const Trainer::Views& x0,
-                std::span<std::int64_t>) {
-    fill_batch(seed, first, x0[0].rows, x0[0].data, x0[0].ld, x0[1].data, x0[1].ld, code);
+inline Trainer::DataSource data_source(ImageCode code = {}, int version = kWorldVersion) {
+  return [code, version](std::uint64_t seed, std::int64_t, std::int64_t first,
+                         const Trainer::Views& x0, std::span<std::int64_t>) {
+    fill_batch(seed, first, x0[0].rows, x0[0].data, x0[0].ld, x0[1].data, x0[1].ld, code, version);
   };
 }
 
@@ -131,6 +131,8 @@ struct TrainSettings {
   double min_snr = 0.0;
   //! The image group's latent code (world.hpp, ImageCode): "standardised" or "pixels".
   std::string image_code = "pixels";
+  //! The world version to train on (world.hpp; recorded as the checkpoint's "world" metadata).
+  int world = kWorldVersion;
 };
 
 //! The Trainer's options of settings `s` for a K-group network.
@@ -200,23 +202,41 @@ void train_network(const ud::nn::UViTConfig& cfg,
                  path.c_str());
 }
 
-//! The demo's training: the two-group network of size `ms` on the shapes world, the image in the
-//! code `ts.image_code` (recorded as the checkpoint's "image_code" metadata; absent means pixels).
+//! The demo's training: the two-group network of size `ms` on version `ts.world` of the shapes
+//! world (recorded as the checkpoint's "world" metadata), the image in the code `ts.image_code`
+//! (recorded as the checkpoint's "image_code" metadata; absent means pixels).
 inline void train(const ModelSize& ms, const TrainSettings& ts, const std::string& path,
                   const std::string& state_path, bool resume, bool quiet) {
-  train_network<2>(config(ms), data_source(image_code(ts.image_code)), ts, path, state_path, resume,
-                   quiet, "shapes-16x16-v1", {{"image_code", ts.image_code}});
+  if (ts.world < 1 || ts.world > kWorldVersions)
+    throw ud::error("shapes training", "world",
+                    "expected a version 1.." + std::to_string(kWorldVersions) + ", got " +
+                        std::to_string(ts.world));
+  train_network<2>(config(ms), data_source(image_code(ts.image_code, ts.world), ts.world), ts, path,
+                   state_path, resume, quiet, world_name(ts.world),
+                   {{"image_code", ts.image_code}});
+}
+
+//! The world version a checkpoint was trained on: its "world" metadata, `shapes-16x16-v<N>` for a
+//! version this code draws; absent (a trainer state file) means the current version.
+inline int checkpoint_world_version(const ud::safetensors::File& f) {
+  const std::string name = f.metadata("world", world_name());
+  for (int v = 1; v <= kWorldVersions; ++v)
+    if (name == world_name(v)) return v;
+  throw ud::error(
+      "shapes checkpoint", "metadata world",
+      "expected " + world_name(1) + " .. " + world_name(kWorldVersions) + ", got '" + name + "'");
 }
 
 //! The image code a checkpoint was trained with (its "image_code" metadata; pixels when absent,
 //! as in files written before the code existed).
 inline ImageCode checkpoint_image_code(const ud::safetensors::File& f) {
+  const int version = checkpoint_world_version(f);
   const std::string name = f.metadata("image_code", "pixels");
   const auto& names = image_code_names();
   if (std::find(names.begin(), names.end(), name) == names.end())
     throw ud::error("shapes checkpoint", "metadata image_code",
                     "expected pixels or standardised, got '" + name + "'");
-  return image_code(name);
+  return image_code(name, version);
 }
 
 }  // namespace shapes

@@ -52,7 +52,7 @@ inline ud::nn::UViTConfig config3(const ModelSize& m = {}) {
 inline Attributes render3(std::uint64_t seed, std::uint64_t index, float* img, float* text,
                           float* wave) {
   const Scene s = sample_scene(seed, index);
-  render(s, std::span<float>(img, kPixels));
+  render(s, std::span<float>(img, kPixels), 1);  // kWorld3 draws world v1's shapes
   encode_caption(caption_words(s.attr), std::span<float>(text, kTextSize));
   render_wave(s.attr, wave_jitter(seed, index), std::span<float>(wave, kWave));
   return s.attr;

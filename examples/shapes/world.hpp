@@ -18,6 +18,14 @@
 //! of lit pixels: colour = nearest palette entry of its mean, size = box extent, shape = corner and
 //! top / bottom mass tests, position = centroid quadrant) and from a caption (word categories per
 //! slot); an attribute they cannot read is -1.
+//!
+//! World versions (the checkpoint's "world" metadata, `shapes-16x16-v<N>`): v1 draws a circle as
+//! the pixels whose centres lie in the box's inscribed disc, which at the small 5 px box differs
+//! from the square by its four corner pixels only (rows 3 5 5 5 3); it is the default and the
+//! committed checkpoint's. v2 (`--world 2`, an experiment: docs/SHAPES.md, attempt 14, which
+//! failed more bars than v1) cuts every corner of a circle by three pixels (small: rows 1 3 5 3 1;
+//! large unchanged: 3 5 7 7 7 5 3), so that a small circle and a small square differ by 12 of 25
+//! pixels instead of 4. Everything else is the same in both.
 #pragma once
 
 #include <Random123/philox.h>
@@ -62,6 +70,13 @@ inline constexpr std::array<const char*, kVocab> kVocabulary{
 inline constexpr std::array<std::array<float, 3>, 4> kPalette{
     {{1.f, 0.f, 0.f}, {0.f, 1.f, 0.f}, {0.f, 0.f, 1.f}, {1.f, 1.f, 0.f}}};
 inline constexpr std::array<int, 2> kBox{5, 7};
+
+//! The world version new checkpoints are trained on, and the ones this code can draw.
+inline constexpr int kWorldVersion = 1, kWorldVersions = 2;
+//! The world's name in checkpoint metadata.
+inline std::string world_name(int version = kWorldVersion) {
+  return "shapes-16x16-v" + std::to_string(version);
+}
 
 //! The image group's latent code: per channel an affine map of the pixels, latent = (pixel -
 //! shift) / scale, and its inverse. `pixels` is the identity (the latent is the [-1, 1] image);
@@ -142,25 +157,27 @@ inline Scene sample_scene(std::uint64_t seed, std::uint64_t index) {
   return s;
 }
 
-//! Whether local pixel (u, v) of a d x d box belongs to the shape.
-inline bool inside(int shape, int d, int u, int v) {
+//! Whether local pixel (u, v) of a d x d box belongs to the shape in world `version`.
+inline bool inside(int shape, int d, int u, int v, int version = kWorldVersion) {
   if (shape == 1) return true;  // square
-  if (shape == 0) {             // circle: pixel centre within the inscribed circle
+  if (shape == 0) {             // circle: pixel centre within a disc about the box centre
+    // v1: the inscribed disc (radius^2 = c^2); v2: radius^2 = c^2 - 2, which cuts three pixels
+    // per corner at both box sizes (at 7 px the same pixels as v1).
     const double c = d / 2.0, du = u + 0.5 - c, dv = v + 0.5 - c;
-    return du * du + dv * dv <= c * c;
+    return du * du + dv * dv <= c * c - (version >= 2 ? 2.0 : 0.0);
   }
   const int half = v / 2;  // triangle pointing up: rows 1, 1, 3, 3, 5, ... pixels wide
   return std::abs(u - d / 2) <= half;
 }
 
-//! Renders a scene into `img` ([3, 16, 16], channel-major, values in [-1, 1]).
-inline void render(const Scene& s, std::span<float> img) {
+//! Renders a scene of world `version` into `img` ([3, 16, 16], channel-major, values in [-1, 1]).
+inline void render(const Scene& s, std::span<float> img, int version = kWorldVersion) {
   std::fill(img.begin(), img.end(), -1.f);
   const int d = kBox[static_cast<std::size_t>(s.attr[size_attr])];
   const auto& rgb = kPalette[static_cast<std::size_t>(s.attr[colour_attr])];
   for (int v = 0; v < d; ++v)
     for (int u = 0; u < d; ++u)
-      if (inside(s.attr[shape_attr], d, u, v))
+      if (inside(s.attr[shape_attr], d, u, v, version))
         for (int c = 0; c < kChannels; ++c)
           img[static_cast<std::size_t>((c * kSide + s.y0 + v) * kSide + s.x0 + u)] =
               2.f * rgb[static_cast<std::size_t>(c)] - 1.f;
@@ -172,7 +189,8 @@ inline const std::array<const char*, 2>& image_code_names() {
   static const std::array<const char*, 2> n{"pixels", "standardised"};
   return n;
 }
-inline ImageCode image_code(const std::string& name) {
+//! The code's statistics are those of world `version`.
+inline ImageCode image_code(const std::string& name, int version = kWorldVersion) {
   ImageCode code;
   code.name = name;
   if (name != "standardised") return code;
@@ -180,7 +198,7 @@ inline ImageCode image_code(const std::string& name) {
   std::array<double, kChannels> s{}, q{};
   std::vector<float> img(kPixels);
   for (int i = 0; i < n; ++i) {
-    render(sample_scene(0, static_cast<std::uint64_t>(i)), img);
+    render(sample_scene(0, static_cast<std::uint64_t>(i)), img, version);
     for (int c = 0; c < kChannels; ++c)
       for (int p = 0; p < N; ++p) {
         const double x = img[static_cast<std::size_t>(c * N + p)];
