@@ -210,6 +210,41 @@ TEST_CASE("shapes: the standardised image code centres and scales the world, and
   CHECK(std::equal(same.begin(), same.end(), raw.begin()));
 }
 
+TEST_CASE("shapes: the centred image code only shifts: mean 0, the pixels' spread, inverts") {
+  const auto sd = shapes::image_code("standardised");
+  const auto ce = shapes::image_code("centred");
+  CHECK_FALSE(ce.identity());
+  constexpr int n = 4096, N = shapes::kSide * shapes::kSide;
+  std::vector<float> img(static_cast<std::size_t>(n) * shapes::kPixels), raw(img.size()),
+      text(static_cast<std::size_t>(n) * shapes::kTextSize);
+  shapes::fill_batch(5, 0, n, img.data(), shapes::kPixels, text.data(), shapes::kTextSize, ce);
+  shapes::fill_batch(5, 0, n, raw.data(), shapes::kPixels, text.data(), shapes::kTextSize);
+  for (int c = 0; c < shapes::kChannels; ++c) {
+    CAPTURE(c);
+    const auto cu = static_cast<std::size_t>(c);
+    CHECK(ce.scale[cu] == 1.f);
+    CHECK(ce.shift[cu] == sd.shift[cu]);  // the same world statistics
+    double s = 0, q = 0, off = 0;         // off: the largest departure from a pure shift
+    for (int r = 0; r < n; ++r)
+      for (int p = 0; p < N; ++p) {
+        const auto i = static_cast<std::size_t>(r * shapes::kPixels + c * N + p);
+        off = std::max(off, double(std::abs(img[i] - (raw[i] - ce.shift[cu]))));
+        s += img[i], q += double(img[i]) * img[i];
+      }
+    CHECK(off < 1e-6);
+    const double m = s / (double(n) * N), sdev = std::sqrt(q / (double(n) * N) - m * m);
+    CHECK(std::abs(m) < 0.02);
+    CHECK(std::abs(sdev - sd.scale[cu]) < 0.02);  // the spread of the pixels, not 1
+  }
+  std::vector<float> back(img.begin(), img.begin() + shapes::kPixels);
+  ce.decode(back);
+  double worst = 0;
+  for (int i = 0; i < shapes::kPixels; ++i)
+    worst = std::max(worst, std::abs(double(back[static_cast<std::size_t>(i)]) -
+                                     raw[static_cast<std::size_t>(i)]));
+  CHECK(worst < 1e-6);
+}
+
 TEST_CASE("shapes: a short training run lowers the loss") {
   shapes::ModelSize ms;
   ms.embed_dim = 32;
@@ -273,7 +308,7 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
     w.write((dir / "bad.safetensors").string());
     const auto bad = ud::safetensors::File::read((dir / "bad.safetensors").string());
     CHECK_THROWS_WITH_AS(shapes::checkpoint_image_code(bad),
-                         doctest::Contains("expected pixels or standardised, got 'jpeg'"),
+                         doctest::Contains("expected pixels, standardised or centred, got 'jpeg'"),
                          ud::error);
     // the world version too: the current one when absent, named ones as named, others refused
     CHECK(shapes::checkpoint_world_version(ud::safetensors::File::read(

@@ -53,7 +53,7 @@ writes a PNG grid per mode plus report.md and report.json.
   --threads N         threads (0: all hardware threads; default 0)
   --quiet             no progress lines
   --check             exit with status 3 when a quality bar fails
-  --image-code C      the image's latent code, pixels | standardised (world.hpp, ImageCode):
+  --image-code C      the image's latent code, pixels | standardised | centred (world.hpp):
                       with --retrain the code to train with (default pixels); otherwise
                       overrides the checkpoint's "image_code" metadata (absent: pixels), e.g. for
                       a trainer state file evaluated with --prefix ema/
@@ -128,7 +128,7 @@ int main_impl(int argc, char** argv) {
     ts.marginal_p = a.real("marginal-p", ts.marginal_p, 0.0, 1.0);
     ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
-    ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised"});
+    ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised", "centred"});
     ts.world = a.integer("world", ts.world, 1, shapes::kWorldVersions);
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
@@ -150,10 +150,11 @@ int main_impl(int argc, char** argv) {
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, prefix);
   ev.world = shapes::checkpoint_world_version(f);
-  ev.code = a.has("image-code")
-                ? shapes::image_code(a.choice("image-code", "pixels", {"pixels", "standardised"}),
-                                     ev.world)
-                : shapes::checkpoint_image_code(f);
+  ev.code =
+      a.has("image-code")
+          ? shapes::image_code(
+                a.choice("image-code", "pixels", {"pixels", "standardised", "centred"}), ev.world)
+          : shapes::checkpoint_image_code(f);
   const auto rows = shapes::evaluate(net, ev, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out);
   return a.has("check") && failed > 0 ? 3 : 0;

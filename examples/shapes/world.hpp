@@ -82,10 +82,12 @@ inline std::string world_name(int version = kWorldVersion) {
 //! shift) / scale, and its inverse. `pixels` is the identity (the latent is the [-1, 1] image);
 //! `standardised` centres and scales each channel to mean 0 and standard deviation 1 over the
 //! world (measured on its first 16,384 samples of seed 0, in double, so the same on every
-//! machine). The pixel image is mostly black background (channel means about -0.9, standard
-//! deviations 0.30-0.46), so in `pixels` the content the network must learn has a variance of
-//! about 0.15 next to the caption's 1, and the pure-noise start of sampling lacks the -0.9 offset
-//! that training showed the network at level N (docs/SHAPES.md, "Image code").
+//! machine); `centred` only centres (scale 1), so the content keeps the pixels' signal-to-noise
+//! ratio at every level while the level-N input loses its offset. The pixel image is mostly black
+//! background (channel means about -0.9, standard deviations 0.30-0.46), so in `pixels` the content
+//! the network must learn has a variance of about 0.15 next to the caption's 1, and the pure-noise
+//! start of sampling lacks the -0.9 offset that training showed the network at level N
+//! (docs/SHAPES.md, "Image code").
 struct ImageCode {
   std::string name = "pixels";
   std::array<float, kChannels> shift{0.f, 0.f, 0.f}, scale{1.f, 1.f, 1.f};
@@ -183,17 +185,17 @@ inline void render(const Scene& s, std::span<float> img, int version = kWorldVer
               2.f * rgb[static_cast<std::size_t>(c)] - 1.f;
 }
 
-//! The image code called `name` ("pixels" or "standardised"); anything else is an error of the
-//! caller (image_code_names lists the valid ones).
-inline const std::array<const char*, 2>& image_code_names() {
-  static const std::array<const char*, 2> n{"pixels", "standardised"};
+//! The image code called `name` ("pixels", "standardised" or "centred"); anything else is an
+//! error of the caller (image_code_names lists the valid ones).
+inline const std::array<const char*, 3>& image_code_names() {
+  static const std::array<const char*, 3> n{"pixels", "standardised", "centred"};
   return n;
 }
 //! The code's statistics are those of world `version`.
 inline ImageCode image_code(const std::string& name, int version = kWorldVersion) {
   ImageCode code;
   code.name = name;
-  if (name != "standardised") return code;
+  if (name != "standardised" && name != "centred") return code;
   constexpr int n = 16384, N = kSide * kSide;
   std::array<double, kChannels> s{}, q{};
   std::vector<float> img(kPixels);
@@ -208,7 +210,7 @@ inline ImageCode image_code(const std::string& name, int version = kWorldVersion
   for (std::size_t c = 0; c < kChannels; ++c) {
     const double m = s[c] / (double(n) * N), v = q[c] / (double(n) * N) - m * m;
     code.shift[c] = static_cast<float>(m);
-    code.scale[c] = static_cast<float>(std::sqrt(v));
+    code.scale[c] = name == "centred" ? 1.f : static_cast<float>(std::sqrt(v));
   }
   return code;
 }
