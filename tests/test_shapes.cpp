@@ -284,6 +284,7 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   ts.batch = 4;
   ts.warmup = 1;
   ts.image_code = "standardised";  // not the default: the metadata must say so
+  ts.schedule = "linear";
   const std::string path = (dir / "net.safetensors").string();
   shapes::train(ms, ts, path, (dir / "state.safetensors").string(), false, true);
   const auto f = ud::safetensors::File::read(path);
@@ -296,6 +297,13 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   // the image code travels with the checkpoint; files without it are in pixels
   CHECK(f.metadata("image_code") == "standardised");
   CHECK(shapes::checkpoint_image_code(f).name == "standardised");
+  // and so does the schedule; files without it use the official one
+  CHECK(f.metadata("schedule") == "linear");
+  CHECK(shapes::checkpoint_schedule(f) == "linear");
+  CHECK(shapes::schedule_betas("linear") == ud::linear_betas());
+  CHECK(shapes::schedule_betas("sd") == ud::scaled_linear_betas());
+  CHECK_THROWS_WITH_AS(shapes::schedule_betas("cosine"),
+                       doctest::Contains("expected sd or linear, got 'cosine'"), ud::error);
   {
     ud::Tensor<float> one(ud::Shape{1});
     ud::safetensors::Writer w;
@@ -304,12 +312,17 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
     CHECK(shapes::checkpoint_image_code(
               ud::safetensors::File::read((dir / "plain.safetensors").string()))
               .identity());
+    CHECK(shapes::checkpoint_schedule(
+              ud::safetensors::File::read((dir / "plain.safetensors").string())) == "sd");
     w.metadata("image_code", "jpeg");
+    w.metadata("schedule", "cosine");
     w.write((dir / "bad.safetensors").string());
     const auto bad = ud::safetensors::File::read((dir / "bad.safetensors").string());
     CHECK_THROWS_WITH_AS(shapes::checkpoint_image_code(bad),
                          doctest::Contains("expected pixels, standardised or centred, got 'jpeg'"),
                          ud::error);
+    CHECK_THROWS_WITH_AS(shapes::checkpoint_schedule(bad),
+                         doctest::Contains("expected sd or linear, got 'cosine'"), ud::error);
     // the world version too: the current one when absent, named ones as named, others refused
     CHECK(shapes::checkpoint_world_version(ud::safetensors::File::read(
               (dir / "plain.safetensors").string())) == shapes::kWorldVersion);

@@ -700,3 +700,56 @@ TEST_CASE("min-SNR level weighting: the weight, the objective it changes, a resu
           }).find("min_snr_gamma") != std::string::npos);
   }
 }
+
+TEST_CASE("training schedule: the official betas by default, others change the forward process") {
+  const auto cfg = tiny();
+  auto step = [&](std::vector<double> betas) {
+    auto net = std::make_unique<nn::UViT<float>>(cfg);
+    net->init_random(4, 0.02);
+    auto o = options(16);
+    o.clip_norm = 0;
+    o.keep_gradients = true;
+    o.betas = std::move(betas);
+    tr::Trainer<float, 2> t(*net, o, pattern_data);
+    const auto log = t.step(ud::Context<ud::cpu>{});
+    return std::pair{log, values(net->gradients())};
+  };
+  const auto [l0, g0] = step({});
+  const auto [lsd, gsd] = step(ud::scaled_linear_betas());  // spelled out: the same run
+  const auto [llin, glin] = step(ud::linear_betas());
+  CHECK(lsd.loss == l0.loss);
+  CHECK(gsd == g0);
+  CHECK(llin.group_mse != l0.group_mse);  // same levels and noise, other abar_n
+  CHECK(glin != g0);
+  // part of the run's identity; wrong lengths and bad betas are named
+  nn::UViT<float> net(cfg);
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("ud_betas_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string ck = (dir / "t.safetensors").string();
+  auto o = options(4);
+  o.betas = ud::linear_betas();
+  tr::Trainer<float, 2>(net, o, pattern_data).save(ck);
+  tr::Trainer<float, 2>(net, o, pattern_data).load(ck);
+  o.betas = {};
+  CHECK(ud::testing::message_of([&] {
+          tr::Trainer<float, 2>(net, o, pattern_data).load(ck);
+        }).find("training schedule (betas) differs") != std::string::npos);
+  std::filesystem::remove_all(dir);
+  o.betas = ud::linear_betas(500);
+  const std::string ml =
+      ud::testing::message_of([&] { tr::Trainer<float, 2>(net, o, pattern_data); });
+  CAPTURE(ml);
+  CHECK(ml.find("betas") != std::string::npos);
+  CHECK(ml.find("500") != std::string::npos);
+  o.betas = ud::linear_betas();
+  o.betas[7] = 1.5;
+  CHECK(ud::testing::message_of([&] {
+          tr::Trainer<float, 2>(net, o, pattern_data);
+        }).find("betas[7]") != std::string::npos);
+  o.betas = {};
+  o.levels = 1001;  // more levels than the official schedule has
+  CHECK(ud::testing::message_of([&] {
+          tr::Trainer<float, 2>(net, o, pattern_data);
+        }).find("levels") != std::string::npos);
+}

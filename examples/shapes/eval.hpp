@@ -39,6 +39,9 @@ struct EvalSettings {
   std::uint64_t seed = 2024;
   ImageCode code{};           //!< the network's image latent code (the checkpoint's; world.hpp)
   int world = kWorldVersion;  //!< the world version the network was trained on (the checkpoint's)
+  //! The betas the network was trained with (the checkpoint's schedule); empty: the official
+  //! scaled-linear betas.
+  std::vector<double> betas{};
 };
 
 //! One line of the report.
@@ -101,8 +104,9 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
   out.n = n;
   std::vector<Attributes> attr;
   detail::world_batch(ev.seed, 0, n, attr, out.cond_img, out.cond_text, ev.world);
-  const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
-  const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
+  const auto betas = ev.betas.empty() ? ud::scaled_linear_betas() : ev.betas;
+  const auto ns = ud::VPSchedule::discrete(betas, ud::TablePrecision::float64);
+  const auto grid = ud::VPSchedule::discrete(betas, ud::TablePrecision::float32_reference);
   ud::DpmSolverOptions o;
   o.steps = ev.steps;
   o.order = 2;

@@ -56,8 +56,9 @@ inline Samples3 sample3(ud::nn::UViTPredictor<float, 3>& model, const Task3& tas
   Samples3 s;
   s.n = n;
   detail::world3_batch(ev.seed, n, s.truth, s.cond);
-  const auto ns = ud::VPSchedule::unidiffuser(ud::TablePrecision::float64);
-  const auto grid = ud::VPSchedule::unidiffuser(ud::TablePrecision::float32_reference);
+  const auto betas = ev.betas.empty() ? ud::scaled_linear_betas() : ev.betas;
+  const auto ns = ud::VPSchedule::discrete(betas, ud::TablePrecision::float64);
+  const auto grid = ud::VPSchedule::discrete(betas, ud::TablePrecision::float32_reference);
   ud::DpmSolverOptions o;
   o.steps = ev.steps;
   o.order = 2;

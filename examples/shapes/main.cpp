@@ -57,6 +57,9 @@ writes a PNG grid per mode plus report.md and report.json.
                       with --retrain the code to train with (default pixels); otherwise
                       overrides the checkpoint's "image_code" metadata (absent: pixels), e.g. for
                       a trainer state file evaluated with --prefix ema/
+  --schedule S        the diffusion schedule, sd (the official scaled-linear betas) | linear
+                      (DDPM's 1e-4 .. 0.02): with --retrain the schedule to train with (default
+                      sd); otherwise overrides the checkpoint's "schedule" metadata (absent: sd)
 training (with --retrain):
   --train-steps N     optimisation steps (default 10000)   --batch N   (default 128)
   --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
@@ -84,7 +87,7 @@ int main_impl(int argc, char** argv) {
        {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
        {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
        {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"},
-       {"min-snr"},      {"image-code"},    {"world"}},
+       {"min-snr"},      {"image-code"},    {"world"},          {"schedule"}},
       argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
@@ -130,6 +133,7 @@ int main_impl(int argc, char** argv) {
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
     ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised", "centred"});
     ts.world = a.integer("world", ts.world, 1, shapes::kWorldVersions);
+    ts.schedule = a.choice("schedule", ts.schedule, {"sd", "linear"});
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
     ms.depth = a.integer<std::int64_t>("depth", ms.depth, 1, 64);
@@ -155,6 +159,8 @@ int main_impl(int argc, char** argv) {
           ? shapes::image_code(
                 a.choice("image-code", "pixels", {"pixels", "standardised", "centred"}), ev.world)
           : shapes::checkpoint_image_code(f);
+  ev.betas = shapes::schedule_betas(a.has("schedule") ? a.choice("schedule", "sd", {"sd", "linear"})
+                                                      : shapes::checkpoint_schedule(f));
   const auto rows = shapes::evaluate(net, ev, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out);
   return a.has("check") && failed > 0 ? 3 : 0;

@@ -133,7 +133,24 @@ struct TrainSettings {
   std::string image_code = "pixels";
   //! The world version to train on (world.hpp; recorded as the checkpoint's "world" metadata).
   int world = kWorldVersion;
+  //! The training (and so sampling) schedule, schedule_betas(): "sd" (the official scaled-linear
+  //! betas) or "linear" (DDPM's); recorded as the checkpoint's "schedule" metadata.
+  std::string schedule = "sd";
 };
+
+//! The names --schedule accepts.
+inline const std::vector<std::string>& schedule_names() {
+  static const std::vector<std::string> n{"sd", "linear"};
+  return n;
+}
+
+//! The betas of schedule `name`: "sd", the official scaled-linear 0.00085 .. 0.012 (terminal
+//! sqrt(abar_N) = 0.068), or "linear", DDPM's 1e-4 .. 0.02 (terminal sqrt(abar_N) = 0.0064).
+inline std::vector<double> schedule_betas(const std::string& name) {
+  if (name == "sd") return ud::scaled_linear_betas();
+  if (name == "linear") return ud::linear_betas();
+  throw ud::error("shapes schedule", "schedule", "expected sd or linear, got '" + name + "'");
+}
 
 //! The Trainer's options of settings `s` for a K-group network.
 template <std::size_t K>
@@ -144,6 +161,7 @@ typename ud::train::Trainer<float, K>::Options options_for(const TrainSettings& 
   if (!s.group_weights.empty()) o.group_weights = s.group_weights;
   o.marginal_probability.assign(K, s.marginal_p);
   o.min_snr_gamma = s.min_snr;
+  if (s.schedule != "sd") o.betas = schedule_betas(s.schedule);
   o.seed = s.seed;
   o.batch = s.batch;
   o.lr.lr = s.lr;
@@ -192,10 +210,11 @@ void train_network(const ud::nn::UViTConfig& cfg,
                          {"clip", ts.clip},         {"pos_std", ts.pos_std},
                          {"loss", ts.loss},         {"marginal_p", ts.marginal_p},
                          {"min_snr", ts.min_snr},   {"group_weights", ts.group_weights},
-                         {"final_loss", last.loss}, {"seconds", secs},
-                         {"resumed_at", first}};
+                         {"schedule", ts.schedule}, {"final_loss", last.loss},
+                         {"seconds", secs},         {"resumed_at", first}};
   extra["training"] = info.dump();
   extra["world"] = world;
+  extra["schedule"] = ts.schedule;
   ud::save_checkpoint(net, path, extra);
   if (!quiet)
     std::fprintf(stderr, "trained in %.0f s (final loss %.4f); wrote %s\n", secs, last.loss,
@@ -225,6 +244,17 @@ inline int checkpoint_world_version(const ud::safetensors::File& f) {
   throw ud::error(
       "shapes checkpoint", "metadata world",
       "expected " + world_name(1) + " .. " + world_name(kWorldVersions) + ", got '" + name + "'");
+}
+
+//! The schedule a checkpoint was trained with (its "schedule" metadata; sd when absent, as in
+//! files written before the option existed).
+inline std::string checkpoint_schedule(const ud::safetensors::File& f) {
+  const std::string name = f.metadata("schedule", "sd");
+  const auto& names = schedule_names();
+  if (std::find(names.begin(), names.end(), name) == names.end())
+    throw ud::error("shapes checkpoint", "metadata schedule",
+                    "expected sd or linear, got '" + name + "'");
+  return name;
 }
 
 //! The image code a checkpoint was trained with (its "image_code" metadata; pixels when absent,

@@ -177,6 +177,7 @@ int main_impl(int argc, char** argv) {
   ud::check_checkpoint(cfg, f, prefix);
   ud::nn::UViT<float> net(cfg);
   ud::load_checkpoint(net, f, prefix);
+  ev.betas = shapes::schedule_betas(shapes::checkpoint_schedule(f));
   const auto rows = shapes::evaluate3(net, ev, scales, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out, kProgram);
   return a.has("check") && failed > 0 ? 3 : 0;

@@ -86,6 +86,10 @@ struct TrainerOptions {
   //! the noisy levels (SNR <= gamma), less at the clean end, where the epsilon loss is easy and
   //! its gradients crowd out the levels that decide a sample's content.
   double min_snr_gamma = 0;
+  //! The training schedule's betas, beta_1 .. beta_N (N = `levels`); empty: the official
+  //! scaled-linear schedule (DiscreteSchedule::stable_diffusion()). A network trained on other
+  //! betas must be sampled with the same ones (VPSchedule::discrete(betas)).
+  std::vector<double> betas{};
 };
 
 //! The min-SNR-gamma weight of level n (TrainerOptions::min_snr_gamma).
@@ -132,7 +136,8 @@ class Trainer {
         data_(std::move(data)),
         red_(std::move(reducer)),
         layout_(net.config().template layout<K>()),
-        sched_(DiscreteSchedule::stable_diffusion()),
+        sched_(opt_.betas.empty() ? DiscreteSchedule::stable_diffusion()
+                                  : DiscreteSchedule(opt_.betas)),
         adam_(parameter_ranges(net), net.parameters().size(), opt_.adamw),
         ema_(Context<Backend>{}, TensorView<const T, Backend>(net.parameters()), opt_.ema_decay) {
     const char* op = "train::Trainer";
@@ -146,6 +151,10 @@ class Trainer {
                       std::to_string(red_.world) + " x " + std::to_string(opt_.micro_batches) +
                       ")");
     if (opt_.levels < 1) throw_mismatch(op, "levels", "levels", ">= 1", opt_.levels);
+    if (!opt_.betas.empty() && opt_.levels != sched_.levels())
+      throw_mismatch(op, "betas", "one beta per level", opt_.levels, opt_.betas.size());
+    if (opt_.levels > sched_.levels())
+      throw_mismatch(op, "levels", "levels (at most the schedule's)", sched_.levels(), opt_.levels);
     if (!data_) throw error(op, "data", "no data source");
     if (opt_.group_weights.empty()) opt_.group_weights.assign(K, 1.0);
     if (opt_.group_weights.size() != K)
@@ -290,6 +299,7 @@ class Trainer {
                          {"group_weights", opt_.group_weights},
                          {"marginal_probability", opt_.marginal_probability},
                          {"min_snr_gamma", opt_.min_snr_gamma}};
+    if (!opt_.betas.empty()) st["betas"] = opt_.betas;
     w.metadata("train_state", st.dump());
     try {
       w.metadata("config", net_.config().to_json().dump());
@@ -338,6 +348,16 @@ class Trainer {
                   "min_snr_gamma of the checkpoint (" +
                       std::to_string(st.value("min_snr_gamma", 0.0)) +
                       ") differs from this run's (" + std::to_string(opt_.min_snr_gamma) + ")");
+    {
+      // absent (a state written before the option existed, or the default): the official betas
+      const auto b = st.contains("betas") ? st["betas"] : nlohmann::json(std::vector<double>{});
+      if (b != nlohmann::json(opt_.betas))
+        throw error(op, path,
+                    "the checkpoint's training schedule (betas) differs from this run's (" +
+                        std::string(opt_.betas.empty() ? "the official scaled-linear betas"
+                                                       : "custom betas") +
+                        ")");
+    }
     const auto P = net_.parameters();
     const auto E = ema_.weights();
     const auto M = adam_.first_moment();
