@@ -245,6 +245,35 @@ TEST_CASE("shapes: the centred image code only shifts: mean 0, the pixels' sprea
   CHECK(worst < 1e-6);
 }
 
+TEST_CASE("shapes: the centred-half image code is the centred code halved, and inverts") {
+  const auto ce = shapes::image_code("centred");
+  const auto ch = shapes::image_code("centred-half");
+  CHECK(ch.name == "centred-half");
+  CHECK_FALSE(ch.identity());
+  constexpr int n = 64;
+  std::vector<float> a(static_cast<std::size_t>(n) * shapes::kPixels), b(a.size()), raw(a.size()),
+      text(static_cast<std::size_t>(n) * shapes::kTextSize);
+  shapes::fill_batch(9, 0, n, a.data(), shapes::kPixels, text.data(), shapes::kTextSize, ch);
+  shapes::fill_batch(9, 0, n, b.data(), shapes::kPixels, text.data(), shapes::kTextSize, ce);
+  shapes::fill_batch(9, 0, n, raw.data(), shapes::kPixels, text.data(), shapes::kTextSize);
+  for (std::size_t c = 0; c < shapes::kChannels; ++c) {
+    CHECK(ch.shift[c] == ce.shift[c]);
+    CHECK(ch.scale[c] == 2.f);
+  }
+  double off = 0, worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    off = std::max(off, double(std::abs(a[i] - 0.5f * b[i])));
+  CHECK(off < 1e-6);
+  for (int r = 0; r < n; ++r) {
+    std::vector<float> back(a.begin() + r * shapes::kPixels, a.begin() + (r + 1) * shapes::kPixels);
+    ch.decode(back);
+    for (int i = 0; i < shapes::kPixels; ++i)
+      worst = std::max(worst, std::abs(double(back[static_cast<std::size_t>(i)]) -
+                                       raw[static_cast<std::size_t>(r * shapes::kPixels + i)]));
+  }
+  CHECK(worst < 1e-6);
+}
+
 TEST_CASE("shapes: a short training run lowers the loss") {
   shapes::ModelSize ms;
   ms.embed_dim = 32;
@@ -318,9 +347,10 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
     w.metadata("schedule", "cosine");
     w.write((dir / "bad.safetensors").string());
     const auto bad = ud::safetensors::File::read((dir / "bad.safetensors").string());
-    CHECK_THROWS_WITH_AS(shapes::checkpoint_image_code(bad),
-                         doctest::Contains("expected pixels, standardised or centred, got 'jpeg'"),
-                         ud::error);
+    CHECK_THROWS_WITH_AS(
+        shapes::checkpoint_image_code(bad),
+        doctest::Contains("expected pixels, standardised, centred or centred-half, got 'jpeg'"),
+        ud::error);
     CHECK_THROWS_WITH_AS(shapes::checkpoint_schedule(bad),
                          doctest::Contains("expected sd or linear, got 'cosine'"), ud::error);
     // the world version too: the current one when absent, named ones as named, others refused

@@ -53,7 +53,8 @@ writes a PNG grid per mode plus report.md and report.json.
   --threads N         threads (0: all hardware threads; default 0)
   --quiet             no progress lines
   --check             exit with status 3 when a quality bar fails
-  --image-code C      the image's latent code, pixels | standardised | centred (world.hpp):
+  --image-code C      the image's latent code, pixels | standardised | centred | centred-half
+                      (world.hpp):
                       with --retrain the code to train with (default pixels); otherwise
                       overrides the checkpoint's "image_code" metadata (absent: pixels), e.g. for
                       a trainer state file evaluated with --prefix ema/
@@ -131,7 +132,8 @@ int main_impl(int argc, char** argv) {
     ts.marginal_p = a.real("marginal-p", ts.marginal_p, 0.0, 1.0);
     ts.min_snr = a.real("min-snr", ts.min_snr, 0.0, 1e6);
     ts.seed = a.integer<std::uint64_t>("train-seed", ts.seed, 0, UINT64_MAX);
-    ts.image_code = a.choice("image-code", ts.image_code, {"pixels", "standardised", "centred"});
+    ts.image_code = a.choice("image-code", ts.image_code,
+                             {"pixels", "standardised", "centred", "centred-half"});
     ts.world = a.integer("world", ts.world, 1, shapes::kWorldVersions);
     ts.schedule = a.choice("schedule", ts.schedule, {"sd", "linear"});
     shapes::ModelSize ms;
@@ -156,8 +158,9 @@ int main_impl(int argc, char** argv) {
   ev.world = shapes::checkpoint_world_version(f);
   ev.code =
       a.has("image-code")
-          ? shapes::image_code(
-                a.choice("image-code", "pixels", {"pixels", "standardised", "centred"}), ev.world)
+          ? shapes::image_code(a.choice("image-code", "pixels",
+                                        {"pixels", "standardised", "centred", "centred-half"}),
+                               ev.world)
           : shapes::checkpoint_image_code(f);
   ev.betas = shapes::schedule_betas(a.has("schedule") ? a.choice("schedule", "sd", {"sd", "linear"})
                                                       : shapes::checkpoint_schedule(f));

@@ -129,7 +129,8 @@ struct TrainSettings {
   double marginal_p = 0.0;
   //! Min-SNR-gamma level weighting of the loss (TrainerOptions::min_snr_gamma; 0: off).
   double min_snr = 0.0;
-  //! The image group's latent code (world.hpp, ImageCode): "pixels", "standardised" or "centred".
+  //! The image group's latent code (world.hpp, ImageCode): "pixels", "standardised", "centred" or
+  //! "centred-half".
   std::string image_code = "pixels";
   //! The world version to train on (world.hpp; recorded as the checkpoint's "world" metadata).
   int world = kWorldVersion;
@@ -265,7 +266,7 @@ inline ImageCode checkpoint_image_code(const ud::safetensors::File& f) {
   const auto& names = image_code_names();
   if (std::find(names.begin(), names.end(), name) == names.end())
     throw ud::error("shapes checkpoint", "metadata image_code",
-                    "expected pixels, standardised or centred, got '" + name + "'");
+                    "expected pixels, standardised, centred or centred-half, got '" + name + "'");
   return image_code(name, version);
 }
 

@@ -83,11 +83,13 @@ inline std::string world_name(int version = kWorldVersion) {
 //! `standardised` centres and scales each channel to mean 0 and standard deviation 1 over the
 //! world (measured on its first 16,384 samples of seed 0, in double, so the same on every
 //! machine); `centred` only centres (scale 1), so the content keeps the pixels' signal-to-noise
-//! ratio at every level while the level-N input loses its offset. The pixel image is mostly black
-//! background (channel means about -0.9, standard deviations 0.30-0.46), so in `pixels` the content
-//! the network must learn has a variance of about 0.15 next to the caption's 1, and the pure-noise
-//! start of sampling lacks the -0.9 offset that training showed the network at level N
-//! (docs/SHAPES.md, "Image code").
+//! ratio at every level while the level-N input loses its offset; `centred-half` centres and
+//! halves (scale 2), so the level-N input also carries half the trace of the content, at a
+//! quarter of the pixels' signal-to-noise ratio at every level (docs/SHAPES.md, attempt 20). The
+//! pixel image is mostly black background (channel means about -0.9, standard deviations
+//! 0.30-0.46), so in `pixels` the content the network must learn has a variance of about 0.15 next
+//! to the caption's 1, and the pure-noise start of sampling lacks the -0.9 offset that training
+//! showed the network at level N (docs/SHAPES.md, "Image code").
 struct ImageCode {
   std::string name = "pixels";
   std::array<float, kChannels> shift{0.f, 0.f, 0.f}, scale{1.f, 1.f, 1.f};
@@ -187,15 +189,16 @@ inline void render(const Scene& s, std::span<float> img, int version = kWorldVer
 
 //! The image code called `name` ("pixels", "standardised" or "centred"); anything else is an
 //! error of the caller (image_code_names lists the valid ones).
-inline const std::array<const char*, 3>& image_code_names() {
-  static const std::array<const char*, 3> n{"pixels", "standardised", "centred"};
+inline const std::array<const char*, 4>& image_code_names() {
+  static const std::array<const char*, 4> n{"pixels", "standardised", "centred", "centred-half"};
   return n;
 }
 //! The code's statistics are those of world `version`.
 inline ImageCode image_code(const std::string& name, int version = kWorldVersion) {
   ImageCode code;
   code.name = name;
-  if (name != "standardised" && name != "centred") return code;
+  const bool centred = name == "centred" || name == "centred-half";
+  if (name != "standardised" && !centred) return code;
   constexpr int n = 16384, N = kSide * kSide;
   std::array<double, kChannels> s{}, q{};
   std::vector<float> img(kPixels);
@@ -210,7 +213,9 @@ inline ImageCode image_code(const std::string& name, int version = kWorldVersion
   for (std::size_t c = 0; c < kChannels; ++c) {
     const double m = s[c] / (double(n) * N), v = q[c] / (double(n) * N) - m * m;
     code.shift[c] = static_cast<float>(m);
-    code.scale[c] = name == "centred" ? 1.f : static_cast<float>(std::sqrt(v));
+    code.scale[c] = name == "centred"        ? 1.f
+                    : name == "centred-half" ? 2.f
+                                             : static_cast<float>(std::sqrt(v));
   }
   return code;
 }
