@@ -193,7 +193,8 @@ def main():
             ("i", "pixels", "floor", 50), ("i", "centred", "official", 12),
             ("i", "centred", "official", 50), ("i", "centred-half", "official", 12),
             ("i", "centred-half", "official", 50), ("t", "pixels", "official", 12),
-            ("t", "pixels", "floor", 12), ("t", "centred-half", "official", 12)]]
+            ("t", "pixels", "marginal", 12), ("t", "pixels", "floor", 12),
+            ("t", "centred-half", "official", 12)]]
     imgs, caps, probs, attrs, table = world()
     print(f"world v1: {len(imgs)} distinct pairs; {args.samples} samples per cell and seed")
     print("| mode | image code | rule | steps | TV size / colour / shape / position (one row per seed) |")
