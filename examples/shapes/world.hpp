@@ -187,7 +187,7 @@ inline void render(const Scene& s, std::span<float> img, int version = kWorldVer
               2.f * rgb[static_cast<std::size_t>(c)] - 1.f;
 }
 
-//! The image code called `name` ("pixels", "standardised" or "centred"); anything else is an
+//! The image code called `name` (one of image_code_names()); anything else is an
 //! error of the caller (image_code_names lists the valid ones).
 inline const std::array<const char*, 4>& image_code_names() {
   static const std::array<const char*, 4> n{"pixels", "standardised", "centred", "centred-half"};
