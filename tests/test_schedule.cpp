@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "unidiffuser/diffusion/forward.hpp"
@@ -38,6 +39,40 @@ TEST_CASE("scaled-linear schedule reproduces the reference table (SAMPLERS.md 2.
   CHECK(d.abar(0) == 1.0);
   CHECK(ud::DiscreteSchedule(ud::linear_betas()).abar(1000) ==
         doctest::Approx(4.0358e-5).epsilon(1e-4));
+}
+
+TEST_CASE("rescale_terminal: level 1 kept, level N at the target, sqrt(abar) affine in between") {
+  const auto base = ud::scaled_linear_betas();
+  const ud::DiscreteSchedule d(base);
+  const double target = d.sqrt_abar(1000) / 4;
+  const ud::DiscreteSchedule r(ud::rescale_terminal(base, target));
+  CHECK(r.betas()[0] == base[0]);
+  CHECK(r.sqrt_abar(1000) == doctest::Approx(target).epsilon(1e-12));
+  // (s'_n - s'_N) / (s_n - s_N) is one constant (Lin et al. 2024, Algorithm 1)
+  const double gain = (r.sqrt_abar(1) - target) / (d.sqrt_abar(1) - d.sqrt_abar(1000));
+  for (int n : {2, 100, 500, 999})
+    CHECK((r.sqrt_abar(n) - target) / (d.sqrt_abar(n) - d.sqrt_abar(1000)) ==
+          doctest::Approx(gain).epsilon(1e-10));
+  for (double b : r.betas()) CHECK((b > 0 && b < 1));
+  // mid-range levels move little: level 500 keeps sqrt(abar) within 0.03 of the official 0.527
+  CHECK(std::abs(r.sqrt_abar(500) - d.sqrt_abar(500)) < 0.03);
+  // a larger target than the original end is allowed (the map still increases)
+  CHECK(ud::DiscreteSchedule(ud::rescale_terminal(base, 0.2)).sqrt_abar(1000) ==
+        doctest::Approx(0.2).epsilon(1e-12));
+  const auto msg = [&](double t, std::vector<double> b) {
+    try {
+      (void)ud::rescale_terminal(b, t);
+    } catch (const ud::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(msg(0.0, base).find("rescale_terminal") != std::string::npos);
+  CHECK(msg(0.0, base).find("terminal") != std::string::npos);
+  CHECK(msg(std::nan(""), base).find("terminal") != std::string::npos);
+  CHECK(msg(d.sqrt_abar(1), base).find("(0, sqrt(abar_1)") != std::string::npos);
+  CHECK(msg(0.01, {0.1}).find("betas") != std::string::npos);
+  CHECK(msg(0.01, {0.1, 1.0}).find("betas[1]") != std::string::npos);
 }
 
 TEST_CASE("the official float32 table reproduces the reference log alpha (SAMPLERS.md 4.1)") {

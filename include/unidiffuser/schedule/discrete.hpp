@@ -45,6 +45,40 @@ inline std::vector<double> linear_betas(int n = 1000, double beta_start = 1e-4,
   return betas;
 }
 
+//! `betas` rescaled so that sqrt(abar) ends at `terminal` at level N and keeps its level-1 value,
+//! by the affine map of sqrt(abar) through those two points (Lin et al. 2024, "Common diffusion
+//! noise schedules and sample steps are flawed", Algorithm 1, which takes terminal = 0; a positive
+//! end keeps the samplers' lambda = log(alpha / sigma) finite at t = 1). The map is increasing,
+//! so the result is a schedule: every beta in (0, 1). float64 throughout.
+inline std::vector<double> rescale_terminal(const std::vector<double>& betas, double terminal) {
+  const char* op = "rescale_terminal";
+  if (betas.size() < 2) throw_mismatch(op, "betas", "length", ">= 2", betas.size());
+  std::vector<double> s(betas.size());
+  double abar = 1.0;
+  for (std::size_t i = 0; i < betas.size(); ++i) {
+    if (!(betas[i] > 0 && betas[i] < 1))
+      throw error(op, "betas[" + std::to_string(i) + "]",
+                  "every beta must lie in (0, 1); got " + std::to_string(betas[i]));
+    abar *= 1.0 - betas[i];
+    s[i] = std::sqrt(abar);
+  }
+  const double first = s.front(), last = s.back();
+  if (!(terminal > 0 && terminal < first))
+    throw error(op, "terminal",
+                "the level-N sqrt(abar) must lie in (0, sqrt(abar_1) = " + std::to_string(first) +
+                    "); got " + std::to_string(terminal));
+  const double gain = (first - terminal) / (first - last);
+  std::vector<double> out(betas.size());
+  double prev = 1.0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const double r = i == 0 ? first : terminal + (s[i] - last) * gain;
+    out[i] = 1.0 - (r / prev) * (r / prev);
+    prev = r;
+  }
+  out.front() = betas.front();  // level 1 unchanged, bit for bit
+  return out;
+}
+
 //! A discrete schedule in the training convention: levels n = 0..N, abar_0 = 1 (clean),
 //! abar_n = prod_{i<=n} (1 - beta_i), all in float64.
 class DiscreteSchedule {
