@@ -331,8 +331,16 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
   CHECK(shapes::checkpoint_schedule(f) == "linear");
   CHECK(shapes::schedule_betas("linear") == ud::linear_betas());
   CHECK(shapes::schedule_betas("sd") == ud::scaled_linear_betas());
+  {
+    // sd-rescaled: the official betas with a quarter of the level-N sqrt(abar), level 1 kept
+    const ud::DiscreteSchedule sd(ud::scaled_linear_betas()),
+        r(shapes::schedule_betas("sd-rescaled"));
+    CHECK(r.sqrt_abar(1000) == doctest::Approx(sd.sqrt_abar(1000) / 4).epsilon(1e-12));
+    CHECK(r.abar(1) == sd.abar(1));
+  }
   CHECK_THROWS_WITH_AS(shapes::schedule_betas("cosine"),
-                       doctest::Contains("expected sd or linear, got 'cosine'"), ud::error);
+                       doctest::Contains("expected sd, sd-rescaled or linear, got 'cosine'"),
+                       ud::error);
   {
     ud::Tensor<float> one(ud::Shape{1});
     ud::safetensors::Writer w;
@@ -352,7 +360,8 @@ TEST_CASE("shapes: a trained checkpoint reloads from the config it records") {
         doctest::Contains("expected pixels, standardised, centred or centred-half, got 'jpeg'"),
         ud::error);
     CHECK_THROWS_WITH_AS(shapes::checkpoint_schedule(bad),
-                         doctest::Contains("expected sd or linear, got 'cosine'"), ud::error);
+                         doctest::Contains("expected sd, sd-rescaled or linear, got 'cosine'"),
+                         ud::error);
     // the world version too: the current one when absent, named ones as named, others refused
     CHECK(shapes::checkpoint_world_version(ud::safetensors::File::read(
               (dir / "plain.safetensors").string())) == shapes::kWorldVersion);

@@ -16,6 +16,10 @@ by the nearest point (image) and by nearest-token decoding per word (caption, as
 and scored like the demo: per attribute, the total-variation distance of the frequencies from
 the data law.
 
+Schedules (a cell's optional fifth field): sd, the official one (default); sd-rescaled, the
+demo's --schedule sd-rescaled (sqrt(abar) rescaled so that level N keeps a quarter of its data
+trace, docs/SHAPES.md attempt 21); sd/K, the same with 1/K.
+
 Rows (`--rule`):
   official   the demo's rule above
   marginal   the exact marginal network of the group alone (the other group ignored): isolates
@@ -24,8 +28,8 @@ Rows (`--rule`):
              x0 drawn from the data): only the solver's discretisation and the sampling noise
 
 The embedding table is world.hpp's (Philox4x32-10, key 0x7e87, stream 7, Box-Muller), so the
-captions are the demo's. Needs numpy. `python3 exact_world.py` prints the table of attempt 20
-(a few minutes on two cores); `--help` lists the options.
+captions are the demo's. Needs numpy. `python3 exact_world.py` prints the table of attempts 20
+and 21 (a few minutes on two cores); `--help` lists the options.
 """
 import argparse
 
@@ -106,9 +110,19 @@ def image_code(imgs, probs, name):
     return centred if name == "centred" else centred / 2
 
 
-def log_alpha_knots():
+def log_alpha_knots(schedule="sd"):
+    """sd: the official scaled-linear betas; sd/K: the same with sqrt(abar) rescaled by the affine
+    map that keeps level 1 and takes level N to 1/K of its value (ud::rescale_terminal);
+    sd-rescaled: sd/4, the demo's --schedule sd-rescaled."""
     betas = np.linspace(0.00085**0.5, 0.012**0.5, N) ** 2
-    return 0.5 * np.log(np.cumprod(1 - betas))
+    sa = np.sqrt(np.cumprod(1 - betas))
+    if schedule == "sd-rescaled":
+        schedule = "sd/4"
+    if schedule != "sd":
+        k = float(schedule.split("/")[1])
+        lo = sa[-1] / k
+        sa = (sa - sa[-1]) * (sa[0] - lo) / (sa[0] - sa[-1]) + lo
+    return np.log(sa)
 
 
 LA = log_alpha_knots()
@@ -184,7 +198,9 @@ def main():
     ap.add_argument("--samples", type=int, default=2048, help="samples per cell (default 2048)")
     ap.add_argument("--seeds", type=int, default=2, help="sampling seeds per cell (default 2)")
     ap.add_argument("--cells", default="default",
-                    help="comma-separated mode:code:rule:steps cells, e.g. i:pixels:official:12")
+                    help="comma-separated mode:code:rule:steps[:schedule] cells, e.g. "
+                    "i:pixels:official:12 or i:pixels:official:12:sd-rescaled (schedule sd, "
+                    "sd-rescaled or sd/K; default sd)")
     args = ap.parse_args()
     cells = args.cells.split(",") if args.cells != "default" else [
         f"{m}:{c}:{r}:{s}" for m, c, r, s in [
@@ -194,13 +210,18 @@ def main():
             ("i", "centred", "official", 50), ("i", "centred-half", "official", 12),
             ("i", "centred-half", "official", 50), ("t", "pixels", "official", 12),
             ("t", "pixels", "marginal", 12), ("t", "pixels", "floor", 12),
-            ("t", "centred-half", "official", 12)]]
+            ("t", "centred-half", "official", 12)]] + [
+        f"{m}:pixels:{r}:{s}:sd-rescaled" for m, r, s in [
+            ("i", "official", 12), ("i", "official", 50), ("i", "floor", 12), ("i", "floor", 50),
+            ("t", "official", 12), ("t", "floor", 12)]]
     imgs, caps, probs, attrs, table = world()
     print(f"world v1: {len(imgs)} distinct pairs; {args.samples} samples per cell and seed")
-    print("| mode | image code | rule | steps | TV size / colour / shape / position (one row per seed) |")
-    print("|---|---|---|---|---|")
+    print("| mode | image code | rule | steps | schedule | TV size / colour / shape / position (one row per seed) |")
+    print("|---|---|---|---|---|---|")
+    global LA
     for cell in cells:
-        mode, code, rule, steps = cell.split(":")
+        mode, code, rule, steps, *sched = cell.split(":")
+        LA = log_alpha_knots(sched[0] if sched else "sd")
         img = image_code(imgs, probs, code)
         rows = []
         for seed in range(args.seeds):
@@ -211,7 +232,7 @@ def main():
                 x = sample(caps, img, probs, rule, int(steps), args.samples, seed)
                 att = read_captions(x, table)
             rows.append(" / ".join(f"{v:.3f}" for v in tvs(att)))
-        print(f"| {mode} | {code} | {rule} | {steps} | {'; '.join(rows)} |", flush=True)
+        print(f"| {mode} | {code} | {rule} | {steps} | {sched[0] if sched else 'sd'} | {'; '.join(rows)} |", flush=True)
 
 
 if __name__ == "__main__":

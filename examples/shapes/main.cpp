@@ -58,7 +58,8 @@ writes a PNG grid per mode plus report.md and report.json.
                       with --retrain the code to train with (default pixels); otherwise
                       overrides the checkpoint's "image_code" metadata (absent: pixels), e.g. for
                       a trainer state file evaluated with --prefix ema/
-  --schedule S        the diffusion schedule, sd (the official scaled-linear betas) | linear
+  --schedule S        the diffusion schedule, sd (the official scaled-linear betas) |
+                      sd-rescaled (those with a quarter of the terminal data trace) | linear
                       (DDPM's 1e-4 .. 0.02): with --retrain the schedule to train with (default
                       sd); otherwise overrides the checkpoint's "schedule" metadata (absent: sd)
 training (with --retrain):
@@ -135,7 +136,7 @@ int main_impl(int argc, char** argv) {
     ts.image_code = a.choice("image-code", ts.image_code,
                              {"pixels", "standardised", "centred", "centred-half"});
     ts.world = a.integer("world", ts.world, 1, shapes::kWorldVersions);
-    ts.schedule = a.choice("schedule", ts.schedule, {"sd", "linear"});
+    ts.schedule = a.choice("schedule", ts.schedule, {"sd", "sd-rescaled", "linear"});
     shapes::ModelSize ms;
     ms.embed_dim = a.integer<std::int64_t>("embed", ms.embed_dim, 8, 4096);
     ms.depth = a.integer<std::int64_t>("depth", ms.depth, 1, 64);
@@ -162,8 +163,9 @@ int main_impl(int argc, char** argv) {
                                         {"pixels", "standardised", "centred", "centred-half"}),
                                ev.world)
           : shapes::checkpoint_image_code(f);
-  ev.betas = shapes::schedule_betas(a.has("schedule") ? a.choice("schedule", "sd", {"sd", "linear"})
-                                                      : shapes::checkpoint_schedule(f));
+  ev.betas = shapes::schedule_betas(
+      a.has("schedule") ? a.choice("schedule", "sd", {"sd", "sd-rescaled", "linear"})
+                        : shapes::checkpoint_schedule(f));
   const auto rows = shapes::evaluate(net, ev, out);
   const int failed = shapes::write_reports(rows, ev, ckpt, out);
   return a.has("check") && failed > 0 ? 3 : 0;
