@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "eval.hpp"
 #include "model.hpp"
 #include "three.hpp"
 #include "unidiffuser/io/checkpoint.hpp"
@@ -580,6 +581,32 @@ TEST_CASE("shapes: the committed checkpoint loads from its own config and denois
     CAPTURE(err / var);
     CHECK(err / var < 0.02);  // trained: about 0.002 (image) and 0.0005 (caption)
   }
+}
+
+TEST_CASE("shapes: --marginal-steps sets the steps of the modes i and t only") {
+  const auto owner =
+      load_committed(UNIDIFFUSER_SHAPES_CHECKPOINT, shapes::config(), "shapes-16x16-v1");
+  ud::nn::UViTPredictor<float, 2> model(*owner, 0);
+  shapes::EvalSettings plain, split;
+  plain.quiet = split.quiet = true;
+  plain.steps = 2;
+  split.steps = 3;
+  split.marginal_steps = 2;
+  const auto same = [](const shapes::ModeSamples& x, const shapes::ModeSamples& y) {
+    return x.img == y.img && x.text == y.text;
+  };
+  // A marginal mode at marginal_steps is the plain run at that many steps, bit for bit; a
+  // conditional mode keeps `steps`, so it differs from the 2-step run.
+  for (const char* mode : {"i", "t"}) {
+    CAPTURE(mode);
+    CHECK(same(shapes::sample(model, mode, 0.0, 4, split, 0),
+               shapes::sample(model, mode, 0.0, 4, plain, 0)));
+  }
+  CHECK_FALSE(same(shapes::sample(model, "t2i", 0.0, 4, split, 0),
+                   shapes::sample(model, "t2i", 0.0, 4, plain, 0)));
+  plain.steps = 3;
+  CHECK(same(shapes::sample(model, "t2i", 0.0, 4, split, 0),
+             shapes::sample(model, "t2i", 0.0, 4, plain, 0)));
 }
 
 TEST_CASE("shapes3: the committed checkpoint loads from its own config and denoises every group") {

@@ -36,6 +36,7 @@ struct EvalSettings {
   double interval_lo = 0.0, interval_hi = 1.0;  //!< GuidanceOptions::interval_lo / _hi
   std::int64_t samples = 256, marginal_samples = 2048;
   int steps = 12;
+  int marginal_steps = 0;  //!< DPM-Solver++ steps of the marginal modes i and t (0: `steps`)
   std::uint64_t seed = 2024;
   ImageCode code{};           //!< the network's image latent code (the checkpoint's; world.hpp)
   int world = kWorldVersion;  //!< the world version the network was trained on (the checkpoint's)
@@ -108,7 +109,8 @@ inline ModeSamples sample(ud::nn::UViTPredictor<float, 2>& model, const std::str
   const auto ns = ud::VPSchedule::discrete(betas, ud::TablePrecision::float64);
   const auto grid = ud::VPSchedule::discrete(betas, ud::TablePrecision::float32_reference);
   ud::DpmSolverOptions o;
-  o.steps = ev.steps;
+  o.steps = (m == ud::Mode::i || m == ud::Mode::t) && ev.marginal_steps > 0 ? ev.marginal_steps
+                                                                            : ev.steps;
   o.order = 2;
   o.method = ud::SolverMethod::multistep;
   o.predict_x0 = true;
@@ -437,7 +439,9 @@ inline int write_reports(const std::vector<Row>& rows, const EvalSettings& ev,
   std::string md =
       "# " + program + " report\n\ncheckpoint `" + checkpoint + "` (world " + world_name(ev.world) +
       "), seed " + std::to_string(ev.seed) + ", DPM-Solver++ (2M) " + std::to_string(ev.steps) +
-      " steps\n\n| mode | scale | metric | value | samples | bar |\n|---|---|---|---|---|---|\n";
+      " steps" +
+      (ev.marginal_steps > 0 ? " (i and t: " + std::to_string(ev.marginal_steps) + ")" : "") +
+      "\n\n| mode | scale | metric | value | samples | bar |\n|---|---|---|---|---|---|\n";
   std::string table;
   int failed = 0;
   for (const auto& r : rows) {

@@ -49,6 +49,7 @@ writes a PNG grid per mode plus report.md and report.json.
   --samples N         samples per conditional cell (default 256; 1..65536)
   --marginal-samples N  samples of modes i and t (default 2048; 1..65536)
   --steps N           DPM-Solver++ steps (default 12; 1..1000)
+  --marginal-steps N  DPM-Solver++ steps of the marginal modes i and t (0: --steps; default 0)
   --seed S            evaluation seed (default 2024)
   --threads N         threads (0: all hardware threads; default 0)
   --quiet             no progress lines
@@ -83,13 +84,14 @@ quality bar failed.
 
 int main_impl(int argc, char** argv) {
   const ud::cli::Args a(
-      {{"checkpoint"},   {"prefix"},        {"retrain", false}, {"out"},
-       {"full", false},  {"scale"},         {"samples"},        {"marginal-samples"},
-       {"steps"},        {"seed"},          {"threads"},        {"quiet", false},
-       {"check", false}, {"train-steps"},   {"batch"},          {"lr"},
-       {"pos-std"},      {"train-seed"},    {"embed"},          {"depth"},
-       {"heads"},        {"resume", false}, {"loss"},           {"marginal-p"},
-       {"min-snr"},      {"image-code"},    {"world"},          {"schedule"}},
+      {{"checkpoint"},    {"prefix"},        {"retrain", false}, {"out"},
+       {"full", false},   {"scale"},         {"samples"},        {"marginal-samples"},
+       {"steps"},         {"seed"},          {"threads"},        {"quiet", false},
+       {"check", false},  {"train-steps"},   {"batch"},          {"lr"},
+       {"pos-std"},       {"train-seed"},    {"embed"},          {"depth"},
+       {"heads"},         {"resume", false}, {"loss"},           {"marginal-p"},
+       {"min-snr"},       {"image-code"},    {"world"},          {"schedule"},
+       {"marginal-steps"}},
       argc, argv);
   if (a.help()) {
     std::fputs(kHelp, stdout);
@@ -109,6 +111,7 @@ int main_impl(int argc, char** argv) {
   ev.samples = a.integer<std::int64_t>("samples", 256, 1, 65536);
   ev.marginal_samples = a.integer<std::int64_t>("marginal-samples", 2048, 1, 65536);
   ev.steps = a.integer("steps", 12, 1, 1000);
+  ev.marginal_steps = a.integer("marginal-steps", 0, 0, 1000);
   ev.seed = a.integer<std::uint64_t>("seed", 2024, 0, UINT64_MAX);
   ev.quiet = quiet;
   const int threads = a.threads();
