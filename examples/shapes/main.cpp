@@ -49,7 +49,7 @@ writes a PNG grid per mode plus report.md and report.json.
   --samples N         samples per conditional cell (default 256; 1..65536)
   --marginal-samples N  samples of modes i and t (default 2048; 1..65536)
   --steps N           DPM-Solver++ steps (default 12; 1..1000)
-  --marginal-steps N  DPM-Solver++ steps of the marginal modes i and t (0: --steps; default 0)
+  --marginal-steps N  DPM-Solver++ steps of the marginal modes i and t (0: --steps; default 50)
   --seed S            evaluation seed (default 2024)
   --threads N         threads (0: all hardware threads; default 0)
   --quiet             no progress lines
@@ -62,10 +62,10 @@ writes a PNG grid per mode plus report.md and report.json.
   --schedule S        the diffusion schedule, sd (the official scaled-linear betas) |
                       sd-rescaled (those with a quarter of the terminal data trace) | linear
                       (DDPM's 1e-4 .. 0.02): with --retrain the schedule to train with (default
-                      sd); otherwise overrides the checkpoint's "schedule" metadata (absent: sd)
+                      sd-rescaled); otherwise overrides the checkpoint's "schedule" metadata (absent: sd)
 training (with --retrain):
-  --train-steps N     optimisation steps (default 10000)   --batch N   (default 128)
-  --lr X              peak learning rate (default 3e-3)   --train-seed S (default 1)
+  --train-steps N     optimisation steps (default 16000)   --batch N   (default 128)
+  --lr X              peak learning rate (default 3e-3)   --train-seed S (default 2)
   --embed E --depth D --heads H   network size (default 128, 7, 4)
   --pos-std X         initial std of the positional table (default 0.5)
   --loss L            elements (mean over all elements) | group-mean (mean of the groups' MSEs)
@@ -111,7 +111,7 @@ int main_impl(int argc, char** argv) {
   ev.samples = a.integer<std::int64_t>("samples", 256, 1, 65536);
   ev.marginal_samples = a.integer<std::int64_t>("marginal-samples", 2048, 1, 65536);
   ev.steps = a.integer("steps", 12, 1, 1000);
-  ev.marginal_steps = a.integer("marginal-steps", 0, 0, 1000);
+  ev.marginal_steps = a.integer("marginal-steps", 50, 0, 1000);
   ev.seed = a.integer<std::uint64_t>("seed", 2024, 0, UINT64_MAX);
   ev.quiet = quiet;
   const int threads = a.threads();
@@ -127,7 +127,7 @@ int main_impl(int argc, char** argv) {
 
   std::string ckpt = a.text("checkpoint", UNIDIFFUSER_SHAPES_CHECKPOINT);
   if (retrain) {
-    shapes::TrainSettings ts;
+    shapes::TrainSettings ts = shapes::committed_settings();
     ts.steps = a.integer<std::int64_t>("train-steps", ts.steps, 1, 100000000);
     ts.batch = a.integer<std::int64_t>("batch", ts.batch, 1, 65536);
     ts.lr = a.real("lr", ts.lr, 1e-7, 1.0);
