@@ -579,7 +579,7 @@ TEST_CASE("shapes: the committed checkpoint loads from its own config and denois
       var += eps[i] * eps[i];
     }
     CAPTURE(err / var);
-    CHECK(err / var < 0.02);  // trained: about 0.002 (image) and 0.0005 (caption)
+    CHECK(err / var < 0.02);  // trained: about 0.003 (image) and 0.0015 (caption)
   }
 }
 
