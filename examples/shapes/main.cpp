@@ -62,7 +62,8 @@ writes a PNG grid per mode plus report.md and report.json.
   --schedule S        the diffusion schedule, sd (the official scaled-linear betas) |
                       sd-rescaled (those with a quarter of the terminal data trace) | linear
                       (DDPM's 1e-4 .. 0.02): with --retrain the schedule to train with (default
-                      sd-rescaled); otherwise overrides the checkpoint's "schedule" metadata (absent: sd)
+                      sd-rescaled); otherwise overrides the checkpoint's "schedule" metadata
+                      (absent: sd)
 training (with --retrain):
   --train-steps N     optimisation steps (default 16000)   --batch N   (default 128)
   --lr X              peak learning rate (default 3e-3)   --train-seed S (default 2)
