@@ -114,8 +114,8 @@ inline void init_network(ud::nn::UViT<float>& net, std::uint64_t seed, double po
   net.parameters_changed();
 }
 
-//! Training settings; the defaults are the shared base recipe (shapes3's committed checkpoint),
-//! committed_settings() the shapes demo's (docs/SHAPES.md).
+//! Training settings; the defaults are the base recipe (the previous shapes checkpoint's, and
+//! shapes3's with its group weights), committed_settings() the shapes demo's (docs/SHAPES.md).
 struct TrainSettings {
   std::uint64_t seed = 1;
   std::int64_t steps = 10000, batch = 128, warmup = 300;
