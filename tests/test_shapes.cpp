@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "eval.hpp"
 #include "model.hpp"
 #include "three.hpp"
@@ -583,6 +585,33 @@ TEST_CASE("shapes: the committed checkpoint loads from its own config and denois
     CAPTURE(err / var);
     CHECK(err / var < 0.02);  // trained: about 0.002 (image) and 0.0003 (caption)
   }
+}
+
+TEST_CASE("shapes: --retrain's defaults are the recipe the committed checkpoint records") {
+  // --retrain (committed_settings()) must make the committed file again (docs/SHAPES.md: bit for
+  // bit on this machine kind), so the recipe in the file's metadata and the defaults agree.
+  const auto f = ud::safetensors::File::read(UNIDIFFUSER_SHAPES_CHECKPOINT);
+  const auto rec = nlohmann::json::parse(f.metadata("training", "{}"));
+  const shapes::TrainSettings s = shapes::committed_settings();
+  CHECK(rec.at("seed").get<std::uint64_t>() == s.seed);
+  CHECK(rec.at("steps").get<std::int64_t>() == s.steps);
+  CHECK(rec.at("batch").get<std::int64_t>() == s.batch);
+  CHECK(rec.at("warmup").get<std::int64_t>() == s.warmup);
+  CHECK(rec.at("lr").get<double>() == s.lr);
+  CHECK(rec.at("min_lr").get<double>() == s.min_lr);
+  CHECK(rec.at("weight_decay").get<double>() == s.weight_decay);
+  CHECK(rec.at("clip").get<double>() == s.clip);
+  CHECK(rec.at("ema").get<double>() == s.ema);
+  CHECK(rec.at("pos_std").get<double>() == s.pos_std);
+  CHECK(rec.at("loss").get<std::string>() == s.loss);
+  CHECK(rec.at("group_weights").get<std::vector<double>>() == s.group_weights);
+  CHECK(rec.at("marginal_p").get<double>() == s.marginal_p);
+  CHECK(rec.at("min_snr").get<double>() == s.min_snr);
+  CHECK(rec.at("schedule").get<std::string>() == s.schedule);
+  CHECK(rec.at("resumed_at").get<std::int64_t>() == 0);  // one uninterrupted run
+  CHECK(shapes::checkpoint_schedule(f) == s.schedule);
+  CHECK(f.metadata("world", "") == shapes::world_name(s.world));
+  CHECK(f.metadata("image_code", "pixels") == s.image_code);
 }
 
 TEST_CASE("shapes: --marginal-steps sets the steps of the modes i and t only") {
